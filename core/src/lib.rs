@@ -1,0 +1,25 @@
+//! vmesh-core: the pure logic every vmesh part shares.
+//!
+//! Bytes flow through it like this: a DNS query (from Envoy via the filter, or from a test) is
+//! decoded by [`dns::Query::parse`]; [`responder::respond`] looks its name up in a compiled
+//! [`names::NameIndex`] and either builds the answer with [`dns::ResponseBuilder`] or says the
+//! query must be forwarded; [`framing`] splits and joins the capsule and TCP streams the
+//! queries arrive in. The name table arrives as JSON ([`names::NameTable`]) and is compiled once
+//! into a flat, position-independent byte image that worker threads share.
+//!
+//! Nothing here does I/O, allocates per byte, or panics on input: it runs inside Envoy's Wasm
+//! VMs, where a panic takes down every plugin on the worker.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod dns;
+pub mod framing;
+pub mod names;
+pub mod responder;

@@ -1,0 +1,21 @@
+//! Mesh names: the JSON table ([`table`]) and its compiled, shareable form ([`index`]).
+
+pub mod index;
+pub mod table;
+
+pub use index::{canonical_host, Match, NameIndex, Record};
+pub use table::{NameInfo, NameTable, Registry, DEFAULT_DOMAIN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("name table is not valid JSON of the expected shape: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("name {0:?} appears twice (names compare case-insensitively)")]
+    Duplicate(String),
+    #[error("name table too large")]
+    TooLarge,
+    #[error("compiled name table image is corrupt: {0}")]
+    BadImage(&'static str),
+}
