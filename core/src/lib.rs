@@ -20,6 +20,8 @@
 )]
 
 pub mod dns;
+pub mod doh;
 pub mod framing;
 pub mod names;
 pub mod responder;
+pub mod tunnel;

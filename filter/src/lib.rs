@@ -1,1 +1,154 @@
-//! placeholder
+//! vmesh_filter.wasm: the vmesh data plane inside Envoy.
+//!
+//! One module, several roots, chosen by the plugin's `root_id`:
+//! - `vmesh_agent` (bootstrap singleton, `envoy.bootstrap.wasm`): fetches the name table from
+//!   the shim and publishes it to every worker ([`agent`], [`table`]);
+//! - `vmesh_dns` (HTTP filter on the internal DNS listener): answers DNS from the table and
+//!   forwards the rest through the shim ([`dns`]).
+//!
+//! Decisions live in `vmesh-core` and are tested natively; this crate moves bytes between
+//! Envoy and them. A panic here would kill the worker's VM for every plugin, so host results
+//! are handled, never unwrapped.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod agent;
+pub mod config;
+pub mod dns;
+pub mod metrics;
+pub mod table;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+
+use crate::agent::Agent;
+use crate::config::{Config, Role};
+use crate::dns::{DnsStream, Worker};
+use crate::metrics::Metrics;
+use crate::table::WorkerTable;
+
+const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("VMESH_GIT_HASH"));
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::Unconfigured) });
+}}
+
+enum Root {
+    Unconfigured,
+    Agent(Box<Agent>),
+    Dns(Rc<Worker>),
+}
+
+impl Root {
+    fn configure(&mut self) -> Result<(), String> {
+        let root_id = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
+        let role = Role::from_root_id(&root_id).map_err(|e| e.to_string())?;
+        let bytes = hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::PluginConfiguration,
+            0,
+            usize::MAX,
+        )
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let config = Config::parse(&bytes).map_err(|e| e.to_string())?;
+        proxy_wasm::set_log_level(match config.log_level {
+            config::LogLevel::Trace => LogLevel::Trace,
+            config::LogLevel::Debug => LogLevel::Debug,
+            config::LogLevel::Info => LogLevel::Info,
+            config::LogLevel::Warn => LogLevel::Warn,
+            config::LogLevel::Error => LogLevel::Error,
+        });
+        let metrics = Metrics::define();
+        *self = match role {
+            Role::Agent => Root::Agent(Box::new(Agent::new(config, metrics))),
+            Role::Dns => {
+                let check = Duration::from_millis(config.table_check_ms);
+                let worker = Worker {
+                    config,
+                    metrics,
+                    table: RefCell::new(WorkerTable::default()),
+                    rotation: Cell::new(0),
+                };
+                worker.table.borrow_mut().refresh();
+                if let Err(e) = hostcalls::set_tick_period(check) {
+                    return Err(format!("cannot start the table check tick: {e:?}"));
+                }
+                Root::Dns(Rc::new(worker))
+            }
+        };
+        Ok(())
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        if let Root::Agent(agent) = self {
+            agent.on_http_call_response(token, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        log::info!("vmesh filter {BUILD} starting");
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        match self.configure() {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("vmesh filter configuration refused: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        match self {
+            Root::Agent(agent) => agent.on_tick(),
+            Root::Dns(worker) => worker.table.borrow_mut().refresh(),
+            Root::Unconfigured => {}
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Returning None makes the SDK panic; a stream we do not serve gets a pass-through.
+        Some(match self {
+            Root::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker))),
+            Root::Agent(_) | Root::Unconfigured => Box::new(PassThrough),
+        })
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct PassThrough;
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}

@@ -1,0 +1,76 @@
+//! DNS over HTTPS (RFC 8484) request and response details that are not HTTP plumbing.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use crate::dns::inspect::Response;
+use crate::dns::TCP_LIMIT;
+
+pub const PATH: &str = "/dns-query";
+pub const CONTENT_TYPE: &str = "application/dns-message";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DohError {
+    #[error("GET without a dns= parameter")]
+    MissingDnsParameter,
+    #[error("dns= parameter is not base64url without padding")]
+    BadBase64,
+    #[error("DNS message larger than 65535 bytes")]
+    TooLarge,
+}
+
+/// The DNS message of a GET request (RFC 8484 §4.1: `?dns=` base64url, no padding).
+pub fn query_from_path(path: &str) -> Result<Vec<u8>, DohError> {
+    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let value = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("dns="))
+        .ok_or(DohError::MissingDnsParameter)?;
+    // 65535 bytes encode to at most 87380 characters; refuse before decoding anything larger.
+    if value.len() > TCP_LIMIT / 3 * 4 + 4 {
+        return Err(DohError::TooLarge);
+    }
+    // Some clients pad anyway; accept that rather than fail a valid query.
+    URL_SAFE_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .map_err(|_| DohError::BadBase64)
+}
+
+/// RFC 8484 §5.1: the HTTP freshness lifetime must not exceed the smallest answer TTL.
+/// `None` when nothing in the answer section bounds it (no caching header is sent).
+pub fn max_age(answer: &[u8]) -> Option<u32> {
+    let resp = Response::parse(answer).ok()?;
+    resp.answers.iter().map(|rr| rr.ttl).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc8484_4_1_1_get_example_decodes() {
+        // The RFC's example: www.example.com A, ID 0.
+        let path = "/dns-query?dns=AAABAAABAAAAAAAAA3d3dwdleGFtcGxlA2NvbQAAAQAB";
+        let q = query_from_path(path).unwrap();
+        assert_eq!(&q[..4], &[0, 0, 1, 0]);
+        assert_eq!(q.len(), 33);
+    }
+
+    #[test]
+    fn get_requests_without_a_usable_parameter_are_refused() {
+        assert_eq!(
+            query_from_path("/dns-query"),
+            Err(DohError::MissingDnsParameter)
+        );
+        assert_eq!(
+            query_from_path("/dns-query?ct=x"),
+            Err(DohError::MissingDnsParameter)
+        );
+        assert_eq!(
+            query_from_path("/dns-query?dns=***"),
+            Err(DohError::BadBase64)
+        );
+        let huge = format!("/dns-query?dns={}", "A".repeat(100_000));
+        assert_eq!(query_from_path(&huge), Err(DohError::TooLarge));
+    }
+}

@@ -1,0 +1,175 @@
+//! The agent root (bootstrap singleton): long-polls the name table from the shim and
+//! publishes it to the workers. The table is compiled here once, not on every worker.
+
+use std::time::{Duration, SystemTime};
+
+use proxy_wasm::hostcalls;
+use vmesh_core::names::NameIndex;
+
+use crate::config::Config;
+use crate::metrics::{Counter, Metrics};
+use crate::table;
+
+const TABLE_PATH: &str = "/v1/name-table";
+const TICK: Duration = Duration::from_millis(200);
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+pub struct Agent {
+    config: Config,
+    metrics: Metrics,
+    /// Version of the table last published (sent back so the source can long-poll).
+    version: Option<String>,
+    in_flight: Option<u32>,
+    next_attempt: SystemTime,
+    failures: u32,
+}
+
+impl Agent {
+    pub fn new(config: Config, metrics: Metrics) -> Self {
+        if let Err(e) = hostcalls::set_tick_period(TICK) {
+            log::error!("cannot start the agent tick: {e:?}");
+        }
+        Agent {
+            config,
+            metrics,
+            version: None,
+            in_flight: None,
+            next_attempt: SystemTime::UNIX_EPOCH,
+            failures: 0,
+        }
+    }
+
+    pub fn on_tick(&mut self) {
+        if self.in_flight.is_none() && now() >= self.next_attempt {
+            self.poll();
+        }
+    }
+
+    fn poll(&mut self) {
+        let mut path = format!("{TABLE_PATH}?wait={}", self.config.table_wait_s);
+        if let Some(v) = &self.version {
+            path.push_str("&version=");
+            path.push_str(&percent_encode(v));
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", path.as_str()),
+            (":authority", self.config.shim_authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        // The source answers 304 after `wait`; give it a margin before calling it dead.
+        let timeout = Duration::from_secs(self.config.table_wait_s + 5);
+        match hostcalls::dispatch_http_call(
+            &self.config.shim_cluster,
+            headers,
+            None,
+            vec![],
+            timeout,
+        ) {
+            Ok(token) => self.in_flight = Some(token),
+            Err(e) => {
+                log::warn!(
+                    "name table poll to cluster {} not sent: {e:?}",
+                    self.config.shim_cluster
+                );
+                self.failed();
+            }
+        }
+    }
+
+    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+        if self.in_flight != Some(token) {
+            return;
+        }
+        self.in_flight = None;
+        let status = hostcalls::get_map_value(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten();
+        match status.as_deref() {
+            Some("200") => {
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                self.take_table(&body);
+            }
+            Some("304") => {
+                self.failures = 0;
+                self.poll();
+            }
+            other => {
+                log::warn!(
+                    "name table source answered {:?}; serving the last table",
+                    other.unwrap_or("nothing")
+                );
+                self.failed();
+            }
+        }
+    }
+
+    fn take_table(&mut self, json: &[u8]) {
+        let index = match NameIndex::from_json(json) {
+            Ok(index) => index,
+            Err(e) => {
+                self.metrics.add(Counter::TableRejected, 1);
+                log::error!("name table refused, serving the last one: {e}");
+                return self.failed();
+            }
+        };
+        if let Err(e) = table::publish(&index) {
+            log::error!("name table not published: {e}");
+            return self.failed();
+        }
+        self.metrics.add(Counter::TableUpdates, 1);
+        self.metrics.set(Counter::TableNames, index.len() as u64);
+        log::info!(
+            "name table {} published ({} names)",
+            index.version(),
+            index.len()
+        );
+        self.version = Some(index.version().to_string());
+        self.failures = 0;
+        self.poll();
+    }
+
+    fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        let factor = 1u32 << self.failures.min(8).saturating_sub(1);
+        let delay = BACKOFF_FIRST.saturating_mul(factor).min(BACKOFF_MAX);
+        self.next_attempt = now() + delay;
+    }
+}
+
+fn now() -> SystemTime {
+    hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// Percent-encodes a version for a query string (versions are opaque strings).
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_are_percent_encoded_for_the_query_string() {
+        assert_eq!(super::percent_encode("v1-a.b_c~"), "v1-a.b_c~");
+        assert_eq!(super::percent_encode("a b&c=d"), "a%20b%26c%3Dd");
+    }
+}

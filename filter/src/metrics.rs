@@ -1,0 +1,129 @@
+//! Envoy stats the filter keeps (shown by the admin endpoint as `wasmcustom.vmesh_*`).
+//! Stats are process-wide, so every worker VM defining the same name adds to one number.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+use vmesh_core::tunnel::Counts;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Answered,
+    NoData,
+    Truncated,
+    Forwarded,
+    ForwardFailed,
+    NotReady,
+    FormErr,
+    NotImp,
+    Refused,
+    BadVers,
+    Dropped,
+    DohRejected,
+    TableUpdates,
+    TableRejected,
+    /// A gauge: names in the published table.
+    TableNames,
+}
+
+const ALL: [(Counter, &str, MetricType); 15] = [
+    (Counter::Answered, "vmesh_dns_answered", MetricType::Counter),
+    (Counter::NoData, "vmesh_dns_nodata", MetricType::Counter),
+    (
+        Counter::Truncated,
+        "vmesh_dns_truncated",
+        MetricType::Counter,
+    ),
+    (
+        Counter::Forwarded,
+        "vmesh_dns_forwarded",
+        MetricType::Counter,
+    ),
+    (
+        Counter::ForwardFailed,
+        "vmesh_dns_forward_failed",
+        MetricType::Counter,
+    ),
+    (
+        Counter::NotReady,
+        "vmesh_dns_not_ready",
+        MetricType::Counter,
+    ),
+    (Counter::FormErr, "vmesh_dns_formerr", MetricType::Counter),
+    (Counter::NotImp, "vmesh_dns_notimp", MetricType::Counter),
+    (Counter::Refused, "vmesh_dns_refused", MetricType::Counter),
+    (Counter::BadVers, "vmesh_dns_badvers", MetricType::Counter),
+    (Counter::Dropped, "vmesh_dns_dropped", MetricType::Counter),
+    (
+        Counter::DohRejected,
+        "vmesh_doh_rejected",
+        MetricType::Counter,
+    ),
+    (
+        Counter::TableUpdates,
+        "vmesh_table_updates",
+        MetricType::Counter,
+    ),
+    (
+        Counter::TableRejected,
+        "vmesh_table_rejected",
+        MetricType::Counter,
+    ),
+    (Counter::TableNames, "vmesh_table_names", MetricType::Gauge),
+];
+
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    ids: [Option<u32>; ALL.len()],
+}
+
+impl Metrics {
+    /// Defines every metric; one that the host refuses is logged and then skipped.
+    pub fn define() -> Self {
+        let mut ids = [None; ALL.len()];
+        for (slot, (_, name, kind)) in ids.iter_mut().zip(ALL.iter()) {
+            match hostcalls::define_metric(*kind, name) {
+                Ok(id) => *slot = Some(id),
+                Err(e) => log::warn!("metric {name} not defined: {e:?}"),
+            }
+        }
+        Metrics { ids }
+    }
+
+    fn id(&self, counter: Counter) -> Option<u32> {
+        let i = ALL.iter().position(|(c, _, _)| *c == counter)?;
+        self.ids.get(i).copied().flatten()
+    }
+
+    pub fn add(&self, counter: Counter, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Some(id) = self.id(counter) {
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn set(&self, counter: Counter, value: u64) {
+        if let Some(id) = self.id(counter) {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+
+    pub fn add_counts(&self, c: &Counts) {
+        for (counter, n) in [
+            (Counter::Answered, c.answered),
+            (Counter::NoData, c.nodata),
+            (Counter::Truncated, c.truncated),
+            (Counter::Forwarded, c.forwarded),
+            (Counter::ForwardFailed, c.forward_failed),
+            (Counter::NotReady, c.not_ready),
+            (Counter::FormErr, c.formerr),
+            (Counter::NotImp, c.notimp),
+            (Counter::Refused, c.refused),
+            (Counter::BadVers, c.badvers),
+            (Counter::Dropped, c.dropped),
+        ] {
+            self.add(counter, n);
+        }
+    }
+}
