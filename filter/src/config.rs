@@ -1,7 +1,7 @@
 //! Plugin configuration: JSON in the Envoy `configuration` field, parsed and validated once in
 //! `on_configure`. Every field has a default, so an empty configuration is valid.
 
-use serde::Deserialize;
+use vmesh_core::json::{JsonErrorKind, Reader};
 use vmesh_core::names::{canonical_host, DEFAULT_DOMAIN};
 
 /// Which part of the filter a root context runs, chosen by the plugin's `root_id`.
@@ -23,33 +23,24 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Envoy cluster of the shim (forwarder and name-table source).
-    #[serde(default = "defaults::shim_cluster")]
     pub shim_cluster: String,
-    #[serde(default = "defaults::shim_authority")]
     pub shim_authority: String,
     /// Names inside this domain get SERVFAIL until the first table arrives.
-    #[serde(default = "defaults::cluster_domain")]
     pub cluster_domain: String,
     /// How long a forwarded query may take before the client gets SERVFAIL. Longer than the
     /// shim's own 5 s upstream budget so the shim's answer (possibly SERVFAIL) wins.
-    #[serde(default = "defaults::forward_timeout_ms")]
     pub forward_timeout_ms: u64,
     /// Long-poll wait asked of the table source.
-    #[serde(default = "defaults::table_wait_s")]
     pub table_wait_s: u64,
     /// How often workers look for a newly published table.
-    #[serde(default = "defaults::table_check_ms")]
     pub table_check_ms: u64,
-    #[serde(default = "defaults::log_level")]
     pub log_level: LogLevel,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
     Trace,
     Debug,
@@ -68,40 +59,77 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
-mod defaults {
-    use super::LogLevel;
-    pub fn shim_cluster() -> String {
-        "vmesh_shim".into()
-    }
-    pub fn shim_authority() -> String {
-        "vmesh-shim".into()
-    }
-    pub fn cluster_domain() -> String {
-        super::DEFAULT_DOMAIN.into()
-    }
-    pub fn forward_timeout_ms() -> u64 {
-        6000
-    }
-    pub fn table_wait_s() -> u64 {
-        30
-    }
-    pub fn table_check_ms() -> u64 {
-        250
-    }
-    pub fn log_level() -> LogLevel {
-        LogLevel::Info
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            shim_cluster: "vmesh_shim".into(),
+            shim_authority: "vmesh-shim".into(),
+            cluster_domain: DEFAULT_DOMAIN.into(),
+            forward_timeout_ms: 6000,
+            table_wait_s: 30,
+            table_check_ms: 250,
+            log_level: LogLevel::Info,
+        }
     }
 }
 
 impl Config {
+    /// Parses and validates the plugin configuration. Unknown fields are refused: a typo must
+    /// not silently fall back to a default.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Json(e.to_string()))?;
-        let mut cfg: Config = if text.trim().is_empty() {
-            serde_json::from_str("{}")
-        } else {
-            serde_json::from_str(text)
+        let mut cfg = Config::default();
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(cfg);
         }
-        .map_err(|e| ConfigError::Json(e.to_string()))?;
+        let json = |e: vmesh_core::json::JsonError| ConfigError::Json(e.to_string());
+        let mut r = Reader::new(bytes);
+        r.begin_object().map_err(json)?;
+        let mut first = true;
+        let mut seen: Vec<String> = Vec::new();
+        while let Some(key) = r.next_key(&mut first).map_err(json)? {
+            if seen.iter().any(|k| *k == key) {
+                return Err(json(
+                    r.error(JsonErrorKind::DuplicateField(key.into_owned())),
+                ));
+            }
+            match key.as_ref() {
+                "shim_cluster" => cfg.shim_cluster = r.string().map_err(json)?.into_owned(),
+                "shim_authority" => cfg.shim_authority = r.string().map_err(json)?.into_owned(),
+                "cluster_domain" => cfg.cluster_domain = r.string().map_err(json)?.into_owned(),
+                "forward_timeout_ms" => cfg.forward_timeout_ms = r.u64().map_err(json)?,
+                "table_wait_s" => cfg.table_wait_s = r.u64().map_err(json)?,
+                "table_check_ms" => cfg.table_check_ms = r.u64().map_err(json)?,
+                "log_level" => {
+                    cfg.log_level = match r.string().map_err(json)?.as_ref() {
+                        "trace" => LogLevel::Trace,
+                        "debug" => LogLevel::Debug,
+                        "info" => LogLevel::Info,
+                        "warn" => LogLevel::Warn,
+                        "error" => LogLevel::Error,
+                        other => {
+                            return Err(ConfigError::Invalid {
+                                field: "log_level",
+                                reason: format!(
+                                    "{other:?} is not one of trace, debug, info, warn, error"
+                                ),
+                            })
+                        }
+                    }
+                }
+                other => {
+                    return Err(json(
+                        r.error(JsonErrorKind::UnknownField(other.to_string())),
+                    ))
+                }
+            }
+            seen.push(key.into_owned());
+        }
+        r.end().map_err(json)?;
+        cfg.validate()
+    }
+
+    fn validate(self) -> Result<Self, ConfigError> {
+        let mut cfg = self;
         cfg.cluster_domain =
             canonical_host(&cfg.cluster_domain, false).map_err(|reason| ConfigError::Invalid {
                 field: "cluster_domain",
@@ -153,7 +181,9 @@ mod tests {
             (r#"{"shim_clutser":"x"}"#, "unknown field"),
             (r#"{"forward_timeout_ms":5}"#, "forward_timeout_ms"),
             (r#"{"cluster_domain":"a..b"}"#, "cluster_domain"),
-            (r#"{"log_level":"loud"}"#, "unknown variant"),
+            (r#"{"log_level":"loud"}"#, "log_level"),
+            (r#"{"table_wait_s":1.5}"#, "integer"),
+            (r#"{"table_wait_s":5,"table_wait_s":6}"#, "duplicate"),
             (r#"{"shim_cluster":""}"#, "shim_cluster"),
             ("not json", "not valid JSON"),
         ];

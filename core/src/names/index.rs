@@ -25,8 +25,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
+use crate::json::{JsonError, JsonErrorKind, Reader};
 
 use super::table::{NameInfo, NameTable, Registry};
 use super::TableError;
@@ -109,24 +108,63 @@ impl NameIndex {
     /// Compiles a JSON name table. Streams the names straight into the image, so the peak
     /// memory is the JSON text plus the image, not a parsed tree of it.
     pub fn from_json(json: &[u8]) -> Result<Self, TableError> {
-        let head: TableHead = serde_json::from_slice(json)?;
-        let mut builder = Builder::new(&head.domain, head.names_hint());
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let streamed = NamesOnly {
-            builder: &mut builder,
+        // Pass 1: everything but the names, which may come before or after the domain they
+        // need; remember where the names start.
+        let mut r = Reader::new(json);
+        let (mut version, mut namespace, mut domain, mut search_domains) = (None, None, None, None);
+        let mut names_at = None;
+        r.begin_object()?;
+        let mut first = true;
+        while let Some(key) = r.next_key(&mut first)? {
+            match key.as_ref() {
+                "version" => {
+                    let v = r.string()?.into_owned();
+                    once(&r, &mut version, "version", v)?;
+                }
+                "namespace" => {
+                    let v = r.string()?.into_owned();
+                    once(&r, &mut namespace, "namespace", v)?;
+                }
+                "domain" => {
+                    let v = r.string()?.into_owned();
+                    once(&r, &mut domain, "domain", v)?;
+                }
+                "searchDomains" => {
+                    let v = string_array(&mut r)?;
+                    once(&r, &mut search_domains, "searchDomains", v)?;
+                }
+                "names" => {
+                    once(&r, &mut names_at, "names", r.position())?;
+                    r.skip_value()?;
+                }
+                _ => r.skip_value()?,
+            }
         }
-        .deserialize(&mut de)
-        .and_then(|()| de.end());
-        // A bad entry surfaces as a serde error; report the typed reason the builder kept.
-        if let Some(e) = builder.failed.take() {
-            return Err(e);
+        r.end()?;
+        let missing = |field| {
+            TableError::Json(JsonError {
+                at: 0,
+                kind: JsonErrorKind::MissingField(field),
+            })
+        };
+        let names_at = names_at.ok_or(missing("names"))?;
+        let domain = domain.unwrap_or_else(super::table::default_domain);
+        let hint = json.len().saturating_sub(names_at) / 64;
+        let mut builder = Builder::new(&domain, hint);
+        // Pass 2: the names, from where they start.
+        let mut r = Reader::new(json);
+        r.seek(names_at);
+        r.begin_object()?;
+        let mut first = true;
+        while let Some(name) = r.next_key(&mut first)? {
+            let info = name_info(&mut r)?;
+            builder.add(&name, &info)?;
         }
-        streamed?;
         builder.finish(Meta {
-            version: head.version,
-            namespace: head.namespace,
-            domain: head.domain,
-            search_domains: head.search_domains,
+            version: version.ok_or(missing("version"))?,
+            namespace: namespace.ok_or(missing("namespace"))?,
+            domain,
+            search_domains: search_domains.unwrap_or_default(),
         })
     }
 
@@ -448,8 +486,6 @@ struct Builder {
     /// (hash, record offset) per name, placed into slots at the end.
     entries: Vec<(u32, u32)>,
     kubernetes_suffix: String,
-    /// The first invalid entry met while streaming JSON.
-    failed: Option<TableError>,
 }
 
 impl Builder {
@@ -460,7 +496,6 @@ impl Builder {
             image,
             entries: Vec::with_capacity(hint.min(1 << 20)),
             kubernetes_suffix: format!(".svc.{}", domain.to_ascii_lowercase()),
-            failed: None,
         }
     }
 
@@ -584,6 +619,85 @@ impl Builder {
     }
 }
 
+/// Sets a field read from JSON, refusing a second occurrence.
+fn once<T>(r: &Reader<'_>, slot: &mut Option<T>, field: &str, value: T) -> Result<(), TableError> {
+    if slot.is_some() {
+        return Err(TableError::Json(
+            r.error(JsonErrorKind::DuplicateField(field.to_string())),
+        ));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn string_array(r: &mut Reader<'_>) -> Result<Vec<String>, JsonError> {
+    let mut out = Vec::new();
+    r.begin_array()?;
+    let mut first = true;
+    while r.next_element(&mut first)? {
+        out.push(r.string()?.into_owned());
+    }
+    Ok(out)
+}
+
+/// One `names` entry: `{"ips": [...], "registry": ..., "shortname": ..., "namespace": ...}`;
+/// fields a newer producer adds are skipped.
+fn name_info(r: &mut Reader<'_>) -> Result<NameInfo, TableError> {
+    let (mut ips, mut registry, mut shortname, mut namespace) = (None, None, None, None);
+    r.begin_object()?;
+    let mut first = true;
+    while let Some(key) = r.next_key(&mut first)? {
+        match key.as_ref() {
+            "ips" => {
+                let at = r.position();
+                let list = string_array(r)?
+                    .iter()
+                    .map(|s| s.parse::<IpAddr>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| {
+                        TableError::Json(JsonError {
+                            at,
+                            kind: JsonErrorKind::Invalid("ips: not an IP address".into()),
+                        })
+                    })?;
+                once(r, &mut ips, "ips", list)?;
+            }
+            "registry" => {
+                let at = r.position();
+                let value = match r.string()?.as_ref() {
+                    "Kubernetes" => Registry::Kubernetes,
+                    "External" => Registry::External,
+                    other => {
+                        return Err(TableError::Json(JsonError {
+                            at,
+                            kind: JsonErrorKind::Invalid(format!(
+                                "registry {other:?} is neither \"Kubernetes\" nor \"External\""
+                            )),
+                        }))
+                    }
+                };
+                once(r, &mut registry, "registry", value)?;
+            }
+            "shortname" => {
+                let v = r.string()?.into_owned();
+                once(r, &mut shortname, "shortname", v)?;
+            }
+            "namespace" => {
+                let v = r.string()?.into_owned();
+                once(r, &mut namespace, "namespace", v)?;
+            }
+            _ => r.skip_value()?,
+        }
+    }
+    let missing = |field| TableError::Json(r.error(JsonErrorKind::MissingField(field)));
+    Ok(NameInfo {
+        ips: ips.ok_or_else(|| missing("ips"))?,
+        registry: registry.ok_or_else(|| missing("registry"))?,
+        shortname: shortname.unwrap_or_default(),
+        namespace: namespace.unwrap_or_default(),
+    })
+}
+
 fn write_u32(buf: &mut [u8], at: usize, v: u32) {
     if let Some(dst) = buf.get_mut(at..at + 4) {
         dst.copy_from_slice(&v.to_le_bytes());
@@ -594,107 +708,6 @@ fn push_string(buf: &mut Vec<u8>, s: &str) {
     // Lengths were bounded in finish(); names are <= 253 bytes.
     buf.extend_from_slice(&(s.len() as u16).to_le_bytes());
     buf.extend_from_slice(s.as_bytes());
-}
-
-/// Everything in the JSON but `names` (which the first pass skips without allocating).
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct TableHead {
-    version: String,
-    namespace: String,
-    #[serde(default = "super::table::default_domain")]
-    domain: String,
-    #[serde(default)]
-    search_domains: Vec<String>,
-    names: IgnoredCount,
-}
-
-impl TableHead {
-    fn names_hint(&self) -> usize {
-        self.names.0
-    }
-}
-
-/// Counts map entries while skipping them, to size the builder.
-struct IgnoredCount(usize);
-
-impl<'de> Deserialize<'de> for IgnoredCount {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = IgnoredCount;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an object of names")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IgnoredCount, A::Error> {
-                let mut n = 0;
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(IgnoredCount(n))
-            }
-        }
-        d.deserialize_map(V)
-    }
-}
-
-/// Second pass: visits the top-level object, feeding each `names` entry to the builder.
-struct NamesOnly<'b> {
-    builder: &'b mut Builder,
-}
-
-impl<'de> DeserializeSeed<'de> for NamesOnly<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NamesOnly<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a name table object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if key == "names" {
-                map.next_value_seed(NameEntries {
-                    builder: &mut *self.builder,
-                })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-struct NameEntries<'b> {
-    builder: &'b mut Builder,
-}
-
-impl<'de> DeserializeSeed<'de> for NameEntries<'_> {
-    type Value = ();
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for NameEntries<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("an object of names")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some((name, info)) = map.next_entry::<std::borrow::Cow<'de, str>, NameInfo>()? {
-            if let Err(e) = self.builder.add(&name, &info) {
-                let msg = e.to_string();
-                self.builder.failed = Some(e);
-                return Err(serde::de::Error::custom(msg));
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -745,6 +758,16 @@ mod tests {
         assert_eq!(from_json.version(), "7");
         assert_eq!(from_json.search_domains(), ["corp.example"]);
         assert!(from_json.lookup("host.example.com").is_some());
+    }
+
+    #[test]
+    fn fields_a_newer_producer_adds_are_skipped() {
+        let json = br#"{"extra":{"deep":[1,{"x":[true,null,-1.5e3,"s\"]"]}]},"version":"2","namespace":"ns",
+            "names":{"a.example.com":{"ips":["10.0.0.1"],"registry":"External","weight":{"v":[1,2]}}},
+            "services":[{"host":"a.example.com","ports":[{"port":80,"endpoints":[]}]}]}"#;
+        let idx = NameIndex::from_json(json).unwrap();
+        assert_eq!(idx.version(), "2");
+        assert!(idx.lookup("a.example.com").is_some());
     }
 
     #[test]
@@ -805,13 +828,29 @@ mod tests {
             ),
             (
                 r#"{"version":"1","namespace":"n","names":{"a":{"ips":[],"registry":"Consul"}}}"#,
-                "variant",
+                "neither",
             ),
             (
                 r#"{"version":"1","namespace":"n","names":{"A":{"ips":[],"registry":"External"},"a":{"ips":[],"registry":"External"}}}"#,
                 "twice",
             ),
             (r#"{"version":"1","names":{}}"#, "namespace"),
+            (
+                r#"{"version":"1","namespace":"n"}"#,
+                "missing field \"names\"",
+            ),
+            (
+                r#"{"version":"1","version":"2","namespace":"n","names":{}}"#,
+                "duplicate field",
+            ),
+            (
+                r#"{"version":"1","namespace":"n","names":{"a":{"registry":"External"}}}"#,
+                "missing field \"ips\"",
+            ),
+            (
+                r#"{"version":"1","namespace":"n","names":{"a":{"ips":["10.0.0.1"],"registry":"External","ips":[]}}}"#,
+                "duplicate field",
+            ),
             (
                 r#"{"version":"1","namespace":"n","domain":"","names":{}}"#,
                 "empty name",
@@ -820,7 +859,7 @@ mod tests {
                 r#"{"version":"1","namespace":"n","names":{}} trailing"#,
                 "trailing",
             ),
-            (r#"[1,2]"#, "expected"),
+            (r#"[1,2]"#, "expected an object"),
         ];
         for (json, want) in cases {
             let err = NameIndex::from_json(json.as_bytes())

@@ -9,7 +9,7 @@ pub use table::{NameInfo, NameTable, Registry, DEFAULT_DOMAIN};
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
     #[error("name table is not valid JSON of the expected shape: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(#[from] crate::json::JsonError),
     #[error("name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
     #[error("name {0:?} appears twice (names compare case-insensitively)")]
