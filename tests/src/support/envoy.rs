@@ -1,0 +1,106 @@
+//! A real Envoy running `envoy-configs/vm-sidecar.yaml` with the built filter, on per-test ports.
+
+use super::eventually::eventually;
+use super::process::Proc;
+use super::{artifact, free_port, repo_root};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const WASM_IN_CONFIG: &str = "target/wasm32-wasip1/release/vmesh_filter.wasm";
+
+#[derive(Debug)]
+pub struct Envoy {
+    pub admin: u16,
+    pub dns: u16,
+    pub doh: u16,
+    proc: Proc,
+}
+
+pub fn wasm() -> PathBuf {
+    artifact(
+        "VMESH_FILTER_WASM",
+        "wasm32-wasip1/release/vmesh_filter.wasm",
+        "cargo build --release --target wasm32-wasip1 -p vmesh-filter",
+    )
+}
+
+/// The sidecar config with its well-known ports replaced by this test's.
+pub fn render_config(admin: u16, dns: u16, doh: u16, shim: u16) -> String {
+    let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml")).expect("read vm-sidecar.yaml");
+    let mut out = text.replace(WASM_IN_CONFIG, &wasm().display().to_string());
+    for (from, to) in [(15000, admin), (15053, dns), (15054, doh), (15020, shim)] {
+        let needle = format!("port_value: {from}}}");
+        assert!(out.contains(&needle), "vm-sidecar.yaml no longer has {needle}");
+        out = out.replace(&needle, &format!("port_value: {to}}}"));
+    }
+    out
+}
+
+impl Envoy {
+    /// Starts Envoy (two workers, so the table must reach more than one VM) and waits until
+    /// its admin endpoint says it is live.
+    pub fn start(dir: &Path, shim_port: u16) -> Envoy {
+        let (admin, dns, doh) = (free_port(), free_port(), free_port());
+        let config = dir.join(format!("envoy-{dns}.yaml"));
+        std::fs::write(&config, render_config(admin, dns, doh, shim_port)).expect("write config");
+        let args = vec![
+            "-c".to_string(),
+            config.display().to_string(),
+            "--concurrency".into(),
+            "2".into(),
+            "--disable-hot-restart".into(),
+            "-l".into(),
+            "info".into(),
+        ];
+        let program = which("envoy");
+        let proc = Proc::spawn("envoy", &program, &args, &dir.join(format!("envoy-{dns}.log")));
+        let envoy = Envoy { admin, dns, doh, proc };
+        eventually("envoy is live", || match envoy.admin_get("/ready") {
+            Ok((200, body)) if body.trim() == "LIVE" => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+        envoy
+    }
+
+    /// GET on the admin endpoint: (status, body).
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String), String> {
+        http_get(self.admin, path)
+    }
+
+    /// A stat's current value (counters and gauges), 0 when it does not exist yet.
+    pub fn stat(&self, name: &str) -> u64 {
+        let (_, body) = self.admin_get(&format!("/stats?filter=^{name}$")).unwrap_or_default();
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        !self.proc.exited()
+    }
+}
+
+pub fn which(program: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
+        .unwrap_or_else(|| panic!("{program} is not on PATH: run scripts/setup.sh"))
+}
+
+/// A minimal HTTP/1.1 GET (the admin API is plain text; no client library needed).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
+    let status = raw.get(9..12).and_then(|c| c.parse().ok()).ok_or(format!("bad response: {raw}"))?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
