@@ -54,6 +54,29 @@ async fn udp_answer_is_relayed_byte_for_byte_except_the_id() {
 }
 
 #[tokio::test]
+async fn ipv6_upstream_is_asked_over_udp_and_tcp() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let dns = DnsServer::start_on("::1".parse().unwrap(), Behaviour::Answer, marker(6)).await;
+    let shim = start_shim(&["--upstream", &dns.addr.to_string()]).await;
+    let http = Http::h1(shim.local_addr());
+    let q = query(CLIENT_ID, "v6.example", A, None);
+
+    assert_eq!(
+        http.dns(&q, Some("udp")).await.body,
+        dns.answer_for(&q, Proto::Udp)
+    );
+    assert_eq!(
+        http.dns(&q, Some("tcp")).await.body,
+        dns.answer_for(&q, Proto::Tcp)
+    );
+    assert_eq!(dns.protocols_seen(), vec![Proto::Udp, Proto::Tcp]);
+    shim.stop().await;
+}
+
+#[tokio::test]
 async fn upstream_ids_are_random_not_the_clients() {
     let dns = DnsServer::start(Behaviour::Answer, marker(1)).await;
     let shim = start_shim(&["--upstream", &dns.addr.to_string()]).await;

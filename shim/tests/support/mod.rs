@@ -170,8 +170,12 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub async fn start(behaviour: Behaviour, marker: Ipv4Addr) -> Self {
+        Self::start_on("127.0.0.1".parse().unwrap(), behaviour, marker).await
+    }
+
+    pub async fn start_on(ip: std::net::IpAddr, behaviour: Behaviour, marker: Ipv4Addr) -> Self {
         let (udp, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let udp = UdpSocket::bind(SocketAddr::new(ip, 0)).await.unwrap();
             if let Ok(tcp) = TcpListener::bind(udp.local_addr().unwrap()).await {
                 break (udp, tcp);
             }
