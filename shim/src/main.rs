@@ -1,1 +1,12 @@
-fn main() {}
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let cli = vmesh_shim::config::Cli::parse();
+    vmesh_shim::init_logging(&cli.log_level);
+    let settings = cli.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(vmesh_shim::run(settings, vmesh_shim::shutdown_signal()))?;
+    Ok(())
+}

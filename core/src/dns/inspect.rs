@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::message::Header;
+use super::message::{Header, Query};
 use super::wire::{Decoder, Labels};
 use super::{rtype, WireError};
 
@@ -71,6 +71,29 @@ impl Response {
     }
 }
 
+/// Whether `response` answers `query`: QR set, the same ID, and the same single question (name
+/// compared case-insensitively, RFC 4343 §3; type and class equal). Only the header and the
+/// question are read, so an answer cut anywhere after its question (TC) still matches; a
+/// forwarder uses this to refuse stray or spoofed datagrams before relaying an answer.
+pub fn answers(query: &Query<'_>, response: &[u8]) -> bool {
+    let mut d = Decoder::new(response);
+    let Ok(header) = Header::parse(&mut d) else {
+        return false;
+    };
+    if !header.is_response() || header.id != query.header.id || header.qdcount != 1 {
+        return false;
+    }
+    let Ok(name) = d.read_name() else {
+        return false;
+    };
+    let same_name = name.len() == query.qname.len()
+        && name
+            .iter()
+            .zip(query.qname.iter())
+            .all(|(a, b)| a.eq_ignore_ascii_case(b));
+    same_name && d.read_u16() == Ok(query.qtype) && d.read_u16() == Ok(query.qclass)
+}
+
 fn dotted(labels: &Labels<'_>) -> String {
     labels
         .iter()
@@ -115,4 +138,52 @@ fn read_rr(d: &mut Decoder<'_>) -> Result<Rr, WireError> {
         ttl,
         data,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::message::tests::query_bytes;
+
+    #[test]
+    fn answers_matches_id_and_question_case_insensitively() {
+        let q = query_bytes(0x1234, "Www.Example.com", rtype::A, None);
+        let query = Query::parse(&q).unwrap();
+        let reply = |id: u16, name: &str, qtype: u16| {
+            let mut r = query_bytes(id, name, qtype, None);
+            r[2] |= 0x80;
+            r
+        };
+        let good = reply(0x1234, "wWW.EXAMPLE.COM", rtype::A);
+        assert!(answers(&query, &good));
+        let mut cut_after_question = good.clone();
+        cut_after_question[7] = 3; // claims three answers it does not carry
+        assert!(
+            answers(&query, &cut_after_question),
+            "TC answers may be cut anywhere"
+        );
+
+        let mut not_a_response = good.clone();
+        not_a_response[2] &= 0x7F;
+        let mut other_class = good.clone();
+        let at = other_class.len() - 1;
+        other_class[at] = 3;
+        let mut no_question = good.clone();
+        no_question[5] = 0;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("other ID", reply(0x1235, "www.example.com", rtype::A)),
+            ("other name", reply(0x1234, "www.example.org", rtype::A)),
+            ("longer name", reply(0x1234, "a.www.example.com", rtype::A)),
+            ("other type", reply(0x1234, "www.example.com", rtype::AAAA)),
+            ("other class", other_class),
+            ("QR=0", not_a_response),
+            ("QDCOUNT=0", no_question),
+            ("cut in the question", good[..good.len() - 2].to_vec()),
+            ("header only", good[..12].to_vec()),
+            ("empty", Vec::new()),
+        ];
+        for (what, bytes) in cases {
+            assert!(!answers(&query, &bytes), "{what}");
+        }
+    }
 }

@@ -1,0 +1,331 @@
+//! The local HTTP API: routing, request checks, and the accept loop with graceful shutdown.
+//!
+//! | path              | method    | what                                                   |
+//! |-------------------|-----------|--------------------------------------------------------|
+//! | `/dns-query`      | POST, GET | RFC 8484 DoH, relayed by [`crate::forwarder`]           |
+//! | `/v1/name-table`  | GET       | long-poll for the name table ([`crate::names`])         |
+//! | `/healthz`        | GET       | `ok`                                                   |
+//!
+//! HTTP/1.1 and h2c with prior knowledge share the port (hyper-util's `auto` builder).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::forwarder::{Forwarder, Mode, TRANSPORT_HEADER};
+use crate::names::{long_poll, Poll, Table, DEFAULT_WAIT, MAX_WAIT};
+
+pub const DNS_MESSAGE: &str = "application/dns-message";
+pub const TABLE_VERSION_HEADER: &str = "x-vmesh-table-version";
+/// Largest DNS message (and so the largest request body) accepted.
+pub const MAX_DNS_MESSAGE: usize = 65535;
+/// How long open connections get to finish after shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+type Body = Full<Bytes>;
+
+/// What requests are served from.
+#[derive(Debug)]
+pub struct App {
+    pub forwarder: Forwarder,
+    /// `None` when there is no name table source.
+    pub tables: Option<watch::Receiver<Arc<Table>>>,
+    /// Flips to `true` at shutdown so long-polls return instead of holding it up.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Accepts connections until `stop` flips, then lets open ones finish (up to
+/// [`SHUTDOWN_GRACE`]).
+pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(&app, req).await) }
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(error) = conn.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown grace period; closing them");
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // A dropped sender also means stop; the guard `wait_for` returns must not live across an
+    // await, so it is dropped here.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Routes one request. Never fails: every problem is a status code.
+pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    match (path.as_str(), req.method()) {
+        ("/dns-query", &Method::POST) => dns_post(app, req).await,
+        ("/dns-query", &Method::GET) => dns_get(app, &req).await,
+        ("/dns-query", _) => not_allowed("GET, POST"),
+        ("/v1/name-table", &Method::GET) => name_table(app, &req).await,
+        ("/healthz", &Method::GET) => text(StatusCode::OK, "ok"),
+        ("/v1/name-table" | "/healthz", _) => not_allowed("GET"),
+        _ => text(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+async fn dns_post(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let content_type = req.headers().get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+    if !content_type.is_some_and(is_dns_message) {
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/dns-message",
+        );
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_DNS_MESSAGE as u64) {
+        return too_large();
+    }
+    let mode = match Mode::from_header(
+        req.headers()
+            .get(TRANSPORT_HEADER)
+            .map(HeaderValue::as_bytes),
+    ) {
+        Ok(mode) => mode,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let body = match Limited::new(req.into_body(), MAX_DNS_MESSAGE)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}")),
+    };
+    relay(app, &body, mode).await
+}
+
+async fn dns_get(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let mode = match Mode::from_header(
+        req.headers()
+            .get(TRANSPORT_HEADER)
+            .map(HeaderValue::as_bytes),
+    ) {
+        Ok(mode) => mode,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let Some(encoded) = query_param(req.uri().query(), "dns") else {
+        return text(StatusCode::BAD_REQUEST, "missing dns= parameter");
+    };
+    // base64url of 65535 bytes is 87380 characters; longer cannot be a DNS message.
+    if encoded.len() > MAX_DNS_MESSAGE.div_ceil(3) * 4 {
+        return too_large();
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let message = match engine.decode(encoded.as_bytes()) {
+        Ok(m) => m,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("dns= is not base64url: {e}"),
+            )
+        }
+    };
+    if message.len() > MAX_DNS_MESSAGE {
+        return too_large();
+    }
+    relay(app, &message, mode).await
+}
+
+async fn relay(app: &App, query: &[u8], mode: Mode) -> Response<Body> {
+    match app.forwarder.forward(query, mode).await {
+        Ok(answer) => {
+            tracing::debug!(source = ?answer.source, ?mode, len = answer.message.len(), "query relayed");
+            let mut resp = Response::new(Full::new(Bytes::from(answer.message)));
+            resp.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(DNS_MESSAGE));
+            resp
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, &format!("not a DNS query: {e}")),
+    }
+}
+
+async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let Some(tables) = &app.tables else {
+        let mut resp = Response::new(Full::new(Bytes::from_static(
+            br#"{"error":"no name table source"}"#,
+        )));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        return resp;
+    };
+    let query = req.uri().query();
+    let wait = match query_param(query, "wait") {
+        None => DEFAULT_WAIT,
+        Some(s) => match s.parse::<u64>() {
+            Ok(secs) => Duration::from_secs(secs).min(MAX_WAIT),
+            Err(_) => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "wait= must be a whole number of seconds",
+                )
+            }
+        },
+    };
+    let known = query_param(query, "version");
+    let (status, table) =
+        match long_poll(tables.clone(), known.as_deref(), wait, app.stop.clone()).await {
+            Poll::Changed(t) => (StatusCode::OK, t),
+            Poll::NotModified(t) => (StatusCode::NOT_MODIFIED, t),
+        };
+    let body = if status == StatusCode::OK {
+        table.json.clone()
+    } else {
+        Bytes::new()
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    if status == StatusCode::OK {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    // Checked when the table was loaded; a version that is not a header value never gets here.
+    if let Ok(v) = HeaderValue::from_str(&table.version) {
+        resp.headers_mut().insert(TABLE_VERSION_HEADER, v);
+    }
+    resp
+}
+
+/// `application/dns-message`, parameters and case ignored.
+fn is_dns_message(value: &[u8]) -> bool {
+    let mime = value.split(|b| *b == b';').next().unwrap_or_default();
+    mime.trim_ascii()
+        .eq_ignore_ascii_case(DNS_MESSAGE.as_bytes())
+}
+
+/// The first value of `name` in a query string, percent-decoded (`+` is a space, as in forms).
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key).as_deref() == Some(name)).then(|| percent_decode(value))?
+    })
+}
+
+fn percent_decode(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn too_large() -> Response<Body> {
+    text(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "a DNS message is at most 65535 bytes",
+    )
+}
+
+fn not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_percent_decoded_and_first_wins() {
+        let q = Some("version=v%201&wait=5&dns=AAAB-_&version=other&flag");
+        assert_eq!(query_param(q, "version").as_deref(), Some("v 1"));
+        assert_eq!(query_param(q, "wait").as_deref(), Some("5"));
+        assert_eq!(query_param(q, "dns").as_deref(), Some("AAAB-_"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "missing"), None);
+        assert_eq!(query_param(None, "dns"), None);
+        assert_eq!(query_param(Some("v=%zz"), "v"), None);
+        assert_eq!(query_param(Some("v=a+b"), "v").as_deref(), Some("a b"));
+    }
+
+    #[test]
+    fn dns_message_content_type_ignores_case_and_parameters() {
+        assert!(is_dns_message(b"application/dns-message"));
+        assert!(is_dns_message(b"Application/DNS-Message; charset=binary"));
+        assert!(!is_dns_message(b"application/json"));
+        assert!(!is_dns_message(b""));
+    }
+}
