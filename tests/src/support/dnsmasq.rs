@@ -35,9 +35,11 @@ impl Dnsmasq {
             "--user=root".into(),
             "--pid-file=".into(),
             format!("--address=/{FORWARDED_NAME}/{FORWARDED_ADDR}"),
-            "--txt-record=vmservice.example.com,\"vm txt\"".into(),
+            "--txt-record=vmservice.example.com,vm txt".into(),
             "--srv-host=vmservice.example.com,target.example.com,9090".into(),
             "--local=/#/".into(),
+            // Large enough that a 100-address answer fits one UDP datagram (default 1232).
+            "--edns-packet-max=4096".into(),
         ];
         for i in 1..=100 {
             args.push(format!("--host-record={BIG_NAME},198.18.1.{i}"));

@@ -2,6 +2,7 @@
 
 pub mod dig;
 pub mod dnsmasq;
+pub mod doh;
 pub mod envoy;
 pub mod eventually;
 pub mod process;
