@@ -44,11 +44,13 @@ pub struct SidecarOptions {
     pub shim: bool,
     /// Upstreams for the shim; default: the fixture's dnsmasq.
     pub upstreams: Option<Vec<String>>,
+    /// The shim's upstream budget (default 5 s).
+    pub forward_timeout: Option<String>,
 }
 
 impl Default for SidecarOptions {
     fn default() -> Self {
-        SidecarOptions { table: Some(test_table("v1")), shim: true, upstreams: None }
+        SidecarOptions { table: Some(test_table("v1")), shim: true, upstreams: None, forward_timeout: None }
     }
 }
 
@@ -88,7 +90,7 @@ impl Sidecar {
                     static_names: opts.table.is_some().then(|| names_file.clone()),
                     upstreams: opts.upstreams.clone().unwrap_or_else(|| vec![dnsmasq.addr()]),
                     self_addr: Some(format!("127.0.0.1:{}", envoy.dns)),
-                    forward_timeout: None,
+                    forward_timeout: opts.forward_timeout.clone(),
                 },
             )
         });
