@@ -25,11 +25,35 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// Longest long-poll wait a client can ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(120);
 
-/// A table as served: its version and the JSON exactly as it was read.
+/// A table as served: its version and the JSON exactly as it was read (or, when its content
+/// changed under an unchanged version, with a derived version written in).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
     pub version: String,
+    /// The `version` written in the file.
+    pub file_version: String,
     pub json: Bytes,
+}
+
+impl Table {
+    /// The same table under version `<file version>~<content hash>` (`~` needs no escaping
+    /// in a query string).
+    fn with_content_version(self) -> Result<Table, serde_json::Error> {
+        let version = format!(
+            "{}~{:012x}",
+            self.file_version,
+            hash(&self.json) & 0xFFFF_FFFF_FFFF
+        );
+        let mut doc: serde_json::Value = serde_json::from_slice(&self.json)?;
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("version".into(), serde_json::Value::String(version.clone()));
+        }
+        Ok(Table {
+            version,
+            file_version: self.file_version,
+            json: serde_json::to_vec(&doc)?.into(),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +201,19 @@ impl StaticNames {
             return;
         }
         match validate(&self.path, json) {
-            Ok(table) => {
-                if table.version == self.table.version {
-                    tracing::warn!(path = %self.path.display(), version = %table.version,
-                        "name table content changed but its version did not; clients that have this version will not fetch it");
+            Ok(mut table) => {
+                if table.file_version == self.table.file_version {
+                    // People edit names and forget the version. Clients long-poll by version,
+                    // so serve the edit under a version derived from its content.
+                    match table.with_content_version() {
+                        Ok(t) => table = t,
+                        Err(error) => {
+                            tracing::warn!(%error, "name table edit rejected; still serving the last good table");
+                            return;
+                        }
+                    }
+                    tracing::info!(path = %self.path.display(), from = %self.table.version,
+                        to = %table.version, "name table content changed without a version change; serving it under a derived version");
                 } else {
                     tracing::info!(path = %self.path.display(), from = %self.table.version,
                         to = %table.version, "name table reloaded");
@@ -209,6 +242,7 @@ fn validate(path: &Path, json: Vec<u8>) -> Result<Table, NamesError> {
         });
     }
     Ok(Table {
+        file_version: version.clone(),
         version,
         json: json.into(),
     })

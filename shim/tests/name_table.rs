@@ -220,3 +220,35 @@ async fn bad_wait_is_400_and_long_waits_are_capped() {
     assert_eq!(reply.status, StatusCode::OK);
     shim.stop().await;
 }
+
+#[tokio::test]
+async fn edit_without_a_version_change_is_served_under_a_derived_version() {
+    let dir = TempDir::new();
+    let (shim, file) = shim_with_table(&dir, &table("v1", "10.0.0.1")).await;
+    let http = Http::h1(shim.local_addr());
+    let poll = tokio::spawn(async move { http.get("/v1/name-table?version=v1&wait=60").await });
+    replace_atomically(&file, &table("v1", "10.0.0.9"));
+    let reply = within_patience("long-poll to return the edit", poll)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    let served = reply.header("x-vmesh-table-version").unwrap().to_string();
+    assert!(served.starts_with("v1~") && served.len() > 3, "{served}");
+    // The body carries the version the client must poll with next, and the edited address.
+    let index = vmesh_core::names::NameIndex::from_json(&reply.body).unwrap();
+    assert_eq!(index.version(), served);
+    let ip = index
+        .lookup("details.apps.svc.cluster.local")
+        .unwrap()
+        .record()
+        .ipv4()
+        .next()
+        .unwrap();
+    assert_eq!(ip.to_string(), "10.0.0.9");
+    // Polling with it waits: nothing newer.
+    let again = Http::h1(shim.local_addr())
+        .get(&format!("/v1/name-table?version={served}&wait=1"))
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    shim.stop().await;
+}

@@ -2,8 +2,8 @@
 //! filter, with the real shim forwarding to dnsmasq as the system resolver. Each test is named
 //! after the behaviour (or RFC section) it checks.
 
-use vmesh_tests::support::doh;
 use vmesh_tests::support::dnsmasq::{BIG_NAME, FORWARDED_ADDR, FORWARDED_NAME};
+use vmesh_tests::support::doh;
 use vmesh_tests::support::sidecar::{test_table, Sidecar, SidecarOptions};
 
 const ANSWERED: &str = "wasmcustom.vmesh_dns_answered";
@@ -30,19 +30,30 @@ fn rfc4074_aaaa_for_a_v4_only_mesh_name_is_authoritative_nodata() {
     assert!(d.has_flag("aa"));
     assert!(d.answers.is_empty(), "{:?}", d.answers);
     // A dual-stack name does answer AAAA.
-    assert_eq!(s.ask(&["details.vm-namespace.svc.cluster.local", "AAAA"]).data("AAAA"), ["fd00:10:96::a"]);
+    assert_eq!(
+        s.ask(&["details.vm-namespace.svc.cluster.local", "AAAA"])
+            .data("AAAA"),
+        ["fd00:10:96::a"]
+    );
 }
 
 #[test]
 fn kubernetes_short_name_forms_resolve_like_istio() {
     let s = Sidecar::start();
-    for name in ["details.vm-namespace.svc.cluster.local", "details.vm-namespace.svc", "details.vm-namespace", "details"]
-    {
+    for name in [
+        "details.vm-namespace.svc.cluster.local",
+        "details.vm-namespace.svc",
+        "details.vm-namespace",
+        "details",
+    ] {
         let d = s.ask(&[name, "A"]);
         assert_eq!(d.data("A"), ["10.96.0.10"], "{name}: {}", d.raw);
         assert!(d.has_flag("aa"), "{name}");
     }
-    assert_eq!(s.ask(&["helloworld.sample", "A"]).data("A"), ["10.96.12.34"]);
+    assert_eq!(
+        s.ask(&["helloworld.sample", "A"]).data("A"),
+        ["10.96.12.34"]
+    );
     // A bare name resolves only in the VM's own namespace; elsewhere it goes upstream.
     let other = s.ask(&["helloworld", "A"]);
     assert_eq!(other.status, "NXDOMAIN", "{}", other.raw);
@@ -80,9 +91,13 @@ fn names_compare_case_insensitively_and_the_question_is_echoed_as_asked() {
 #[test]
 fn answers_rotate_through_a_names_addresses() {
     let s = Sidecar::start();
-    let firsts: std::collections::BTreeSet<String> =
-        (0..6).map(|_| s.ask(&["rr.example.com"]).data("A")[0].clone()).collect();
-    assert!(firsts.len() > 1, "every answer led with the same address: {firsts:?}");
+    let firsts: std::collections::BTreeSet<String> = (0..6)
+        .map(|_| s.ask(&["rr.example.com"]).data("A")[0].clone())
+        .collect();
+    assert!(
+        firsts.len() > 1,
+        "every answer led with the same address: {firsts:?}"
+    );
 }
 
 #[test]
@@ -99,17 +114,29 @@ fn non_mesh_name_is_forwarded_to_the_system_resolver() {
 #[test]
 fn txt_and_srv_for_a_mesh_name_are_forwarded() {
     let s = Sidecar::start();
-    assert_eq!(s.ask(&["vmservice.example.com", "TXT"]).data("TXT"), ["\"vm txt\""]);
-    assert_eq!(s.ask(&["vmservice.example.com", "SRV"]).data("SRV"), ["0 0 9090 target.example.com."]);
+    assert_eq!(
+        s.ask(&["vmservice.example.com", "TXT"]).data("TXT"),
+        ["\"vm txt\""]
+    );
+    assert_eq!(
+        s.ask(&["vmservice.example.com", "SRV"]).data("SRV"),
+        ["0 0 9090 target.example.com."]
+    );
 }
 
 #[test]
 fn rfc7766_dns_over_tcp_answers_mesh_names_and_forwards_the_rest() {
     let s = Sidecar::start();
-    assert_eq!(s.ask(&["+tcp", "vmservice.example.com"]).data("A"), ["240.240.0.1"]);
+    assert_eq!(
+        s.ask(&["+tcp", "vmservice.example.com"]).data("A"),
+        ["240.240.0.1"]
+    );
     assert_eq!(s.ask(&["+tcp", "details"]).data("A"), ["10.96.0.10"]);
     assert_eq!(s.ask(&["+tcp", FORWARDED_NAME]).data("A"), [FORWARDED_ADDR]);
-    assert_eq!(s.ask(&["+tcp", "vmservice.example.com", "TXT"]).data("TXT"), ["\"vm txt\""]);
+    assert_eq!(
+        s.ask(&["+tcp", "vmservice.example.com", "TXT"]).data("TXT"),
+        ["\"vm txt\""]
+    );
 }
 
 #[test]
@@ -122,7 +149,10 @@ fn rfc1035_4_2_1_udp_answer_over_512_bytes_is_truncated_and_tcp_gets_it_whole() 
     assert!(!tcp.has_flag("tc"));
     assert_eq!(tcp.data("A").len(), 100);
     // dig's own fallback: UDP first, TC, then TCP.
-    assert_eq!(s.ask(&["+noedns", "big.mesh.example.com"]).data("A").len(), 100);
+    assert_eq!(
+        s.ask(&["+noedns", "big.mesh.example.com"]).data("A").len(),
+        100
+    );
 }
 
 #[test]
@@ -151,7 +181,10 @@ fn forwarded_large_edns_answer_arrives_intact_and_is_truncated_without_edns() {
 fn servfail_when_every_upstream_is_dead() {
     // A port nobody listens on: the shim's UDP attempt is refused at once.
     let dead = format!("127.0.0.1:{}", vmesh_tests::support::free_port());
-    let s = Sidecar::start_with(SidecarOptions { upstreams: Some(vec![dead]), ..Default::default() });
+    let s = Sidecar::start_with(SidecarOptions {
+        upstreams: Some(vec![dead]),
+        ..Default::default()
+    });
     s.wait_for_table();
     assert_eq!(s.ask(&[FORWARDED_NAME]).status, "SERVFAIL");
     assert_eq!(s.ask(&["+tcp", FORWARDED_NAME]).status, "SERVFAIL");
@@ -161,16 +194,24 @@ fn servfail_when_every_upstream_is_dead() {
 
 #[test]
 fn before_the_first_table_cluster_names_get_servfail_and_others_are_forwarded() {
-    let s = Sidecar::start_with(SidecarOptions { table: None, ..Default::default() });
-    assert_eq!(s.ask(&["details.vm-namespace.svc.cluster.local"]).status, "SERVFAIL");
+    let s = Sidecar::start_with(SidecarOptions {
+        table: None,
+        ..Default::default()
+    });
+    assert_eq!(
+        s.ask(&["details.vm-namespace.svc.cluster.local"]).status,
+        "SERVFAIL"
+    );
     assert_eq!(s.ask(&[FORWARDED_NAME]).data("A"), [FORWARDED_ADDR]);
 }
 
 #[test]
 fn edited_table_file_is_picked_up_without_restarts() {
     let s = Sidecar::start();
-    let mut table = test_table("v2");
-    table["names"]["new.example.com"] = serde_json::json!({"ips": ["240.240.9.9"], "registry": "External"});
+    // Same version as before: people edit names and forget the version.
+    let mut table = test_table("v1");
+    table["names"]["new.example.com"] =
+        serde_json::json!({"ips": ["240.240.9.9"], "registry": "External"});
     s.replace_table(&table);
     vmesh_tests::support::eventually::eventually("the new name resolves", || {
         let d = s.dig(&["new.example.com"])?;
@@ -197,7 +238,10 @@ fn table_keeps_serving_when_the_shim_goes_away() {
 #[test]
 fn dns_over_https_get_and_post_answer_mesh_names_and_forward_the_rest() {
     let s = Sidecar::start();
-    for (name, want) in [("vmservice.example.com", "240.240.0.1"), (FORWARDED_NAME, FORWARDED_ADDR)] {
+    for (name, want) in [
+        ("vmservice.example.com", "240.240.0.1"),
+        (FORWARDED_NAME, FORWARDED_ADDR),
+    ] {
         let query = doh::query(name);
         let get = doh::get(s.envoy.doh, &query);
         assert_eq!(get.status, 200, "{name}");

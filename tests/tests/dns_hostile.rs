@@ -14,7 +14,10 @@ use vmesh_tests::support::sidecar::{Sidecar, SidecarOptions};
 /// tunnel stream that waits for its forwards (see docs/dns.md): keep the upstream budget short
 /// so the test does not wait the default 5 s for queries dnsmasq ignores.
 fn sidecar() -> Sidecar {
-    let s = Sidecar::start_with(SidecarOptions { forward_timeout: Some("1s".into()), ..Default::default() });
+    let s = Sidecar::start_with(SidecarOptions {
+        forward_timeout: Some("1s".into()),
+        ..Default::default()
+    });
     s.wait_for_table();
     s
 }
@@ -95,10 +98,12 @@ fn hostile_messages() -> Vec<(&'static str, Vec<u8>)> {
 /// Asks on `sock` like a stub resolver: resend after a second without an answer. A burst of
 /// hundreds of datagrams can overflow the listener's socket buffer, and UDP loses them then.
 fn ask_udp(sock: &UdpSocket, id: u16) -> Response {
-    sock.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
     let mut buf = [0u8; 4096];
     for _ in 0..8 {
-        sock.send(&query(id, "vmservice.example.com")).expect("send");
+        sock.send(&query(id, "vmservice.example.com"))
+            .expect("send");
         while let Ok(n) = sock.recv(&mut buf) {
             // Skip the FORMERR/NOTIMP answers to earlier hostile datagrams.
             if let Ok(resp) = Response::parse(&buf[..n]) {
@@ -118,7 +123,8 @@ fn rfc1035_4_1_1_hostile_udp_datagrams_are_dropped_or_refused_and_service_goes_o
     sock.connect(("127.0.0.1", s.envoy.dns)).expect("connect");
     let mut rcodes = std::collections::BTreeMap::new();
     for (what, msg) in hostile_messages() {
-        sock.send(&msg).unwrap_or_else(|e| panic!("send {what}: {e}"));
+        sock.send(&msg)
+            .unwrap_or_else(|e| panic!("send {what}: {e}"));
     }
     // Same client address (same tunnel stream): still answered.
     let resp = ask_udp(&sock, 0x4242);
@@ -126,12 +132,19 @@ fn rfc1035_4_1_1_hostile_udp_datagrams_are_dropped_or_refused_and_service_goes_o
     // Tally what the filter said to the named cases, reading them on a fresh socket one by one.
     let probe = UdpSocket::bind("127.0.0.1:0").expect("bind");
     probe.connect(("127.0.0.1", s.envoy.dns)).expect("connect");
-    probe.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-    for (what, msg) in hostile_messages().into_iter().filter(|(w, _)| *w != "random") {
+    probe
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    for (what, msg) in hostile_messages()
+        .into_iter()
+        .filter(|(w, _)| *w != "random")
+    {
         probe.send(&msg).expect("send");
         let mut buf = [0u8; 4096];
         let said = match probe.recv(&mut buf) {
-            Ok(n) => Response::parse(&buf[..n]).map(|r| r.rcode()).map_err(|e| e.to_string()),
+            Ok(n) => Response::parse(&buf[..n])
+                .map(|r| r.rcode())
+                .map_err(|e| e.to_string()),
             Err(_) => Err("no answer".into()),
         };
         rcodes.insert(what, said);
@@ -162,14 +175,16 @@ fn hostile_tcp_streams_do_not_stop_the_service() {
     let mut s = sidecar();
     for (what, msg) in hostile_messages() {
         let mut conn = TcpStream::connect(("127.0.0.1", s.envoy.dns)).expect("connect");
-        conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+        conn.set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
         let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
         framed.extend_from_slice(&msg);
         // Then a good query on the same connection: answered after whatever the junk got.
         let good = query(0x5151, "vmservice.example.com");
         framed.extend_from_slice(&(good.len() as u16).to_be_bytes());
         framed.extend_from_slice(&good);
-        conn.write_all(&framed).unwrap_or_else(|e| panic!("{what}: {e}"));
+        conn.write_all(&framed)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
         let mut got_answer = false;
         for _ in 0..2 {
             let mut len = [0u8; 2];
@@ -178,12 +193,18 @@ fn hostile_tcp_streams_do_not_stop_the_service() {
             }
             let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
             conn.read_exact(&mut body).expect("frame body");
-            if Response::parse(&body).map(|r| r.header.id == 0x5151 && r.answers.len() == 1).unwrap_or(false) {
+            if Response::parse(&body)
+                .map(|r| r.header.id == 0x5151 && r.answers.len() == 1)
+                .unwrap_or(false)
+            {
                 got_answer = true;
                 break;
             }
         }
-        assert!(got_answer, "{what}: the good query after it was not answered");
+        assert!(
+            got_answer,
+            "{what}: the good query after it was not answered"
+        );
     }
     // A length prefix promising more than ever arrives, then the client goes away.
     let mut conn = TcpStream::connect(("127.0.0.1", s.envoy.dns)).expect("connect");
@@ -202,7 +223,10 @@ fn hostile_doh_requests_get_4xx_and_service_goes_on() {
     // A readable header with an unknown opcode is a DNS error, not an HTTP one.
     let notimp = doh::post(s.envoy.doh, b"not dns at all", "application/dns-message");
     assert_eq!(notimp.status, 200);
-    assert_eq!(Response::parse(&notimp.body).expect("DNS answer").rcode(), 4);
+    assert_eq!(
+        Response::parse(&notimp.body).expect("DNS answer").rcode(),
+        4
+    );
     let empty = doh::post(s.envoy.doh, b"", "application/dns-message");
     assert_eq!(empty.status, 400);
     let huge = doh::post(s.envoy.doh, &vec![0u8; 70_000], "application/dns-message");

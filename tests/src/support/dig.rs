@@ -28,7 +28,11 @@ impl Dig {
 
     /// Answer data of one type, in order.
     pub fn data(&self, rtype: &str) -> Vec<String> {
-        self.answers.iter().filter(|a| a.rtype == rtype).map(|a| a.data.clone()).collect()
+        self.answers
+            .iter()
+            .filter(|a| a.rtype == rtype)
+            .map(|a| a.data.clone())
+            .collect()
     }
 }
 
@@ -47,7 +51,12 @@ pub fn dig(port: u16, args: &[&str]) -> Result<Dig, String> {
 }
 
 fn parse(raw: &str) -> Option<Dig> {
-    let status = raw.lines().find_map(|l| l.split("status: ").nth(1))?.split(',').next()?.to_string();
+    let status = raw
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))?
+        .split(',')
+        .next()?
+        .to_string();
     let flags = raw
         .lines()
         .find_map(|l| l.strip_prefix(";; flags: "))
@@ -62,7 +71,13 @@ fn parse(raw: &str) -> Option<Dig> {
         .lines()
         .skip_while(|l| !l.starts_with(";; QUESTION SECTION:"))
         .nth(1)
-        .map(|l| l.trim_start_matches(';').split_whitespace().next().unwrap_or("").to_string())
+        .map(|l| {
+            l.trim_start_matches(';')
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     let answers = raw
         .lines()
@@ -76,8 +91,20 @@ fn parse(raw: &str) -> Option<Dig> {
             let _class = parts.next()?;
             let rtype = parts.next()?.to_string();
             let data = parts.collect::<Vec<_>>().join(" ");
-            Some(Answer { name, ttl, rtype, data })
+            Some(Answer {
+                name,
+                ttl,
+                rtype,
+                data,
+            })
         })
         .collect();
-    Some(Dig { status, flags, answers, edns_udp, question, raw: raw.to_string() })
+    Some(Dig {
+        status,
+        flags,
+        answers,
+        edns_udp,
+        question,
+        raw: raw.to_string(),
+    })
 }

@@ -6,7 +6,7 @@
 //! everything else.
 
 use super::process::Proc;
-use super::{free_port, eventually::eventually};
+use super::{eventually::eventually, free_port};
 use std::net::UdpSocket;
 use std::path::Path;
 use std::time::Duration;
@@ -44,7 +44,12 @@ impl Dnsmasq {
         for i in 1..=100 {
             args.push(format!("--host-record={BIG_NAME},198.18.1.{i}"));
         }
-        let proc = Proc::spawn("dnsmasq", Path::new("/usr/sbin/dnsmasq"), &args, &dir.join("dnsmasq.log"));
+        let proc = Proc::spawn(
+            "dnsmasq",
+            Path::new("/usr/sbin/dnsmasq"),
+            &args,
+            &dir.join("dnsmasq.log"),
+        );
         let d = Dnsmasq { port, proc };
         eventually("dnsmasq answers", || d.probe());
         d
@@ -52,9 +57,11 @@ impl Dnsmasq {
 
     fn probe(&self) -> Result<(), String> {
         let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(Duration::from_millis(200))).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .map_err(|e| e.to_string())?;
         let q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x09forwarded\x04test\x00\x00\x01\x00\x01";
-        sock.send_to(q, ("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
+        sock.send_to(q, ("127.0.0.1", self.port))
+            .map_err(|e| e.to_string())?;
         let mut buf = [0u8; 512];
         sock.recv(&mut buf).map(|_| ()).map_err(|e| e.to_string())
     }

@@ -21,14 +21,27 @@ pub fn query(name: &str) -> Vec<u8> {
 }
 
 pub fn get(port: u16, query: &[u8]) -> HttpReply {
-    let url = format!("http://127.0.0.1:{port}/dns-query?dns={}", URL_SAFE_NO_PAD.encode(query));
+    let url = format!(
+        "http://127.0.0.1:{port}/dns-query?dns={}",
+        URL_SAFE_NO_PAD.encode(query)
+    );
     curl(&[url.as_str()], None)
 }
 
 pub fn post(port: u16, body: &[u8], content_type: &str) -> HttpReply {
     let url = format!("http://127.0.0.1:{port}/dns-query");
     let header = format!("content-type: {content_type}");
-    curl(&["--http2-prior-knowledge", "-H", header.as_str(), "--data-binary", "@-", url.as_str()], Some(body))
+    curl(
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            header.as_str(),
+            "--data-binary",
+            "@-",
+            url.as_str(),
+        ],
+        Some(body),
+    )
 }
 
 fn curl(args: &[&str], stdin: Option<&[u8]>) -> HttpReply {
@@ -55,7 +68,8 @@ fn curl(args: &[&str], stdin: Option<&[u8]>) -> HttpReply {
 
 /// The A addresses in a DNS answer.
 pub fn addresses(message: &[u8]) -> Vec<String> {
-    let resp = Response::parse(message).unwrap_or_else(|e| panic!("not a DNS message ({e}): {message:?}"));
+    let resp =
+        Response::parse(message).unwrap_or_else(|e| panic!("not a DNS message ({e}): {message:?}"));
     resp.answers
         .iter()
         .filter_map(|rr| match rr.data {

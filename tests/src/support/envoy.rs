@@ -28,11 +28,15 @@ pub fn wasm() -> PathBuf {
 
 /// The sidecar config with its well-known ports replaced by this test's.
 pub fn render_config(admin: u16, dns: u16, doh: u16, shim: u16) -> String {
-    let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml")).expect("read vm-sidecar.yaml");
+    let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml"))
+        .expect("read vm-sidecar.yaml");
     let mut out = text.replace(WASM_IN_CONFIG, &wasm().display().to_string());
     for (from, to) in [(15000, admin), (15053, dns), (15054, doh), (15020, shim)] {
         let needle = format!("port_value: {from}}}");
-        assert!(out.contains(&needle), "vm-sidecar.yaml no longer has {needle}");
+        assert!(
+            out.contains(&needle),
+            "vm-sidecar.yaml no longer has {needle}"
+        );
         out = out.replace(&needle, &format!("port_value: {to}}}"));
     }
     out
@@ -55,8 +59,18 @@ impl Envoy {
             "info".into(),
         ];
         let program = which("envoy");
-        let proc = Proc::spawn("envoy", &program, &args, &dir.join(format!("envoy-{dns}.log")));
-        let envoy = Envoy { admin, dns, doh, proc };
+        let proc = Proc::spawn(
+            "envoy",
+            &program,
+            &args,
+            &dir.join(format!("envoy-{dns}.log")),
+        );
+        let envoy = Envoy {
+            admin,
+            dns,
+            doh,
+            proc,
+        };
         eventually("envoy is live", || match envoy.admin_get("/ready") {
             Ok((200, body)) if body.trim() == "LIVE" => Ok(()),
             other => Err(format!("{other:?}")),
@@ -71,7 +85,9 @@ impl Envoy {
 
     /// A stat's current value (counters and gauges), 0 when it does not exist yet.
     pub fn stat(&self, name: &str) -> u64 {
-        let (_, body) = self.admin_get(&format!("/stats?filter=^{name}$")).unwrap_or_default();
+        let (_, body) = self
+            .admin_get(&format!("/stats?filter=^{name}$"))
+            .unwrap_or_default();
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
             .and_then(|v| v.trim().parse().ok())
@@ -89,28 +105,51 @@ impl Envoy {
 
 pub fn which(program: &str) -> PathBuf {
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| p.is_file()))
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
         .unwrap_or_else(|| panic!("{program} is not on PATH: run scripts/setup.sh"))
 }
 
 /// A minimal HTTP/1.1 GET (the admin API is plain text; no client library needed).
 pub fn http_get(port: u16, path: &str) -> Result<(u16, String), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-    let status = raw.get(9..12).and_then(|c| c.parse().ok()).ok_or(format!("bad response: {raw}"))?;
+    let status = raw
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or(format!("bad response: {raw}"))?;
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw.as_str(), ""));
-    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        },
+    ))
 }
 
 /// Undoes HTTP/1.1 chunked transfer coding.
 fn dechunk(mut body: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
         if n == 0 || rest.len() < n {
             break;
         }

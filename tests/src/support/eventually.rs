@@ -18,7 +18,9 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -
     loop {
         match check() {
             Ok(v) => return v,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: still failing after {:?}: {e}", patience()),
+            Err(e) if Instant::now() >= deadline => {
+                panic!("{what}: still failing after {:?}: {e}", patience())
+            }
             Err(_) => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(200));

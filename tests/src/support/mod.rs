@@ -34,6 +34,10 @@ pub fn artifact(env: &str, relative: &str, build: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let path = repo_root().join("target").join(relative);
-    assert!(path.exists(), "{} is missing: build it with `{build}` (or set {env})", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `{build}` (or set {env})",
+        path.display()
+    );
     path
 }

@@ -30,7 +30,11 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("start {name} ({}): {e}", program.display()));
-        Proc { name: name.to_string(), child: Some(child), log: log.to_path_buf() }
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -66,7 +70,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let text = self.log_text();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            eprintln!("---- last lines of {} log ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} log ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for line in tail.iter().rev() {
                 eprintln!("{line}");
             }

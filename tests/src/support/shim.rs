@@ -25,12 +25,21 @@ pub struct ShimOptions {
 }
 
 pub fn binary() -> PathBuf {
-    artifact("VMESH_SHIM_BIN", "release/vmesh-shim", "cargo build --release -p vmesh-shim")
+    artifact(
+        "VMESH_SHIM_BIN",
+        "release/vmesh-shim",
+        "cargo build --release -p vmesh-shim",
+    )
 }
 
 impl Shim {
     pub fn start(dir: &Path, port: u16, opts: &ShimOptions) -> Shim {
-        let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--log-level".into(), "debug".into()];
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--log-level".into(),
+            "debug".into(),
+        ];
         if let Some(f) = &opts.static_names {
             args.push("--static-names".into());
             args.push(f.display().to_string());
@@ -47,7 +56,12 @@ impl Shim {
             args.push("--forward-timeout".into());
             args.push(t.clone());
         }
-        let proc = Proc::spawn("vmesh-shim", &binary(), &args, &dir.join(format!("shim-{port}.log")));
+        let proc = Proc::spawn(
+            "vmesh-shim",
+            &binary(),
+            &args,
+            &dir.join(format!("shim-{port}.log")),
+        );
         let shim = Shim { port, proc };
         eventually("shim /healthz", || shim.healthz());
         shim
@@ -60,8 +74,10 @@ impl Shim {
 
     fn healthz(&self) -> Result<(), String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: shim\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: shim\r\nconnection: close\r\n\r\n")
+            .map_err(|e| e.to_string())?;
         let mut out = String::new();
         s.read_to_string(&mut out).map_err(|e| e.to_string())?;
         if out.starts_with("HTTP/1.1 200") {

@@ -50,7 +50,12 @@ pub struct SidecarOptions {
 
 impl Default for SidecarOptions {
     fn default() -> Self {
-        SidecarOptions { table: Some(test_table("v1")), shim: true, upstreams: None, forward_timeout: None }
+        SidecarOptions {
+            table: Some(test_table("v1")),
+            shim: true,
+            upstreams: None,
+            forward_timeout: None,
+        }
     }
 }
 
@@ -88,13 +93,23 @@ impl Sidecar {
                 shim_port,
                 &ShimOptions {
                     static_names: opts.table.is_some().then(|| names_file.clone()),
-                    upstreams: opts.upstreams.clone().unwrap_or_else(|| vec![dnsmasq.addr()]),
+                    upstreams: opts
+                        .upstreams
+                        .clone()
+                        .unwrap_or_else(|| vec![dnsmasq.addr()]),
                     self_addr: Some(format!("127.0.0.1:{}", envoy.dns)),
                     forward_timeout: opts.forward_timeout.clone(),
                 },
             )
         });
-        Sidecar { envoy, shim, dnsmasq, shim_port, names_file, dir }
+        Sidecar {
+            envoy,
+            shim,
+            dnsmasq,
+            shim_port,
+            names_file,
+            dir,
+        }
     }
 
     pub fn wait_for_table(&self) {
@@ -127,6 +142,10 @@ impl Sidecar {
 
 fn write_table(path: &std::path::Path, table: &serde_json::Value) {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(table).expect("serialize table")).expect("write table");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(table).expect("serialize table"),
+    )
+    .expect("write table");
     std::fs::rename(&tmp, path).expect("rename table");
 }
