@@ -43,10 +43,7 @@ impl Proc {
 
     /// Whether the process has exited (and reaps it).
     pub fn exited(&mut self) -> bool {
-        match self.child.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(Some(_))) | None => true,
-            _ => false,
-        }
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))) | None)
     }
 
     pub fn log_text(&self) -> String {
