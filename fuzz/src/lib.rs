@@ -1,0 +1,109 @@
+//! Invariants the fuzz targets check. Each function takes arbitrary bytes and panics (the
+//! fuzzer's signal) only when vmesh-core breaks a promise:
+//! - [`respond`]: the decoder never panics; every reply is a well-formed response to the query
+//!   (same ID, question echoed, within the transport's size limit); forwarded messages are
+//!   queries the forwarder can parse again.
+//! - [`name_table`]: any JSON either compiles into a table or is refused; a compiled table
+//!   survives publication (image round trip) and answers lookups.
+//! - [`tunnel`]: any capsule or TCP byte stream, in any chunking, yields answers in frames.
+
+use std::sync::OnceLock;
+
+use vmesh_core::dns::inspect::Response;
+use vmesh_core::dns::Query;
+use vmesh_core::framing::{Frames, Framing};
+use vmesh_core::names::NameIndex;
+use vmesh_core::responder::{forwarded_answer, respond as decide, Outcome, Transport};
+use vmesh_core::tunnel::Tunnel;
+
+/// A table with every kind of entry the lookup rules treat differently.
+pub fn table() -> &'static NameIndex {
+    static TABLE: OnceLock<NameIndex> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let big: Vec<String> = (0..120).map(|i| format!("\"240.240.1.{i}\"")).collect();
+        let json = format!(
+            r#"{{"version":"f","namespace":"ns","searchDomains":["ns.svc.cluster.local","corp.example"],"names":{{
+              "a.ns.svc.cluster.local":{{"ips":["10.0.0.1","fd00::1"],"registry":"Kubernetes","shortname":"a","namespace":"ns"}},
+              "b.example.com":{{"ips":["240.240.0.1"],"registry":"External"}},
+              "*.w.example.com":{{"ips":["240.240.0.2"],"registry":"External"}},
+              "big.example.com":{{"ips":[{}],"registry":"External"}}
+            }}}}"#,
+            big.join(",")
+        );
+        NameIndex::from_json(json.as_bytes()).expect("fuzz table")
+    })
+}
+
+pub fn respond(data: &[u8]) {
+    let (transport, rest) = match data.split_first() {
+        Some((b, rest)) if b % 3 == 0 => (Transport::Udp, rest),
+        Some((b, rest)) if b % 3 == 1 => (Transport::Tcp, rest),
+        Some((_, rest)) => (Transport::Https, rest),
+        None => return,
+    };
+    let parsed = Query::parse(rest);
+    for table in [None, Some(table())] {
+        match decide(rest, transport, table, "cluster.local", 7) {
+            Outcome::Reply { message, .. } => {
+                let resp = Response::parse(&message).expect("every reply parses");
+                assert!(resp.header.flags & 0x8000 != 0, "QR set");
+                assert_eq!(resp.header.id, u16::from_be_bytes([rest[0], rest[1]]), "same ID");
+                if let Ok(q) = &parsed {
+                    assert!(message.len() <= transport.limit(q), "within the transport limit");
+                    assert_eq!(resp.questions.len(), 1, "question echoed");
+                    let mut asked = Vec::new();
+                    q.qname.write_to(&mut asked);
+                    asked.extend_from_slice(&q.qtype.to_be_bytes());
+                    asked.extend_from_slice(&q.qclass.to_be_bytes());
+                    assert_eq!(message.get(12..12 + asked.len()), Some(asked.as_slice()), "question as asked");
+                }
+            }
+            Outcome::Forward => {
+                let q = parsed.as_ref().expect("only parseable queries are forwarded");
+                // The forwarder's answer, whatever it is, gets the client's ID back.
+                let fake = {
+                    let mut m = rest.to_vec();
+                    m[2] |= 0x80;
+                    m
+                };
+                let back = forwarded_answer(rest, &fake, transport).expect("forwarded answer");
+                assert_eq!(&back[..2], &rest[..2]);
+                assert!(back.len() <= transport.limit(q), "forwarded answer fits the transport");
+            }
+            Outcome::Drop(_) => assert!(parsed.is_err(), "only unparseable messages are dropped"),
+        }
+    }
+}
+
+pub fn name_table(data: &[u8]) {
+    let Ok(index) = NameIndex::from_json(data) else { return };
+    let copy = NameIndex::from_image(index.image().to_vec()).expect("a compiled image validates");
+    assert_eq!(copy, index);
+    for name in ["a", "a.b", "x.y.z", "cluster.local", "*.x"] {
+        let _ = copy.lookup(name);
+    }
+}
+
+pub fn tunnel(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let framing = if mode & 1 == 0 { Framing::Capsule } else { Framing::Tcp };
+    let cut = usize::from(mode >> 1).min(rest.len());
+    let mut t = Tunnel::new(framing);
+    let mut rotation = 0;
+    let mut jobs = Vec::new();
+    for chunk in [&rest[..cut], &rest[cut..]] {
+        match t.feed(chunk, Some(table()), "cluster.local", &mut rotation) {
+            Ok(j) => jobs.extend(j),
+            Err(_) => return,
+        }
+    }
+    for job in &jobs {
+        t.complete(job.slot, None);
+    }
+    assert!(!t.is_waiting());
+    let out = t.take_output();
+    for frame in Frames::new(framing, &out) {
+        let msg = frame.expect("our own frames are valid").expect("answers, not padding");
+        Response::parse(msg).expect("every framed answer parses");
+    }
+}
