@@ -47,19 +47,32 @@ pub fn respond(data: &[u8]) {
             Outcome::Reply { message, .. } => {
                 let resp = Response::parse(&message).expect("every reply parses");
                 assert!(resp.header.flags & 0x8000 != 0, "QR set");
-                assert_eq!(resp.header.id, u16::from_be_bytes([rest[0], rest[1]]), "same ID");
+                assert_eq!(
+                    resp.header.id,
+                    u16::from_be_bytes([rest[0], rest[1]]),
+                    "same ID"
+                );
                 if let Ok(q) = &parsed {
-                    assert!(message.len() <= transport.limit(q), "within the transport limit");
+                    assert!(
+                        message.len() <= transport.limit(q),
+                        "within the transport limit"
+                    );
                     assert_eq!(resp.questions.len(), 1, "question echoed");
                     let mut asked = Vec::new();
                     q.qname.write_to(&mut asked);
                     asked.extend_from_slice(&q.qtype.to_be_bytes());
                     asked.extend_from_slice(&q.qclass.to_be_bytes());
-                    assert_eq!(message.get(12..12 + asked.len()), Some(asked.as_slice()), "question as asked");
+                    assert_eq!(
+                        message.get(12..12 + asked.len()),
+                        Some(asked.as_slice()),
+                        "question as asked"
+                    );
                 }
             }
             Outcome::Forward => {
-                let q = parsed.as_ref().expect("only parseable queries are forwarded");
+                let q = parsed
+                    .as_ref()
+                    .expect("only parseable queries are forwarded");
                 // The forwarder's answer, whatever it is, gets the client's ID back.
                 let fake = {
                     let mut m = rest.to_vec();
@@ -68,7 +81,10 @@ pub fn respond(data: &[u8]) {
                 };
                 let back = forwarded_answer(rest, &fake, transport).expect("forwarded answer");
                 assert_eq!(&back[..2], &rest[..2]);
-                assert!(back.len() <= transport.limit(q), "forwarded answer fits the transport");
+                assert!(
+                    back.len() <= transport.limit(q),
+                    "forwarded answer fits the transport"
+                );
             }
             Outcome::Drop(_) => assert!(parsed.is_err(), "only unparseable messages are dropped"),
         }
@@ -76,7 +92,9 @@ pub fn respond(data: &[u8]) {
 }
 
 pub fn name_table(data: &[u8]) {
-    let Ok(index) = NameIndex::from_json(data) else { return };
+    let Ok(index) = NameIndex::from_json(data) else {
+        return;
+    };
     let copy = NameIndex::from_image(index.image().to_vec()).expect("a compiled image validates");
     assert_eq!(copy, index);
     for name in ["a", "a.b", "x.y.z", "cluster.local", "*.x"] {
@@ -85,8 +103,14 @@ pub fn name_table(data: &[u8]) {
 }
 
 pub fn tunnel(data: &[u8]) {
-    let Some((&mode, rest)) = data.split_first() else { return };
-    let framing = if mode & 1 == 0 { Framing::Capsule } else { Framing::Tcp };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let framing = if mode & 1 == 0 {
+        Framing::Capsule
+    } else {
+        Framing::Tcp
+    };
     let cut = usize::from(mode >> 1).min(rest.len());
     let mut t = Tunnel::new(framing);
     let mut rotation = 0;
@@ -103,7 +127,9 @@ pub fn tunnel(data: &[u8]) {
     assert!(!t.is_waiting());
     let out = t.take_output();
     for frame in Frames::new(framing, &out) {
-        let msg = frame.expect("our own frames are valid").expect("answers, not padding");
+        let msg = frame
+            .expect("our own frames are valid")
+            .expect("answers, not padding");
         Response::parse(msg).expect("every framed answer parses");
     }
 }

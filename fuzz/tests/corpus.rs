@@ -4,13 +4,19 @@
 use std::path::Path;
 
 fn replay(target: &str, check: fn(&[u8])) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.expect("dir entry").path();
         let data = std::fs::read(&path).expect("read corpus file");
         let outcome = std::panic::catch_unwind(|| check(&data));
-        assert!(outcome.is_ok(), "{} breaks the {target} invariants", path.display());
+        assert!(
+            outcome.is_ok(),
+            "{} breaks the {target} invariants",
+            path.display()
+        );
         n += 1;
     }
     assert!(n > 0, "no corpus for {target}");

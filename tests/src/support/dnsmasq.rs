@@ -44,7 +44,7 @@ impl Dnsmasq {
         for i in 1..=100 {
             args.push(format!("--host-record={BIG_NAME},198.18.1.{i}"));
         }
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_guarded(
             "dnsmasq",
             Path::new("/usr/sbin/dnsmasq"),
             &args,

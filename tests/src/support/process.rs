@@ -1,4 +1,9 @@
 //! Child processes that cannot outlive the test.
+//!
+//! The kernel's parent-death signal (`setpriv --pdeathsig`) kills a child when the test thread
+//! that started it dies, even when the test process itself is killed. A program that changes
+//! its credentials (dnsmasq drops capabilities) loses that setting, so such programs run under
+//! a small shell guard that keeps it and passes a TERM on to them.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,19 +15,34 @@ pub struct Proc {
     name: String,
     child: Option<Child>,
     log: PathBuf,
+    guarded: bool,
 }
+
+/// Runs "$@" and forwards TERM/INT/HUP to it; its own parent-death signal is TERM.
+const GUARD: &str =
+    r#"trap 'kill -TERM "$c" 2>/dev/null; wait "$c"; exit 0' TERM INT HUP; "$@" & c=$!; wait "$c""#;
 
 impl Proc {
     /// Starts `program args` with stdout and stderr in `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
+        Self::start(name, program, args, log, false)
+    }
+
+    /// Like [`Proc::spawn`], for programs that change their credentials (see the module doc).
+    pub fn spawn_guarded(name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
+        Self::start(name, program, args, log, true)
+    }
+
+    fn start(name: &str, program: &Path, args: &[String], log: &Path, guarded: bool) -> Proc {
         let out = File::create(log).expect("create log file");
         let err = out.try_clone().expect("clone log file");
-        // setpriv --pdeathsig: the kernel kills the child when the spawning thread dies, so a
-        // killed test run leaves nothing behind.
-        let child = Command::new("setpriv")
-            .arg("--pdeathsig")
-            .arg("KILL")
-            .arg("--")
+        let mut cmd = Command::new("setpriv");
+        if guarded {
+            cmd.args(["--pdeathsig", "TERM", "--", "sh", "-c", GUARD, "sh"]);
+        } else {
+            cmd.args(["--pdeathsig", "KILL", "--"]);
+        }
+        let child = cmd
             .arg(program)
             .args(args)
             .stdin(Stdio::null())
@@ -34,6 +54,7 @@ impl Proc {
             name: name.to_string(),
             child: Some(child),
             log: log.to_path_buf(),
+            guarded,
         }
     }
 
@@ -43,7 +64,10 @@ impl Proc {
 
     /// Whether the process has exited (and reaps it).
     pub fn exited(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))) | None)
+        matches!(
+            self.child.as_mut().map(|c| c.try_wait()),
+            Some(Ok(Some(_))) | None
+        )
     }
 
     pub fn log_text(&self) -> String {
@@ -52,7 +76,15 @@ impl Proc {
 
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
+            if self.guarded {
+                // The guard must pass the signal on; SIGKILL would orphan the program.
+                let _ = Command::new("kill")
+                    .arg("-TERM")
+                    .arg(c.id().to_string())
+                    .status();
+            } else {
+                let _ = c.kill();
+            }
             let _ = c.wait();
         }
     }

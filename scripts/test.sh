@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test command: sets the machine up, then runs every check CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "build"
+./scripts/build.sh
+
+step "clippy (native and wasm32)"
+cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy -p vmesh-filter --target wasm32-wasip1 -- -D warnings
+
+step "filter size (<= 250 KB)"
+size=$(stat -c %s target/wasm32-wasip1/release/vmesh_filter.wasm)
+echo "vmesh_filter.wasm: $size bytes"
+[ "$size" -le 256000 ] || { echo "vmesh_filter.wasm is over 250 KB" >&2; exit 1; }
+
+step "envoy --mode validate"
+for cfg in envoy-configs/*.yaml; do
+  envoy --mode validate -c "$cfg" --disable-hot-restart -l error >/dev/null
+  echo "$cfg OK"
+done
+
+step "tests (unit, conformance through Envoy, wasm host, fuzz corpus)"
+cargo test --workspace -- --test-threads "${VMESH_TEST_THREADS:-2}"
+
+if cargo fuzz --version >/dev/null 2>&1 && [ "${VMESH_SKIP_FUZZ:-0}" != 1 ]; then
+  step "fuzz briefly (${VMESH_FUZZ_SECONDS:-20}s per target)"
+  for target in respond name_table tunnel; do
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz --features libfuzzer "$target" \
+      -- -max_total_time="${VMESH_FUZZ_SECONDS:-20}" -print_final_stats=0 2>&1 | tail -2
+  done
+fi
+
+step "all checks passed"
