@@ -44,6 +44,10 @@ impl Worker {
 enum Mode {
     /// Not a stream for this filter.
     Pass,
+    /// A DoH request refused with this status; the reply waits for the end of the request
+    /// body, because a reply before it makes HTTP/2 reset the stream and some clients then
+    /// report the reset instead of the reply.
+    Reject(u32, &'static str),
     Tunnel(Tunnel),
     Doh(Option<Vec<u8>>),
 }
@@ -174,6 +178,17 @@ impl DnsStream {
         }
     }
 
+    /// Refuses a DoH request, now or (`now == false`) once its body has arrived.
+    fn reject(&mut self, status: u32, text: &'static str, now: bool) -> Action {
+        if now {
+            self.worker.metrics.add(Counter::DohRejected, 1);
+            send_text(status, text);
+        } else {
+            self.mode = Mode::Reject(status, text);
+        }
+        Action::Pause
+    }
+
     /// Answers a DoH query or forwards it (the reply is sent when the forward completes).
     fn doh_query(&mut self, query: Vec<u8>) -> Action {
         let worker = Rc::clone(&self.worker);
@@ -262,7 +277,7 @@ impl Context for DnsStream {
                 };
                 send_dns_message(&answer.unwrap_or_default());
             }
-            Mode::Doh(None) | Mode::Pass => {}
+            Mode::Doh(None) | Mode::Pass | Mode::Reject(..) => {}
         }
     }
 }
@@ -300,18 +315,19 @@ impl HttpContext for DnsStream {
                     "POST" => {
                         let ctype = header("content-type").unwrap_or_default();
                         if !ctype.eq_ignore_ascii_case(doh::CONTENT_TYPE) {
-                            send_text(415, "content-type must be application/dns-message\n");
+                            self.reject(
+                                415,
+                                "content-type must be application/dns-message\n",
+                                end_of_stream,
+                            )
                         } else if end_of_stream {
-                            send_text(400, "POST without a DNS message\n");
+                            self.reject(400, "POST without a DNS message\n", true)
                         } else {
                             self.mode = Mode::Doh(None);
+                            Action::Pause
                         }
-                        Action::Pause
                     }
-                    _ => {
-                        send_text(405, "use GET or POST\n");
-                        Action::Pause
-                    }
+                    _ => self.reject(405, "use GET or POST\n", end_of_stream),
                 }
             }
             _ => Action::Continue,
@@ -321,6 +337,11 @@ impl HttpContext for DnsStream {
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.mode {
             Mode::Pass => Action::Continue,
+            Mode::Reject(status, text) => self.reject(
+                status,
+                text,
+                end_of_stream || body_size > vmesh_core::dns::TCP_LIMIT,
+            ),
             Mode::Tunnel(_) => self.tunnel_body(body_size),
             Mode::Doh(Some(_)) => Action::Pause,
             Mode::Doh(None) => {
