@@ -799,3 +799,24 @@ fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmErro
     assert_eq!(local_reply(&worker, s).0, 413);
     still_answers(&mut worker)
 }
+
+#[test]
+fn a_forward_answered_after_its_stream_ended_is_dropped() -> Result<(), VmError> {
+    // Envoy makes callouts on the root context, so ending the stream does not cancel them;
+    // the answer still arrives and must find nothing to write to.
+    let Mesh { mut worker, .. } = mesh()?;
+    let s = tunnel(&mut worker, "/udp-tunnel")?;
+    let q = query(0x0808, OTHER, A);
+    worker.request_body(s, &framed(Framing::Capsule, &[&q]), false)?;
+    let token = worker.pending_callouts()[0];
+    worker.finish_stream(s)?;
+    let mark = worker.mark();
+    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 8), 60);
+    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    assert!(
+        worker.calls_since(mark).is_empty(),
+        "{:?}",
+        worker.calls_since(mark)
+    );
+    still_answers(&mut worker)
+}

@@ -230,3 +230,28 @@ impl VmState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_data_cas_follows_envoy() {
+        let mut p = Process::new();
+        assert_eq!(p.set_shared("vm", "k", b"a".to_vec(), 0), Status::Ok);
+        let cas = p.shared[&("vm".to_string(), "k".to_string())].1;
+        assert_ne!(cas, 0);
+        assert_eq!(
+            p.set_shared("vm", "k", b"b".to_vec(), cas + 1),
+            Status::CasMismatch
+        );
+        assert_eq!(p.set_shared("vm", "k", b"b".to_vec(), cas), Status::Ok);
+        assert_eq!(
+            p.set_shared("vm", "k", b"c".to_vec(), cas),
+            Status::CasMismatch
+        );
+        // Another vm_id is another namespace.
+        assert_eq!(p.set_shared("other", "k", b"x".to_vec(), 12345), Status::Ok);
+        assert_eq!(p.shared[&("vm".to_string(), "k".to_string())].0, b"b");
+    }
+}
