@@ -1,8 +1,11 @@
-//! Test support for vmesh's end-to-end tests: real processes (Envoy with the built
-//! `vmesh_filter.wasm`, `vmesh-shim`, dnsmasq as the "system resolver"), real sockets on
-//! 127.0.0.1, per-test ports and temp dirs, and `assert_eventually!` instead of sleeps.
+//! Test support for vmesh.
 //!
-//! Every process is started through `setpriv --pdeathsig KILL`, so it dies with the test
-//! thread that started it even if the test process is killed; `Drop` kills it otherwise.
+//! - [`support`]: end-to-end fixtures with real processes (Envoy with the built
+//!   `vmesh_filter.wasm`, `vmesh-shim`, dnsmasq as the "system resolver"), real sockets on
+//!   127.0.0.1, per-test ports and temp dirs, and `assert_eventually!` instead of sleeps. Every
+//!   process dies with the test thread that started it (see `support::process`).
+//! - [`wasm_host`]: a wasmtime proxy-wasm host that plays Envoy, so `tests/wasm_*.rs` drive the
+//!   built module's callbacks in Envoy's order and assert on the host calls it makes.
 
 pub mod support;
+pub mod wasm_host;

@@ -1,0 +1,331 @@
+//! The vmesh filter as the host sees it: its roots and plugin configurations, name tables
+//! (small ones, and Kubernetes-scale ones for memory measurements), DNS queries and the
+//! framings its tunnels use. Wire work is vmesh-core's; nothing here re-implements it.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use vmesh_core::dns::inspect::Response;
+use vmesh_core::dns::response::{set_id, Owner};
+use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
+use vmesh_core::framing::{encode, Frames, Framing};
+use vmesh_core::names::{NameInfo, NameTable, Registry};
+
+use super::{Host, HttpCallRequest, HttpResponse, Plugin, Status, Vm, VmError};
+
+pub const VM_ID: &str = "vmesh";
+pub const AGENT_ROOT_ID: &str = "vmesh_agent";
+pub const DNS_ROOT_ID: &str = "vmesh_dns";
+pub const SHIM_CLUSTER: &str = "vmesh_shim";
+pub const SHIM_AUTHORITY: &str = "vmesh-shim";
+/// Shared data keys the agent publishes under (filter `table.rs`).
+pub const IMAGE_KEY: &str = "vmesh.names.image";
+pub const VERSION_KEY: &str = "vmesh.names.version";
+
+pub const A: u16 = 1;
+pub const AAAA: u16 = 28;
+
+/// An Envoy process whose cluster manager knows the shim.
+pub fn host() -> Host {
+    let host = Host::new();
+    host.add_cluster(SHIM_CLUSTER);
+    host
+}
+
+pub fn plugin(root_id: &str, configuration: &str) -> Plugin {
+    Plugin {
+        vm_id: VM_ID.into(),
+        root_id: root_id.into(),
+        name: format!("{root_id}_plugin"),
+        configuration: configuration.as_bytes().to_vec(),
+        vm_configuration: Vec::new(),
+    }
+}
+
+/// A VM started and configured as Envoy does for a plugin; refusing either step is an error.
+pub fn started(host: &Host, plugin: Plugin) -> Result<Vm, VmError> {
+    let mut vm = host.vm(plugin)?;
+    if !vm.start()? {
+        return Err(VmError::Setup("proxy_on_vm_start returned false".into()));
+    }
+    if !vm.configure()? {
+        return Err(VmError::Setup(format!(
+            "proxy_on_configure returned false: {:?}",
+            vm.logs()
+        )));
+    }
+    Ok(vm)
+}
+
+pub fn agent(host: &Host, configuration: &str) -> Result<Vm, VmError> {
+    started(host, plugin(AGENT_ROOT_ID, configuration))
+}
+
+pub fn dns_worker(host: &Host, configuration: &str) -> Result<Vm, VmError> {
+    started(host, plugin(DNS_ROOT_ID, configuration))
+}
+
+/// The one callout accepted after `mark`; panics if there is not exactly one.
+pub fn single_callout(vm: &Vm, mark: usize) -> HttpCallRequest {
+    let calls: Vec<_> = vm
+        .http_calls_since(mark)
+        .into_iter()
+        .filter(|(_, status)| *status == Status::Ok)
+        .map(|(req, _)| req)
+        .collect();
+    assert_eq!(calls.len(), 1, "expected one callout, got {calls:?}");
+    calls.into_iter().next().unwrap_or_else(|| unreachable!())
+}
+
+/// Runs an agent until it has published `table`: a tick sends the poll, which gets a 200.
+pub fn publish(host: &Host, agent_vm: &mut Vm, table: &NameTable) -> Result<(), VmError> {
+    let mark = agent_vm.mark();
+    if agent_vm.pending_callouts().is_empty() {
+        agent_vm.tick()?;
+    }
+    let token = match agent_vm.pending_callouts().as_slice() {
+        [token] => *token,
+        other => panic!("agent has {other:?} polls in flight, not one (calls {mark}..)"),
+    };
+    agent_vm.http_call_response(token, HttpResponse::status(200).body(table.to_json()))?;
+    let published = host.shared_data(VM_ID, VERSION_KEY).map(|(v, _)| v);
+    assert_eq!(
+        published.as_deref(),
+        Some(table.version.as_bytes()),
+        "agent did not publish table {}: {:?}",
+        table.version,
+        agent_vm.logs()
+    );
+    Ok(())
+}
+
+fn info(ips: &[&str], registry: Registry, shortname: &str, namespace: &str) -> NameInfo {
+    NameInfo {
+        ips: ips.iter().map(|ip| ip.parse().expect("test IP")).collect(),
+        registry,
+        shortname: shortname.into(),
+        namespace: namespace.into(),
+    }
+}
+
+/// A small table: two Kubernetes services and two ServiceEntry hosts (one wildcard).
+pub fn small_table(version: &str) -> NameTable {
+    let mut names = BTreeMap::new();
+    names.insert(
+        "reviews.apps.svc.cluster.local".to_string(),
+        info(
+            &["10.96.0.10", "10.96.0.11"],
+            Registry::Kubernetes,
+            "reviews",
+            "apps",
+        ),
+    );
+    names.insert(
+        "ratings.shop.svc.cluster.local".to_string(),
+        info(
+            &["10.96.0.20", "fd00::20"],
+            Registry::Kubernetes,
+            "ratings",
+            "shop",
+        ),
+    );
+    names.insert(
+        "vm-db.example.com".to_string(),
+        info(&["240.240.0.1"], Registry::External, "", ""),
+    );
+    names.insert(
+        "*.wild.example.com".to_string(),
+        info(&["240.240.0.2"], Registry::External, "", ""),
+    );
+    NameTable {
+        version: version.into(),
+        namespace: "apps".into(),
+        domain: "cluster.local".into(),
+        search_domains: vec![
+            "apps.svc.cluster.local".into(),
+            "svc.cluster.local".into(),
+            "cluster.local".into(),
+        ],
+        names,
+    }
+}
+
+const SERVICES: &[&str] = &[
+    "reviews",
+    "ratings",
+    "details",
+    "productpage",
+    "checkout",
+    "cart",
+    "payments",
+    "inventory",
+    "catalog",
+    "search",
+    "auth",
+    "users",
+    "orders",
+    "shipping",
+    "notifications",
+    "recommendations",
+    "frontend",
+    "api-gateway",
+    "billing",
+    "ledger",
+];
+const VARIANTS: &[&str] = &[
+    "", "-v2", "-api", "-grpc", "-worker", "-cache", "-db", "-canary",
+];
+const NAMESPACES: &[&str] = &[
+    "default",
+    "payments-prod",
+    "payments-staging",
+    "shop",
+    "identity",
+    "data-platform",
+    "observability",
+    "istio-system",
+    "ml-serving",
+    "search-infra",
+    "team-alpha",
+    "team-bravo",
+];
+const PARTNERS: &[&str] = &[
+    "payments.partner-a.com",
+    "api.partner-b.io",
+    "internal.corp.example",
+    "legacy-vms.example.net",
+    "eu-west-1.rds.example.cloud",
+];
+
+/// A name table the size of a large mesh: 80 % Kubernetes services
+/// (`<service>-<n>.<namespace>.svc.cluster.local`, a ClusterIP, every 10th dual-stack) and
+/// 20 % ServiceEntry hosts (`<role>-<n>.<partner domain>`, auto-allocated 240.240/16
+/// addresses, some with two, one in a hundred a `*.` wildcard). Deterministic.
+pub fn kubernetes_scale_table(names: usize, version: &str) -> NameTable {
+    let mut table = NameTable {
+        version: version.into(),
+        namespace: "shop".into(),
+        domain: "cluster.local".into(),
+        search_domains: vec![
+            "shop.svc.cluster.local".into(),
+            "svc.cluster.local".into(),
+            "cluster.local".into(),
+        ],
+        names: BTreeMap::new(),
+    };
+    let kubernetes = names * 4 / 5;
+    for i in 0..kubernetes {
+        let service = format!(
+            "{}{}-{}",
+            SERVICES[i % SERVICES.len()],
+            VARIANTS[(i / SERVICES.len()) % VARIANTS.len()],
+            i / (SERVICES.len() * VARIANTS.len())
+        );
+        let namespace = NAMESPACES[(i * 7) % NAMESPACES.len()];
+        let n = i as u32;
+        let mut ips = vec![IpAddr::V4(Ipv4Addr::new(
+            10,
+            96 + ((n >> 16) & 15) as u8,
+            (n >> 8) as u8,
+            n as u8,
+        ))];
+        if i % 10 == 0 {
+            ips.push(IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                10,
+                96,
+                0,
+                0,
+                0,
+                (n >> 16) as u16,
+                n as u16,
+            )));
+        }
+        table.names.insert(
+            format!("{service}.{namespace}.svc.cluster.local"),
+            NameInfo {
+                ips,
+                registry: Registry::Kubernetes,
+                shortname: service,
+                namespace: namespace.into(),
+            },
+        );
+    }
+    for j in 0..names - kubernetes {
+        let partner = PARTNERS[j % PARTNERS.len()];
+        let host = if j % 100 == 99 {
+            format!("*.tenant-{j}.{partner}")
+        } else {
+            let role = ["api", "db", "cache", "mq", "vm"][(j / PARTNERS.len()) % 5];
+            format!("{role}-{j}.{partner}")
+        };
+        let n = j as u32;
+        let mut ips = vec![IpAddr::V4(Ipv4Addr::new(240, 240, (n >> 8) as u8, n as u8))];
+        if j % 7 == 0 {
+            ips.push(IpAddr::V4(Ipv4Addr::new(240, 241, (n >> 8) as u8, n as u8)));
+        }
+        table.names.insert(
+            host,
+            NameInfo {
+                ips,
+                registry: Registry::External,
+                shortname: String::new(),
+                namespace: String::new(),
+            },
+        );
+    }
+    table
+}
+
+/// A standard query (RD set, one question, class IN, no EDNS).
+pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut q = Vec::with_capacity(12 + name.len() + 6);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
+    q
+}
+
+/// What an upstream resolver would answer to `query`: NOERROR with one A record, under its
+/// own `id` (the filter must restore the client's).
+pub fn upstream_answer(query: &[u8], id: u16, ip: Ipv4Addr, ttl: u32) -> Vec<u8> {
+    let parsed = Query::parse(query).expect("a well-formed test query");
+    let mut b = ResponseBuilder::new(&parsed, Rcode::NoError, false, 65535);
+    b.address(Owner::Question, IpAddr::V4(ip), ttl);
+    let mut answer = b.finish().0;
+    set_id(&mut answer, id);
+    answer
+}
+
+/// Messages framed for a tunnel.
+pub fn framed(framing: Framing, messages: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for m in messages {
+        encode(framing, m, &mut out);
+    }
+    out
+}
+
+/// The DNS responses in a tunnel's output; panics on anything that is not one.
+pub fn responses(framing: Framing, bytes: &[u8]) -> Vec<Response> {
+    let mut frames = Frames::new(framing, bytes);
+    let out: Vec<Response> = frames
+        .by_ref()
+        .map(|f| {
+            let msg = f.expect("well-framed output").expect("a DNS message");
+            Response::parse(msg).expect("a parseable DNS response")
+        })
+        .collect();
+    assert_eq!(
+        frames.consumed(),
+        bytes.len(),
+        "output ends with a partial frame"
+    );
+    out
+}
