@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::hostcalls;
 use vmesh_core::names::NameIndex;
 
+use crate::callout;
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
 use crate::table;
@@ -78,38 +79,24 @@ impl Agent {
         }
     }
 
-    pub fn on_http_call_response(&mut self, token: u32, body_size: usize) {
+    pub fn on_http_call_response(&mut self, token: u32, headers: usize, body_size: usize) {
         if self.in_flight != Some(token) {
             return;
         }
         self.in_flight = None;
-        let status = hostcalls::get_map_value(
-            proxy_wasm::types::MapType::HttpCallResponseHeaders,
-            ":status",
-        )
-        .ok()
-        .flatten();
-        match status.as_deref() {
-            Some("200") => {
-                let body = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                    0,
-                    body_size,
-                )
-                .ok()
-                .flatten()
-                .unwrap_or_default();
-                self.take_table(&body);
-            }
-            Some("304") => {
+        let reply = callout::response(headers, body_size);
+        match reply.status {
+            Some(200) => self.take_table(&reply.body),
+            Some(304) => {
                 self.failures = 0;
                 self.poll();
             }
-            other => {
-                log::warn!(
-                    "name table source answered {:?}; serving the last table",
-                    other.unwrap_or("nothing")
-                );
+            Some(status) => {
+                log::warn!("name table source answered {status}; serving the last table");
+                self.failed();
+            }
+            None => {
+                log::warn!("name table source unreachable; serving the last table");
                 self.failed();
             }
         }

@@ -22,6 +22,7 @@ use vmesh_core::names::NameIndex;
 use vmesh_core::responder::{forwarded_answer, respond, servfail, Outcome, Transport};
 use vmesh_core::tunnel::{Counts, Tunnel};
 
+use crate::callout;
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
 use crate::table::WorkerTable;
@@ -230,25 +231,15 @@ impl Context for DnsStream {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         let Some(slot) = self.callouts.remove(&token) else {
             return;
         };
-        let ok = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .as_deref()
-            == Some("200");
-        let body = if ok {
-            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
-                .ok()
-                .flatten()
-        } else {
-            None
-        };
+        let reply = callout::response(headers, body_size);
+        let body = (reply.status == Some(200)).then_some(reply.body);
         match &mut self.mode {
             Mode::Tunnel(tunnel) => {
                 tunnel.complete(slot, body.as_deref());

@@ -20,6 +20,7 @@
 )]
 
 pub mod agent;
+pub mod callout;
 pub mod config;
 pub mod dns;
 pub mod metrics;
@@ -102,12 +103,12 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
         if let Root::Agent(agent) = self {
-            agent.on_http_call_response(token, body_size);
+            agent.on_http_call_response(token, headers, body_size);
         }
     }
 }

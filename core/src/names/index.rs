@@ -113,6 +113,7 @@ impl NameIndex {
         let mut r = Reader::new(json);
         let (mut version, mut namespace, mut domain, mut search_domains) = (None, None, None, None);
         let mut names_at = None;
+        let mut size = Size::default();
         r.begin_object()?;
         let mut first = true;
         while let Some(key) = r.next_key(&mut first)? {
@@ -135,7 +136,7 @@ impl NameIndex {
                 }
                 "names" => {
                     once(&r, &mut names_at, "names", r.position())?;
-                    r.skip_value()?;
+                    size = measure_names(&mut r)?;
                 }
                 _ => r.skip_value()?,
             }
@@ -149,8 +150,13 @@ impl NameIndex {
         };
         let names_at = names_at.ok_or(missing("names"))?;
         let domain = domain.unwrap_or_else(super::table::default_domain);
-        let hint = json.len().saturating_sub(names_at) / 64;
-        let mut builder = Builder::new(&domain, hint);
+        let meta = Meta {
+            version: version.ok_or(missing("version"))?,
+            namespace: namespace.ok_or(missing("namespace"))?,
+            domain,
+            search_domains: search_domains.unwrap_or_default(),
+        };
+        let mut builder = Builder::new(&meta, size);
         // Pass 2: the names, from where they start.
         let mut r = Reader::new(json);
         r.seek(names_at);
@@ -160,25 +166,26 @@ impl NameIndex {
             let info = name_info(&mut r)?;
             builder.add(&name, &info)?;
         }
-        builder.finish(Meta {
-            version: version.ok_or(missing("version"))?,
-            namespace: namespace.ok_or(missing("namespace"))?,
-            domain,
-            search_domains: search_domains.unwrap_or_default(),
-        })
+        builder.finish(meta)
     }
 
     pub fn from_table(table: &NameTable) -> Result<Self, TableError> {
-        let mut builder = Builder::new(&table.domain, table.names.len());
-        for (name, info) in &table.names {
-            builder.add(name, info)?;
-        }
-        builder.finish(Meta {
+        let meta = Meta {
             version: table.version.clone(),
             namespace: table.namespace.clone(),
             domain: table.domain.clone(),
             search_domains: table.search_domains.clone(),
-        })
+        };
+        let mut size = Size::default();
+        for (name, info) in &table.names {
+            let v6 = info.ips.iter().filter(|ip| ip.is_ipv6()).count();
+            size.add(name.len(), info.ips.len() - v6, v6);
+        }
+        let mut builder = Builder::new(&meta, size);
+        for (name, info) in &table.names {
+            builder.add(name, info)?;
+        }
+        builder.finish(meta)
     }
 
     /// Validates an image produced by [`NameIndex::image`] (possibly by another VM) and takes
@@ -489,13 +496,29 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(domain: &str, hint: usize) -> Self {
-        let mut image = Vec::with_capacity(HEADER_LEN + hint.min(1 << 20) * 48);
+    /// Allocates the image once at (at least) its final size: Wasm memory never shrinks, so
+    /// the peak of a growing Vec (old and new buffer during a reallocation) would stay the
+    /// VM's size for good.
+    fn new(meta: &Meta, size: Size) -> Self {
+        let meta_len = 2
+            + meta.version.len()
+            + 2
+            + meta.namespace.len()
+            + 2
+            + meta.domain.len()
+            + 2
+            + meta
+                .search_domains
+                .iter()
+                .map(|d| 2 + d.len())
+                .sum::<usize>();
+        let capacity = HEADER_LEN + size.records + slot_count(size.names) * SLOT_LEN + meta_len;
+        let mut image = Vec::with_capacity(capacity);
         image.extend_from_slice(&[0u8; HEADER_LEN]);
         Builder {
             image,
-            entries: Vec::with_capacity(hint.min(1 << 20)),
-            kubernetes_suffix: format!(".svc.{}", domain.to_ascii_lowercase()),
+            entries: Vec::with_capacity(size.names),
+            kubernetes_suffix: format!(".svc.{}", meta.domain.to_ascii_lowercase()),
         }
     }
 
@@ -554,7 +577,7 @@ impl Builder {
         {
             return Err(TableError::TooLarge);
         }
-        let slot_count = (self.entries.len() * 2).max(2).next_power_of_two();
+        let slot_count = slot_count(self.entries.len());
         let slots_off = self.image.len();
         self.image.resize(slots_off + slot_count * SLOT_LEN, 0);
         let mask = slot_count - 1;
@@ -609,6 +632,7 @@ impl Builder {
         for (i, v) in header.iter().enumerate() {
             write_u32(&mut self.image, 4 + i * 4, *v);
         }
+        // Names with a trailing dot were counted one byte long; give that back.
         self.image.shrink_to_fit();
         Ok(NameIndex {
             slot_mask: mask as u32,
@@ -696,6 +720,55 @@ fn name_info(r: &mut Reader<'_>) -> Result<NameInfo, TableError> {
         shortname: shortname.unwrap_or_default(),
         namespace: namespace.unwrap_or_default(),
     })
+}
+
+/// Slots for `names` entries: at most half full, so probes stay short.
+fn slot_count(names: usize) -> usize {
+    (names * 2).max(2).next_power_of_two()
+}
+
+/// How many names a table has and how many bytes their records take.
+#[derive(Debug, Clone, Copy, Default)]
+struct Size {
+    names: usize,
+    records: usize,
+}
+
+impl Size {
+    fn add(&mut self, name_len: usize, v4: usize, v6: usize) {
+        self.names += 1;
+        self.records += 1 + name_len + 1 + 2 + 4 * v4 + 2 + 16 * v6;
+    }
+}
+
+/// First pass over `names`: counts names and their records' bytes without allocating (names
+/// and addresses are borrowed from the JSON), so the image can be allocated at its size.
+fn measure_names(r: &mut Reader<'_>) -> Result<Size, JsonError> {
+    let mut size = Size::default();
+    r.begin_object()?;
+    let mut first = true;
+    while let Some(name) = r.next_key(&mut first)? {
+        let (mut v4, mut v6) = (0, 0);
+        r.begin_object()?;
+        let mut first_field = true;
+        while let Some(field) = r.next_key(&mut first_field)? {
+            if field != "ips" {
+                r.skip_value()?;
+                continue;
+            }
+            r.begin_array()?;
+            let mut first_ip = true;
+            while r.next_element(&mut first_ip)? {
+                if r.string()?.contains(':') {
+                    v6 += 1;
+                } else {
+                    v4 += 1;
+                }
+            }
+        }
+        size.add(name.len(), v4, v6);
+    }
+    Ok(size)
 }
 
 fn write_u32(buf: &mut [u8], at: usize, v: u32) {
