@@ -44,10 +44,7 @@ fn table_json(n: usize) -> Vec<u8> {
 }
 
 fn query(name: &str) -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-    vmesh_core::dns::wire::encode_dotted_name(name, &mut q).expect("name");
-    q.extend_from_slice(&[0, 1, 0, 1]);
-    q
+    vmesh_core::dns::build_query(0x1234, name, 1, None).expect("name")
 }
 
 fn compile(c: &mut Criterion) {

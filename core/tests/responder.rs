@@ -2,7 +2,7 @@
 //! (docs/name-table.md, ARCHITECTURE.md "DNS").
 
 use vmesh_core::dns::inspect::{RData, Response};
-use vmesh_core::dns::rtype;
+use vmesh_core::dns::{build_query, rtype, Edns};
 use vmesh_core::names::NameIndex;
 use vmesh_core::responder::{respond, Outcome, Transport, Verdict};
 
@@ -28,33 +28,12 @@ fn table() -> NameIndex {
 }
 
 fn query(name: &str, qtype: u16, edns: Option<(u16, u8)>) -> Vec<u8> {
-    let mut q = vec![
-        0x12,
-        0x34,
-        0x01,
-        0x00,
-        0,
-        1,
-        0,
-        0,
-        0,
-        0,
-        0,
-        u8::from(edns.is_some()),
-    ];
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    if let Some((size, version)) = edns {
-        q.extend_from_slice(&[0, 0, 41]);
-        q.extend_from_slice(&size.to_be_bytes());
-        q.extend_from_slice(&[0, version, 0, 0, 0, 0]);
-    }
-    q
+    let edns = edns.map(|(udp_payload, version)| Edns {
+        udp_payload,
+        version,
+        dnssec_ok: false,
+    });
+    build_query(0x1234, name, qtype, edns).unwrap()
 }
 
 /// The answer as "owner TYPE data" lines, for comparing against expectations.

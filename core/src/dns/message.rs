@@ -185,6 +185,31 @@ impl<'a> Query<'a> {
     }
 }
 
+/// Builds a standard query the way stub resolvers send it: RD set, one question of class IN,
+/// and an OPT record when `edns` is given. For clients of the forwarder, benchmarks and tests;
+/// vmesh itself only answers queries.
+pub fn build_query(
+    id: u16,
+    name: &str,
+    qtype: u16,
+    edns: Option<Edns>,
+) -> Result<Vec<u8>, WireError> {
+    let mut q = Vec::with_capacity(HEADER_LEN + name.len() + 2 + 4 + 11);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&FLAG_RD.to_be_bytes());
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
+    super::wire::encode_dotted_name(name, &mut q)?;
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&super::CLASS_IN.to_be_bytes());
+    if let Some(e) = edns {
+        q.push(0);
+        q.extend_from_slice(&rtype::OPT.to_be_bytes());
+        q.extend_from_slice(&e.udp_payload.to_be_bytes());
+        q.extend_from_slice(&[0, e.version, if e.dnssec_ok { 0x80 } else { 0 }, 0, 0, 0]);
+    }
+    Ok(q)
+}
+
 struct RecordHead {
     owner_is_root: bool,
     rtype: u16,
@@ -211,22 +236,14 @@ fn read_record(d: &mut Decoder<'_>) -> Result<RecordHead, WireError> {
 pub(crate) mod tests {
     use super::*;
 
-    /// Builds a query the way dig does: RD set, one question, optional OPT.
+    /// A query as dig sends it, with an optional EDNS payload size.
     pub fn query_bytes(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {
-        let mut q = Vec::new();
-        q.extend_from_slice(&id.to_be_bytes());
-        q.extend_from_slice(&0x0100u16.to_be_bytes());
-        q.extend_from_slice(&[0, 1, 0, 0, 0, 0]);
-        q.extend_from_slice(&(u16::from(edns.is_some())).to_be_bytes());
-        crate::dns::wire::encode_dotted_name(name, &mut q).unwrap();
-        q.extend_from_slice(&qtype.to_be_bytes());
-        q.extend_from_slice(&1u16.to_be_bytes());
-        if let Some(size) = edns {
-            q.extend_from_slice(&[0, 0, 41]);
-            q.extend_from_slice(&size.to_be_bytes());
-            q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-        }
-        q
+        let edns = edns.map(|udp_payload| Edns {
+            udp_payload,
+            version: 0,
+            dnssec_ok: false,
+        });
+        build_query(id, name, qtype, edns).unwrap()
     }
 
     #[test]

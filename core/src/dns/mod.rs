@@ -6,7 +6,7 @@ pub mod message;
 pub mod response;
 pub mod wire;
 
-pub use message::{Edns, Header, Query, QueryError};
+pub use message::{build_query, Edns, Header, Query, QueryError};
 pub use response::{ResponseBuilder, Truncated};
 
 /// Why bytes could not be decoded. Positions are byte offsets into the message.

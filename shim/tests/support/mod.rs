@@ -95,18 +95,12 @@ impl Drop for TempDir {
 
 /// A query as dig sends it: RD set, one question, optional OPT with a UDP payload size.
 pub fn query(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {
-    let mut q = Vec::new();
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, u8::from(edns.is_some())]);
-    vmesh_core::dns::wire::encode_dotted_name(name, &mut q).unwrap();
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&1u16.to_be_bytes());
-    if let Some(size) = edns {
-        q.extend_from_slice(&[0, 0, 41]);
-        q.extend_from_slice(&size.to_be_bytes());
-        q.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
-    }
-    q
+    let edns = edns.map(|udp_payload| vmesh_core::dns::Edns {
+        udp_payload,
+        version: 0,
+        dnssec_ok: false,
+    });
+    vmesh_core::dns::build_query(id, name, qtype, edns).unwrap()
 }
 
 pub const A: u16 = 1;

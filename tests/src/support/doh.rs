@@ -14,10 +14,7 @@ pub struct HttpReply {
 
 /// An A query for `name` with ID 0, as RFC 8484 §4.1 recommends.
 pub fn query(name: &str) -> Vec<u8> {
-    let mut q = vec![0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
-    vmesh_core::dns::wire::encode_dotted_name(name, &mut q).expect("valid name");
-    q.extend_from_slice(&[0, 1, 0, 1]);
-    q
+    vmesh_core::dns::build_query(0, name, 1, None).expect("valid name")
 }
 
 pub fn get(port: u16, query: &[u8]) -> HttpReply {

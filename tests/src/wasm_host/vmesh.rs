@@ -279,17 +279,7 @@ pub fn kubernetes_scale_table(names: usize, version: &str) -> NameTable {
 
 /// A standard query (RD set, one question, class IN, no EDNS).
 pub fn query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut q = Vec::with_capacity(12 + name.len() + 6);
-    q.extend_from_slice(&id.to_be_bytes());
-    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.push(0);
-    q.extend_from_slice(&qtype.to_be_bytes());
-    q.extend_from_slice(&[0, 1]);
-    q
+    vmesh_core::dns::build_query(id, name, qtype, None).expect("a valid test name")
 }
 
 /// What an upstream resolver would answer to `query`: NOERROR with one A record, under its
