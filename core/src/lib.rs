@@ -21,5 +21,6 @@
 
 pub mod dns;
 pub mod framing;
+pub mod istio;
 pub mod names;
 pub mod responder;
