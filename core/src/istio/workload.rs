@@ -6,7 +6,8 @@
 //! Times are nanoseconds since the Unix epoch, passed in by the caller.
 
 use super::model::{
-    Condition, Labels, ObjectMeta, OwnerReference, Status, WorkloadEntry, WorkloadGroup,
+    Condition, HttpHealthCheck, Labels, ObjectMeta, OwnerReference, ReadinessProbe, Status,
+    WorkloadEntry, WorkloadGroup,
 };
 use super::time::{format_rfc3339_nanos, format_rfc3339_secs, parse_rfc3339};
 
@@ -238,6 +239,33 @@ pub fn belongs_to_group(entry: &WorkloadEntry, namespace: &str, name: &str) -> b
             .owner_references
             .iter()
             .any(|o| o.kind == "WorkloadGroup" && o.name == name)
+}
+
+/// The group's probe with Istio's defaults filled in: initial delay 0 s, timeout 1 s, period
+/// 10 s, success and failure thresholds 1; httpGet path `/` and scheme `HTTP`.
+pub fn probe_with_defaults(p: &ReadinessProbe) -> ReadinessProbe {
+    let or = |v: i32, d: i32| if v > 0 { v } else { d };
+    ReadinessProbe {
+        initial_delay_seconds: p.initial_delay_seconds.max(0),
+        timeout_seconds: or(p.timeout_seconds, 1),
+        period_seconds: or(p.period_seconds, 10),
+        success_threshold: or(p.success_threshold, 1),
+        failure_threshold: or(p.failure_threshold, 1),
+        http_get: p.http_get.as_ref().map(|h| HttpHealthCheck {
+            path: if h.path.is_empty() {
+                "/".into()
+            } else {
+                h.path.clone()
+            },
+            scheme: if h.scheme.is_empty() {
+                "HTTP".into()
+            } else {
+                h.scheme.to_ascii_uppercase()
+            },
+            ..h.clone()
+        }),
+        ..p.clone()
+    }
 }
 
 /// A probe result from a VM.
@@ -528,6 +556,29 @@ mod tests {
         assert_eq!(
             healthy_condition(&e2).unwrap().last_transition_time,
             format_rfc3339_nanos(T0 + 8 * SEC)
+        );
+    }
+
+    #[test]
+    fn probe_defaults_follow_istio() {
+        let p = ReadinessProbe {
+            http_get: Some(HttpHealthCheck {
+                port: 8080,
+                ..Default::default()
+            }),
+            period_seconds: 5,
+            ..Default::default()
+        };
+        let d = probe_with_defaults(&p);
+        assert_eq!(
+            (d.initial_delay_seconds, d.timeout_seconds, d.period_seconds),
+            (0, 1, 5)
+        );
+        assert_eq!((d.success_threshold, d.failure_threshold), (1, 1));
+        let h = d.http_get.unwrap();
+        assert_eq!(
+            (h.path.as_str(), h.scheme.as_str(), h.port),
+            ("/", "HTTP", 8080)
         );
     }
 
