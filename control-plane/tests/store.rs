@@ -289,12 +289,8 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
         let mut p = spawn(dir.path(), port);
         let admin = connect(dir.path(), &p).await;
         // Everything acknowledged in earlier rounds is still there.
-        check(
-            &admin,
-            &acked_groups.lock().unwrap(),
-            &acked_entries.lock().unwrap(),
-        )
-        .await;
+        let acked = snapshot(&acked_groups, &acked_entries);
+        check(&admin, &acked.0, &acked.1).await;
         if round == 0 {
             admin
                 .json::<Value>(
@@ -387,18 +383,20 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
     let port = free_port();
     let mut p = spawn(dir.path(), port);
     let admin = connect(dir.path(), &p).await;
-    check(
-        &admin,
-        &acked_groups.lock().unwrap(),
-        &acked_entries.lock().unwrap(),
-    )
-    .await;
+    let acked = snapshot(&acked_groups, &acked_entries);
+    check(&admin, &acked.0, &acked.1).await;
     assert!(
         acked_entries.lock().unwrap().len() > 10 && acked_groups.lock().unwrap().len() > 10,
         "the hammer did work"
     );
     p.child.kill().unwrap();
     p.child.wait().unwrap();
+}
+
+type Acked = Arc<std::sync::Mutex<BTreeSet<String>>>;
+
+fn snapshot(g: &Acked, e: &Acked) -> (BTreeSet<String>, BTreeSet<String>) {
+    (g.lock().unwrap().clone(), e.lock().unwrap().clone())
 }
 
 async fn check(admin: &Client, groups: &BTreeSet<String>, entries: &BTreeSet<String>) {
