@@ -819,16 +819,22 @@ impl<S: Store> Registry<S> {
         &self,
         resources: Vec<Resource>,
     ) -> Result<Vec<ApplyOutcome>, RegistryError> {
+        // Document order for the report (as kubectl prints it); a later duplicate wins.
+        let mut order: Vec<ObjectKey> = Vec::new();
         let mut by_key: BTreeMap<ObjectKey, Resource> = BTreeMap::new();
         for r in resources {
-            by_key.insert(ObjectKey::of(&r), r);
+            let key = ObjectKey::of(&r);
+            if by_key.insert(key.clone(), r).is_none() {
+                order.push(key);
+            }
         }
         for _ in 0..CAS_ATTEMPTS {
             let now = self.clock.now();
             let mut txn = Txn::default();
             let mut outcomes = Vec::new();
             let mut groups = Vec::new();
-            for (key, r) in &by_key {
+            for key in &order {
+                let Some(r) = by_key.get(key) else { continue };
                 let mut r = r.clone();
                 let existing = self.cache.get(key);
                 let skey = object_key(key);
