@@ -440,23 +440,31 @@ impl<S: Store> Registry<S> {
         group: &str,
     ) -> Result<(), RegistryError> {
         let skey = object_key(key);
+        let mut fresh_read = false;
         for _ in 0..CAS_ATTEMPTS {
-            let existing = match self.store.get(&skey).await {
-                Ok(rec) => Some(rec),
-                Err(StoreError::NotFound(_)) => None,
-                Err(e) => return Err(e.into()),
+            // The cache first; after a lost race, the store itself.
+            let existing = if fresh_read {
+                match self.store.get(&skey).await {
+                    Ok(rec) => match Resource::from_json_kind(Kind::WorkloadEntry, &rec.value) {
+                        Ok(Resource::WorkloadEntry(e)) => Some((e, rec.mod_revision)),
+                        _ => return Err(RegistryError::Unavailable(format!("{skey} undecodable"))),
+                    },
+                    Err(StoreError::NotFound(_)) => None,
+                    Err(e) => return Err(e.into()),
+                }
+            } else {
+                self.cache
+                    .get(key)
+                    .and_then(|c| as_entry(&c).cloned().map(|e| (e, c.revision)))
             };
+            fresh_read = true;
             let (entry, check) = match existing {
                 None => {
                     let mut e = fresh.clone();
                     e.metadata.uid = new_uid();
                     (e, Precondition::Absent)
                 }
-                Some(rec) => {
-                    let old = match Resource::from_json_kind(Kind::WorkloadEntry, &rec.value) {
-                        Ok(Resource::WorkloadEntry(e)) => e,
-                        _ => return Err(RegistryError::Unavailable(format!("{skey} undecodable"))),
-                    };
+                Some((old, mod_revision)) => {
                     let same_group = old
                         .metadata
                         .annotations
@@ -473,7 +481,7 @@ impl<S: Store> Registry<S> {
                     e.metadata.uid = old.metadata.uid;
                     e.metadata.creation_timestamp = old.metadata.creation_timestamp;
                     e.status = old.status;
-                    (e, Precondition::Revision(rec.mod_revision))
+                    (e, Precondition::Revision(mod_revision))
                 }
             };
             let txn = Txn::default()

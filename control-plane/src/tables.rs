@@ -155,31 +155,33 @@ pub async fn run<S: Store>(
 
 /// One rebuild: VIPs allocated (and persisted when they change), tables re-cut.
 pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
-    let (mesh, vip_update) = cache.read(|s| {
-        let (mut services, mut ses, mut entries): (
-            Vec<&Service>,
-            Vec<&ServiceEntry>,
-            Vec<&WorkloadEntry>,
-        ) = (Vec::new(), Vec::new(), Vec::new());
-        for c in s.objects.values() {
-            match &*c.object {
-                Resource::Service(o) => services.push(o),
-                Resource::ServiceEntry(o) => ses.push(o),
-                Resource::WorkloadEntry(o) => entries.push(o),
-                Resource::WorkloadGroup(_) => {}
-            }
-        }
-        let vips = allocate(&s.vips, &hosts_needing_vips(&ses));
-        let mesh = MeshNames::build(&Mesh {
-            domain: &tables.domain,
-            services: &services,
-            service_entries: &ses,
-            entries: &entries,
-            vips: &vips,
-        });
-        let update = (vips != s.vips).then_some((vips, s.vips_revision));
-        (mesh, update)
+    // Take references under the lock, build outside it: writers must not wait for a rebuild.
+    let (objects, old_vips, vips_revision) = cache.read(|s| {
+        let objects: Vec<Arc<Resource>> = s.objects.values().map(|c| c.object.clone()).collect();
+        (objects, s.vips.clone(), s.vips_revision)
     });
+    let (mut services, mut ses, mut entries): (
+        Vec<&Service>,
+        Vec<&ServiceEntry>,
+        Vec<&WorkloadEntry>,
+    ) = (Vec::new(), Vec::new(), Vec::new());
+    for o in &objects {
+        match &**o {
+            Resource::Service(o) => services.push(o),
+            Resource::ServiceEntry(o) => ses.push(o),
+            Resource::WorkloadEntry(o) => entries.push(o),
+            Resource::WorkloadGroup(_) => {}
+        }
+    }
+    let vips = allocate(&old_vips, &hosts_needing_vips(&ses));
+    let mesh = MeshNames::build(&Mesh {
+        domain: &tables.domain,
+        services: &services,
+        service_entries: &ses,
+        entries: &entries,
+        vips: &vips,
+    });
+    let vip_update = (vips != old_vips).then_some((vips, vips_revision));
     if let Some((vips, rev)) = vip_update {
         let check = rev.map_or(Precondition::Absent, Precondition::Revision);
         let txn = Txn::default().check(VIPS_KEY.to_string(), check).put(
