@@ -148,11 +148,20 @@ impl MeshNames {
             domain: mesh.domain.to_string(),
             hosts: BTreeMap::new(),
         };
+        // Selectors only look inside their own namespace: index once, not per service.
+        let mut by_ns: BTreeMap<&str, Vec<&WorkloadEntry>> = BTreeMap::new();
+        for e in mesh.entries {
+            by_ns
+                .entry(e.metadata.namespace.as_str())
+                .or_default()
+                .push(e);
+        }
+        let in_ns = |ns: &str| by_ns.get(ns).map(Vec::as_slice).unwrap_or_default();
         for svc in mesh.services {
-            out.add_service(svc, mesh);
+            out.add_service(svc, in_ns(&svc.metadata.namespace));
         }
         for se in mesh.service_entries {
-            out.add_service_entry(se, mesh);
+            out.add_service_entry(se, in_ns(&se.metadata.namespace), mesh);
         }
         for defs in out.hosts.values_mut() {
             defs.sort_by(|a, b| a.rank().cmp(&b.rank()));
@@ -164,10 +173,10 @@ impl MeshNames {
         self.hosts.entry(def.host.clone()).or_default().push(def);
     }
 
-    fn add_service(&mut self, svc: &Service, mesh: &Mesh<'_>) {
+    fn add_service(&mut self, svc: &Service, entries: &[&WorkloadEntry]) {
         let m = &svc.metadata;
-        let host = format!("{}.{}.svc.{}", m.name, m.namespace, mesh.domain);
-        let selected = selected_by_service(svc, mesh.entries.iter().copied());
+        let host = format!("{}.{}.svc.{}", m.name, m.namespace, self.domain);
+        let selected = selected_by_service(svc, entries.iter().copied());
         let per_port: Vec<(u32, String, String, Vec<Endpoint>)> = svc
             .spec
             .ports
@@ -231,9 +240,14 @@ impl MeshNames {
         });
     }
 
-    fn add_service_entry(&mut self, se: &ServiceEntry, mesh: &Mesh<'_>) {
+    fn add_service_entry(
+        &mut self,
+        se: &ServiceEntry,
+        entries: &[&WorkloadEntry],
+        mesh: &Mesh<'_>,
+    ) {
         let m = &se.metadata;
-        let selected = selected_by_service_entry(se, mesh.entries.iter().copied());
+        let selected = selected_by_service_entry(se, entries.iter().copied());
         let per_port: Vec<(u32, String, String, Vec<Endpoint>)> = se
             .spec
             .ports
