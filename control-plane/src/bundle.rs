@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use vmesh_core::istio::model::WorkloadGroup;
+use vmesh_core::istio::model::{Labels, WorkloadGroup};
 use vmesh_core::istio::workload::{expected_service_account, probe_with_defaults};
 
 /// Where the VM finds the control plane.
@@ -34,8 +34,8 @@ impl Default for BundleOptions {
 const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
 const CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
 
-fn canonical(labels: &BTreeMap<String, String>, group: &str) -> (String, String) {
-    let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).cloned());
+fn canonical(labels: &Labels, group: &str) -> (String, String) {
+    let pick = |keys: &[&str]| keys.iter().find_map(|k| labels.get(k).cloned());
     (
         pick(&[CANONICAL_NAME, "app.kubernetes.io/name", "app"])
             .unwrap_or_else(|| group.to_string()),

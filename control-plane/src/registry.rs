@@ -589,7 +589,7 @@ impl<S: Store> Registry<S> {
                 address: e.spec.address.clone(),
                 network: e.spec.network.clone(),
                 locality: e.spec.locality.clone(),
-                labels: BTreeMap::new(),
+                labels: Labels::default(),
             };
             let reg = self.conns().get(&key).map(|c| c.reg.clone()).unwrap_or(reg);
             self.conns().insert(

@@ -227,15 +227,32 @@ async fn open_polls(admin: &Client) -> anyhow::Result<i64> {
         .context("no long-poll gauge")
 }
 
+/// The namespace's current table version, once the server has settled (a poll with it waits).
+async fn current_version(vm: &Client) -> anyhow::Result<String> {
+    let mut version = String::new();
+    loop {
+        let r = vm
+            .call(
+                Method::GET,
+                &format!("/v1/name-table?version={version}&wait=1"),
+                None,
+            )
+            .await?;
+        let v = r
+            .headers
+            .get("x-vmesh-table-version")
+            .context("no version")?
+            .to_str()?
+            .to_string();
+        if r.status.as_u16() == 304 {
+            return Ok(v);
+        }
+        version = v;
+    }
+}
+
 async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()> {
     let vm = s.vm_client("bench", "bench-sa").await?;
-    let first = vm.call(Method::GET, "/v1/name-table", None).await?;
-    let mut version = first
-        .headers
-        .get("x-vmesh-table-version")
-        .context("no version")?
-        .to_str()?
-        .to_string();
     // One kept-alive connection per watcher, as each VM's shim has its own.
     let mut conns = Vec::with_capacity(watchers);
     for _ in 0..watchers {
@@ -244,6 +261,7 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
     let mut lasts = Vec::new();
     let mut every = Vec::new();
     for round in 0..rounds {
+        let version = current_version(&vm).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut handles = Vec::new();
         for mut c in conns.drain(..) {
@@ -293,21 +311,18 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
             )
             .await?;
         let mut last = Duration::ZERO;
-        let mut new_version = None;
         while let Some((at, r)) = rx.recv().await {
-            let (status, v) = r?;
+            let (status, _) = r?;
             if status != 200 {
                 bail!("a watcher got {status}");
             }
             let d = at.duration_since(changed_at);
             every.push(d);
             last = last.max(d);
-            new_version = v;
         }
         for h in handles {
             conns.push(h.await?);
         }
-        version = new_version.context("no version")?;
         lasts.push(last);
     }
     lasts.sort();

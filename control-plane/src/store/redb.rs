@@ -24,8 +24,10 @@ const LEASES: TableDefinition<&str, u64> = TableDefinition::new("leases");
 const REVISION: &str = "revision";
 /// Transactions taken into one commit at most.
 const MAX_BATCH: usize = 1024;
-/// Page cache; the working set of a few hundred thousand entries fits.
-const CACHE_BYTES: usize = 32 << 20;
+/// redb's own page cache. Reads are served from the control plane's cache, so this only
+/// speeds up the B-tree walks of writes; pages it does not hold come from the OS page cache,
+/// which does not count against the process.
+const CACHE_BYTES: usize = 4 << 20;
 
 type Reply = oneshot::Sender<Result<Revision, StoreError>>;
 

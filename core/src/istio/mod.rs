@@ -7,6 +7,7 @@
 //! each namespace's [`crate::names::NameTable`] from the whole set with [`names::MeshNames`].
 //! Clocks and storage stay outside: every function takes times as nanoseconds since the epoch.
 
+pub mod labels;
 pub mod model;
 pub mod names;
 pub mod select;
