@@ -10,12 +10,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
 use vmesh_core::istio::model::{Kind, Resource, WorkloadGroup};
 
-use crate::api::{ApplyRequest, TokenRequest, TokenResponse};
 use crate::bundle::{render, BundleOptions};
 use crate::client::Client;
 use crate::clock::SystemClock;
 use crate::config::parse_documents;
-use crate::registry::{ApplyOutcome, Settings};
+use crate::registry::Settings;
 use crate::server::{start, ServeConfig, ADMIN_TOKEN_FILE};
 use crate::tls::{write_private, ROOT_CERT_FILE};
 
@@ -289,17 +288,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ttl,
                 },
         } => {
-            let c = admin_client(&cli)?;
-            let r: TokenResponse = c
-                .json(
-                    Method::POST,
-                    "/v1/admin/tokens",
-                    Some(&TokenRequest {
-                        namespace: namespace.clone(),
-                        service_account: service_account.clone(),
-                        ttl_seconds: ttl.as_secs(),
-                    }),
-                )
+            let r = admin_client(&cli)?
+                .mint_token(namespace, service_account, *ttl)
                 .await?;
             println!("{}", r.token);
             Ok(())
@@ -414,21 +404,7 @@ async fn apply(c: &Client, path: &Path, namespace: &str) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("error: {e}"))?,
         );
     }
-    #[derive(serde::Deserialize)]
-    struct Results {
-        results: Vec<ApplyOutcome>,
-    }
-    let r: Results = c
-        .json(
-            Method::POST,
-            "/v1/admin/apply",
-            Some(&ApplyRequest {
-                documents,
-                namespace: namespace.to_string(),
-            }),
-        )
-        .await?;
-    for o in r.results {
+    for o in c.apply(documents, namespace).await? {
         println!("{}/{} {}", resource_name(o.kind), o.name, o.action);
     }
     Ok(())
@@ -594,17 +570,7 @@ async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
         )
         .await?;
     let sa = vmesh_core::istio::workload::expected_service_account(&group).to_string();
-    let tok: TokenResponse = c
-        .json(
-            Method::POST,
-            "/v1/admin/tokens",
-            Some(&TokenRequest {
-                namespace: a.namespace.clone(),
-                service_account: sa,
-                ttl_seconds: a.token_ttl.as_secs(),
-            }),
-        )
-        .await?;
+    let tok = c.mint_token(&a.namespace, &sa, a.token_ttl).await?;
     let server = cli
         .server
         .trim_start_matches("https://")

@@ -10,7 +10,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ApplyRequest, TokenRequest, TokenResponse};
+use crate::config::Document;
+use crate::registry::ApplyOutcome;
 use crate::tls::{client_config, server_name, TlsError};
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +140,42 @@ impl Client {
             sender,
             client: self.clone(),
         })
+    }
+
+    /// `POST /v1/admin/tokens` (admin credential): a VM token for `namespace/service_account`.
+    pub async fn mint_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: std::time::Duration,
+    ) -> Result<TokenResponse, ClientError> {
+        let req = TokenRequest {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            ttl_seconds: ttl.as_secs(),
+        };
+        self.json(Method::POST, "/v1/admin/tokens", Some(&req))
+            .await
+    }
+
+    /// `POST /v1/admin/apply` (admin credential).
+    pub async fn apply(
+        &self,
+        documents: Vec<Document>,
+        namespace: &str,
+    ) -> Result<Vec<ApplyOutcome>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Results {
+            results: Vec<ApplyOutcome>,
+        }
+        let req = ApplyRequest {
+            documents,
+            namespace: namespace.to_string(),
+        };
+        let r: Results = self
+            .json(Method::POST, "/v1/admin/apply", Some(&req))
+            .await?;
+        Ok(r.results)
     }
 
     /// One request on a fresh connection.

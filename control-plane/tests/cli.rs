@@ -5,7 +5,6 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use common::fixture;
 use hyper::Method;
@@ -71,24 +70,7 @@ async fn serve() -> Served {
         .spawn()
         .unwrap();
     let url = format!("https://127.0.0.1:{port}");
-    let deadline = Instant::now() + common::patience();
-    loop {
-        let up = match (
-            std::fs::read(dir.path().join("root-cert.pem")),
-            std::fs::read_to_string(dir.path().join("admin-token")),
-        ) {
-            (Ok(root), Ok(tok)) => match Client::new(&url, &root, tok.trim()) {
-                Ok(c) => c.call(Method::GET, "/healthz", None).await.is_ok(),
-                Err(_) => false,
-            },
-            _ => false,
-        };
-        if up {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    common::wait_for_server(dir.path(), &url).await;
     Served { child, url, dir }
 }
 

@@ -6,12 +6,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::T0;
 use hyper::Method;
 use serde_json::{json, Value};
-use vmesh_control::api::{ApplyRequest, TokenRequest, TokenResponse};
+use vmesh_control::api::ApplyRequest;
 use vmesh_control::client::Client;
 use vmesh_control::clock::ManualClock;
 use vmesh_control::config::Document;
@@ -223,24 +223,6 @@ fn spawn(dir: &std::path::Path, port: u16) -> Proc {
     }
 }
 
-async fn connect(dir: &std::path::Path, p: &Proc) -> Client {
-    let deadline = Instant::now() + common::patience();
-    loop {
-        if let (Ok(root), Ok(tok)) = (
-            std::fs::read(dir.join("root-cert.pem")),
-            std::fs::read_to_string(dir.join("admin-token")),
-        ) {
-            if let Ok(c) = Client::new(&p.url, &root, tok.trim()) {
-                if c.call(Method::GET, "/healthz", None).await.is_ok() {
-                    return c;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 fn group_doc(i: usize) -> Document {
     Document {
         source: "crash".into(),
@@ -287,7 +269,7 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
     for round in 0..5 {
         let port = free_port();
         let mut p = spawn(dir.path(), port);
-        let admin = connect(dir.path(), &p).await;
+        let admin = common::wait_for_server(dir.path(), &p.url).await;
         // Everything acknowledged in earlier rounds is still there.
         let acked = snapshot(&acked_groups, &acked_entries);
         check(&admin, &acked.0, &acked.1).await;
@@ -306,16 +288,8 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
             acked_groups.lock().unwrap().insert("g0".to_string());
             next_group = 1;
         }
-        let tok: TokenResponse = admin
-            .json(
-                Method::POST,
-                "/v1/admin/tokens",
-                Some(&TokenRequest {
-                    namespace: "crash".into(),
-                    service_account: "vm".into(),
-                    ttl_seconds: 3600,
-                }),
-            )
+        let tok = admin
+            .mint_token("crash", "vm", Duration::from_secs(3600))
             .await
             .unwrap();
         let vm = admin.with_token(&tok.token);
@@ -382,7 +356,7 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
     }
     let port = free_port();
     let mut p = spawn(dir.path(), port);
-    let admin = connect(dir.path(), &p).await;
+    let admin = common::wait_for_server(dir.path(), &p.url).await;
     let acked = snapshot(&acked_groups, &acked_entries);
     check(&admin, &acked.0, &acked.1).await;
     assert!(

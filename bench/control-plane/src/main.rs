@@ -15,7 +15,6 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hyper::Method;
 use serde_json::{json, Value};
-use vmesh_control::api::{ApplyRequest, TokenRequest, TokenResponse};
 use vmesh_control::client::Client;
 use vmesh_control::config::parse_documents;
 
@@ -124,16 +123,8 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let documents = parse_documents("bench.yaml", GROUP_YAML)?;
         admin
-            .json::<Value>(
-                Method::POST,
-                "/v1/admin/apply",
-                Some(&ApplyRequest {
-                    documents,
-                    namespace: String::new(),
-                }),
-            )
+            .apply(parse_documents("bench.yaml", GROUP_YAML)?, "")
             .await?;
         Ok(Server {
             child,
@@ -151,29 +142,23 @@ impl Server {
     }
 
     async fn vm_client(&self, ns: &str, sa: &str) -> anyhow::Result<Client> {
-        let t: TokenResponse = self
+        let t = self
             .admin
-            .json(
-                Method::POST,
-                "/v1/admin/tokens",
-                Some(&TokenRequest {
-                    namespace: ns.into(),
-                    service_account: sa.into(),
-                    ttl_seconds: 3600,
-                }),
-            )
+            .mint_token(ns, sa, Duration::from_secs(3600))
             .await?;
         Ok(self.admin.with_token(&t.token))
     }
 
-    /// Registers `n` VMs from `concurrency` kept-alive connections; returns the elapsed time.
+    /// Registers VMs `offset..offset + n` (distinct IPs) from `concurrency` kept-alive
+    /// connections; returns the elapsed time and each registration's latency.
     async fn register(
         &self,
+        offset: usize,
         n: usize,
         concurrency: usize,
     ) -> anyhow::Result<(Duration, Vec<Duration>)> {
         let vm = self.vm_client("bench", "bench-sa").await?;
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(offset));
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..concurrency {
@@ -183,7 +168,7 @@ impl Server {
                 let mut lat = Vec::new();
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= n {
+                    if i >= offset + n {
                         return anyhow::Ok(lat);
                     }
                     let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
@@ -300,16 +285,7 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
         let yaml = format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: change-{round}, namespace: bench}}\nspec:\n  hosts: [change-{round}.example.com]\n  addresses: [192.0.2.{}]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n", round % 250 + 1);
         let documents = parse_documents("change.yaml", &yaml)?;
         let changed_at = Instant::now();
-        s.admin
-            .json::<Value>(
-                Method::POST,
-                "/v1/admin/apply",
-                Some(&ApplyRequest {
-                    documents,
-                    namespace: String::new(),
-                }),
-            )
-            .await?;
+        s.admin.apply(documents, "").await?;
         let mut last = Duration::ZERO;
         while let Some((at, r)) = rx.recv().await {
             let (status, _) = r?;
@@ -336,7 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let s = Server::start(&cli.server_bin).await?;
     match cli.cmd {
         Cmd::Registrations { vms, concurrency } => {
-            let (took, mut lat) = s.register(vms, concurrency).await?;
+            let (took, mut lat) = s.register(0, vms, concurrency).await?;
             lat.sort();
             println!("| registrations, {vms} VMs, {concurrency} connections | {:.0} registrations/s; latency p50 {}, p99 {} |",
                 vms as f64 / took.as_secs_f64(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
@@ -346,10 +322,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Warm up: TLS, a table, a few registrations, so fixed costs are in the baseline.
             let vm = s.vm_client("bench", "bench-sa").await?;
             vm.call(Method::GET, "/v1/name-table", None).await?;
-            s.register(1000, concurrency).await?;
+            s.register(0, 1000, concurrency).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let before = s.rss_kib()?;
-            let (_, _) = register_offset(&s, 1000, vms, concurrency).await?;
+            s.register(1000, vms, concurrency).await?;
             vm.call(Method::GET, "/v1/name-table", None).await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = s.rss_kib()?;
@@ -358,42 +334,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Registers VMs `offset..offset+n` (distinct from the warm-up's).
-async fn register_offset(
-    s: &Server,
-    offset: usize,
-    n: usize,
-    concurrency: usize,
-) -> anyhow::Result<(Duration, Vec<Duration>)> {
-    let vm = s.vm_client("bench", "bench-sa").await?;
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(offset));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (vm, next) = (vm.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut conn = vm.connect().await?;
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= offset + n {
-                    return anyhow::Ok(());
-                }
-                let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
-                conn.json::<Value>(
-                    Method::POST,
-                    "/v1/register",
-                    Some(&json!({"group": "bench", "address": ip})),
-                )
-                .await?;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok((start.elapsed(), Vec::new()))
 }
 
 fn main() -> anyhow::Result<()> {

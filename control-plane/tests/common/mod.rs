@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::Method;
-use vmesh_control::api::{ApplyRequest, TokenRequest, TokenResponse};
+use vmesh_control::api::ApplyRequest;
 use vmesh_control::client::{Client, ClientError};
 use vmesh_control::clock::{Clock, ManualClock, SystemClock};
 use vmesh_control::config::parse_documents;
@@ -146,20 +146,11 @@ impl TestServer {
     }
 
     pub async fn token(&self, ns: &str, sa: &str) -> String {
-        let r: TokenResponse = self
-            .admin
-            .json(
-                Method::POST,
-                "/v1/admin/tokens",
-                Some(&TokenRequest {
-                    namespace: ns.into(),
-                    service_account: sa.into(),
-                    ttl_seconds: 3600,
-                }),
-            )
+        self.admin
+            .mint_token(ns, sa, Duration::from_secs(3600))
             .await
-            .unwrap();
-        r.token
+            .unwrap()
+            .token
     }
 
     pub async fn vm(&self, ns: &str, sa: &str) -> Client {
@@ -180,5 +171,28 @@ pub fn status_of<T: std::fmt::Debug>(
     match r {
         Err(ClientError::Api { status, error }) => (status, error),
         other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+/// Waits until a `vmesh-control serve` process using `dir` answers `/healthz` at `url`, and
+/// returns an admin client for it.
+pub async fn wait_for_server(dir: &std::path::Path, url: &str) -> Client {
+    let deadline = std::time::Instant::now() + patience();
+    loop {
+        if let (Ok(root), Ok(tok)) = (
+            std::fs::read(dir.join("root-cert.pem")),
+            std::fs::read_to_string(dir.join("admin-token")),
+        ) {
+            if let Ok(c) = Client::new(url, &root, tok.trim()) {
+                if c.call(Method::GET, "/healthz", None).await.is_ok() {
+                    return c;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
