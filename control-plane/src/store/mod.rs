@@ -6,6 +6,7 @@
 //! bookkeeping (the VIP table). Every committed transaction gets the next revision; an
 //! acknowledged commit is durable.
 
+pub mod contract;
 pub mod redb;
 
 use std::collections::BTreeMap;
