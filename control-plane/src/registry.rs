@@ -569,40 +569,48 @@ impl<S: Store> Registry<S> {
                 key.namespace, key.name
             )));
         }
-        // Reconnect or takeover.
-        let replica = self.settings.replica.clone();
-        let updated = self
-            .update_entry(&key, |e| {
-                workload::connect(e, &replica, now);
-                Ok(true)
-            })
-            .await?;
-        if let Some(e) = updated {
-            let reg = Registration {
-                group: e
+        // Reconnect or takeover. The connection is recorded before the write, as in
+        // `register_inner`, so a sweep in between cannot find our entry without one.
+        let reg = match self.conns().get(&key) {
+            Some(c) => c.reg.clone(),
+            // Taken over from another replica: what the entry says about the VM. Its labels
+            // already include the group's, which only matters if the group is re-created.
+            None => Registration {
+                group: entry
                     .metadata
                     .annotations
                     .get(ANNOTATION_AUTO_REGISTRATION_GROUP)
                     .cloned()
                     .unwrap_or_default(),
-                namespace: e.metadata.namespace.clone(),
-                address: e.spec.address.clone(),
-                network: e.spec.network.clone(),
-                locality: e.spec.locality.clone(),
-                labels: Labels::default(),
+                namespace: entry.metadata.namespace.clone(),
+                address: entry.spec.address.clone(),
+                network: entry.spec.network.clone(),
+                locality: entry.spec.locality.clone(),
+                labels: entry.spec.labels.clone(),
+            },
+        };
+        let conn = Conn {
+            conn_time: now,
+            last_seen: now,
+            reg,
+            service_account: id.service_account.clone(),
+        };
+        let previous = self.conns().insert(key.clone(), conn);
+        let replica = self.settings.replica.clone();
+        let result = self
+            .update_entry(&key, |e| {
+                workload::connect(e, &replica, now);
+                Ok(true)
+            })
+            .await;
+        if result.is_err() {
+            let mut conns = self.conns();
+            match previous {
+                Some(p) => conns.insert(key, p),
+                None => conns.remove(&key),
             };
-            let reg = self.conns().get(&key).map(|c| c.reg.clone()).unwrap_or(reg);
-            self.conns().insert(
-                key,
-                Conn {
-                    conn_time: now,
-                    last_seen: now,
-                    reg,
-                    service_account: id.service_account.clone(),
-                },
-            );
         }
-        Ok(())
+        result.map(drop)
     }
 
     pub async fn health(
