@@ -175,7 +175,6 @@ pub struct Registry<S: Store> {
     settings: Settings,
     metrics: Arc<Metrics>,
     conns: Mutex<HashMap<ObjectKey, Conn>>,
-    live_replicas: Mutex<BTreeMap<String, u64>>,
 }
 
 impl<S: Store> std::fmt::Debug for Registry<S> {
@@ -232,7 +231,6 @@ impl<S: Store> Registry<S> {
             settings,
             metrics,
             conns: Mutex::new(HashMap::new()),
-            live_replicas: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -688,7 +686,6 @@ impl<S: Store> Registry<S> {
             .keep_alive(&self.settings.replica, self.settings.lease_ttl)
             .await?;
         let leases = self.store.leases().await?;
-        *self.live_replicas.lock().unwrap_or_else(|p| p.into_inner()) = leases.clone();
 
         // VMs that went quiet.
         let timeout = nanos(self.settings.liveness_timeout);
