@@ -22,6 +22,7 @@
 pub mod dns;
 pub mod doh;
 pub mod framing;
+pub mod istio;
 pub mod json;
 pub mod names;
 pub mod responder;

@@ -818,6 +818,7 @@ mod tests {
             domain: "cluster.local".into(),
             search_domains: vec!["Corp.Example".into()],
             names,
+            services: BTreeMap::new(),
         }
     }
 
@@ -963,6 +964,7 @@ mod tests {
             domain: "cluster.local".into(),
             search_domains: vec![],
             names,
+            services: BTreeMap::new(),
         };
         let idx = NameIndex::from_table(&t).unwrap();
         let slots = (idx.slot_mask + 1) as usize;

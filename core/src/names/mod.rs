@@ -4,7 +4,9 @@ pub mod index;
 pub mod table;
 
 pub use index::{canonical_host, Match, NameIndex, Record};
-pub use table::{NameInfo, NameTable, Registry, DEFAULT_DOMAIN};
+pub use table::{
+    Endpoint, NameInfo, NameTable, PortRoutes, Registry, ServiceRoutes, DEFAULT_DOMAIN,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {

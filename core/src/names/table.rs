@@ -27,6 +27,53 @@ pub struct NameTable {
     pub search_domains: Vec<String>,
     /// Fully qualified host (no trailing dot) or `*.suffix` wildcard -> what it resolves to.
     pub names: BTreeMap<String, NameInfo>,
+    /// Routing data for the data plane: per service host (same keys as `names`, which may
+    /// lack a host that has no address), per port, the healthy endpoints. Absent in tables
+    /// that only carry names; the DNS responder does not read it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, ServiceRoutes>,
+}
+
+/// How to reach one service host: its VIPs and, per service port, the endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRoutes {
+    /// The namespace of the ServiceEntry or Service that defines the host.
+    pub namespace: String,
+    pub registry: Registry,
+    /// The addresses clients dial (ClusterIPs, ServiceEntry addresses or allocated VIPs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortRoutes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRoutes {
+    /// The service port clients dial.
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Istio protocol name (`HTTP`, `TCP`, ...); empty when unset.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    /// Healthy endpoints only, sorted by address then port.
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Endpoint {
+    /// An IP, or a host name for DNS-resolved ServiceEntry endpoints.
+    pub address: String,
+    /// The port on the endpoint (after `targetPort` and the workload's named ports).
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
+    /// Load-balancing weight, at least 1.
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,5 +105,34 @@ impl NameTable {
     pub fn to_json(&self) -> Vec<u8> {
         // Serializing plain strings, maps and IPs into a Vec cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::names::NameIndex;
+
+    #[test]
+    fn tables_without_services_parse_and_serialize_without_the_field() {
+        let old = br#"{"version":"1","namespace":"ns","names":{"a.example.com":{"ips":["10.0.0.1"],"registry":"External"}}}"#;
+        let t: NameTable = serde_json::from_slice(old).unwrap();
+        assert!(t.services.is_empty());
+        assert!(!String::from_utf8(t.to_json()).unwrap().contains("services"));
+    }
+
+    #[test]
+    fn the_index_ignores_the_services_field() {
+        let json = br#"{"version":"1","namespace":"ns","names":{"a.example.com":{"ips":["240.240.0.1"],"registry":"External"}},
+            "services":{"a.example.com":{"namespace":"ns","registry":"External","vips":["240.240.0.1"],
+              "ports":[{"port":80,"name":"http","protocol":"HTTP","endpoints":[{"address":"10.0.0.5","port":9090,"weight":1}]}]}}}"#;
+        let t: NameTable = serde_json::from_slice(json).unwrap();
+        assert_eq!(t.services["a.example.com"].ports[0].endpoints[0].port, 9090);
+        let idx = NameIndex::from_json(json).unwrap();
+        assert_eq!(idx.len(), 1);
+        assert_eq!(
+            serde_json::from_slice::<NameTable>(&t.to_json()).unwrap(),
+            t
+        );
     }
 }

@@ -1,0 +1,535 @@
+//! The HTTPS API (documented for client authors in `docs/protocol.md`).
+//!
+//! Every request carries `Authorization: Bearer ...`: either the admin credential from the data
+//! dir (config, tokens) or a VM's service-account token (register, heartbeat, health,
+//! deregister, name table). Errors are JSON `{"error": kind, "message": ..., "field": ...}` with
+//! 400 / 401 / 403 / 404 / 409 / 503 as the protocol document lists.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use vmesh_core::istio::model::{Kind, ObjectKey, Resource};
+
+use crate::clock::Clock;
+use crate::config::{decode_all, ConfigError, Document};
+use crate::identity::{constant_time_eq, Identity, Signer, TokenError, Verifier};
+use crate::metrics::Metrics;
+use crate::registry::{EntryRequest, HealthRequest, RegisterRequest, Registry, RegistryError};
+use crate::store::Store;
+use crate::tables::NameTables;
+
+pub const VERSION_HEADER: &str = "x-vmesh-table-version";
+pub const DEFAULT_WAIT_SECS: u64 = 30;
+pub const MAX_WAIT_SECS: u64 = 120;
+const MAX_VM_BODY: usize = 64 << 10;
+const MAX_ADMIN_BODY: usize = 16 << 20;
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Everything a request handler needs.
+pub struct App<S: Store> {
+    pub registry: Arc<Registry<S>>,
+    pub tables: Arc<NameTables>,
+    pub verifier: Arc<Verifier>,
+    pub signer: Arc<Signer>,
+    pub admin_token: String,
+    pub metrics: Arc<Metrics>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl<S: Store> std::fmt::Debug for App<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+/// A refusal, as the protocol shapes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: u16,
+    pub error: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// For refused config: the document's source and 0-based index.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: status.as_u16(),
+            error: error.to_string(),
+            message: message.into(),
+            field: None,
+            source: None,
+            index: None,
+        }
+    }
+
+    fn bad(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.to_string()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        }
+    }
+
+    fn unauthorized(e: &TokenError) -> Self {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+    }
+
+    fn forbidden(m: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::FORBIDDEN, "forbidden", m)
+    }
+
+    fn not_found(m: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", m)
+    }
+}
+
+impl From<ConfigError> for ApiError {
+    fn from(e: ConfigError) -> Self {
+        ApiError {
+            field: Some(e.field.clone()),
+            source: Some(e.source_name.clone()),
+            index: Some(e.index),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let m = e.to_string();
+        match e {
+            RegistryError::BadRequest { field, message } => ApiError::bad(&field, message),
+            RegistryError::Forbidden(_) => ApiError::forbidden(m),
+            RegistryError::NotFound(_) => ApiError::not_found(m),
+            RegistryError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            RegistryError::Unavailable(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+            }
+        }
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Resp {
+    json_response(
+        StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        e,
+    )
+}
+
+enum Caller {
+    Admin,
+    Vm(Identity),
+}
+
+fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            ApiError::bad(
+                "",
+                format!("request body unreadable or larger than {limit} bytes: {e}"),
+            )
+        })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad(
+            if path == "." { "" } else { &path },
+            format!("invalid JSON body: {}", e.inner()),
+        )
+    })
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplyRequest {
+    pub documents: Vec<Document>,
+    /// Namespace for objects that name none.
+    #[serde(default)]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    pub namespace: String,
+    pub service_account: String,
+    pub ttl_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenResponse {
+    pub token: String,
+    pub expires_at: String,
+}
+
+impl<S: Store> App<S> {
+    fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+        let token = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        let refuse = |e: TokenError| {
+            self.metrics.token_refusals.inc(e.reason());
+            tracing::warn!(reason = e.reason(), error = %e, "token refused");
+            ApiError::unauthorized(&e)
+        };
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            return Err(refuse(TokenError::Missing));
+        };
+        if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+            return Ok(Caller::Admin);
+        }
+        self.verifier.verify(token).map(Caller::Vm).map_err(refuse)
+    }
+
+    fn vm(&self, caller: Caller) -> Result<Identity, ApiError> {
+        match caller {
+            Caller::Vm(id) => Ok(id),
+            Caller::Admin => Err(ApiError::forbidden(
+                "this call needs a VM service-account token",
+            )),
+        }
+    }
+
+    fn admin(&self, caller: &Caller) -> Result<(), ApiError> {
+        match caller {
+            Caller::Admin => Ok(()),
+            Caller::Vm(id) => {
+                tracing::warn!(namespace = %id.namespace, service_account = %id.service_account, "VM token used on an admin call");
+                Err(ApiError::forbidden(
+                    "only the admin credential may change config or mint tokens",
+                ))
+            }
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let r = self.route(req).await;
+        let resp = r.unwrap_or_else(|e| error_response(&e));
+        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        Ok(resp)
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().unwrap_or_default().to_string();
+        let method = req.method().clone();
+        match (&method, path.as_str()) {
+            (&Method::GET, "/healthz") => {
+                let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                return Ok(r);
+            }
+            (&Method::GET, "/metrics") => {
+                let text = self.metrics.render(self.registry.gauges());
+                let mut r = Response::new(Full::new(Bytes::from(text)));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                return Ok(r);
+            }
+            (&Method::GET, "/.well-known/jwks.json") => {
+                return Ok(json_response(StatusCode::OK, &self.signer.jwks()));
+            }
+            _ => {}
+        }
+        let caller = self.caller(&req)?;
+        match (&method, path.as_str()) {
+            (&Method::POST, "/v1/register") => {
+                let id = self.vm(caller)?;
+                let body: RegisterRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let r = self.registry.register(&id, body).await?;
+                Ok(json_response(StatusCode::OK, &r))
+            }
+            (&Method::POST, "/v1/heartbeat") => {
+                let id = self.vm(caller)?;
+                let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                self.registry.heartbeat(&id, &body).await?;
+                Ok(json_response(StatusCode::OK, &serde_json::json!({})))
+            }
+            (&Method::POST, "/v1/health") => {
+                let id = self.vm(caller)?;
+                let body: HealthRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let r = self.registry.health(&id, &body).await?;
+                Ok(json_response(StatusCode::OK, &r))
+            }
+            (&Method::POST, "/v1/deregister") => {
+                let id = self.vm(caller)?;
+                let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                self.registry.deregister(&id, &body).await?;
+                Ok(json_response(StatusCode::OK, &serde_json::json!({})))
+            }
+            (&Method::GET, "/v1/name-table") => self.name_table(caller, &query).await,
+            (&Method::POST, "/v1/admin/apply") => {
+                self.admin(&caller)?;
+                let body: ApplyRequest = parse_json(&read_body(req, MAX_ADMIN_BODY).await?)?;
+                let ns = if body.namespace.is_empty() {
+                    "default"
+                } else {
+                    &body.namespace
+                };
+                let resources = decode_all(&body.documents, ns)?;
+                let results = self.registry.apply(resources).await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "results": results }),
+                ))
+            }
+            (&Method::POST, "/v1/admin/tokens") => {
+                self.admin(&caller)?;
+                let body: TokenRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                self.mint(&body)
+            }
+            (m, p) if p.starts_with("/v1/admin/objects/") => {
+                self.admin(&caller)?;
+                self.objects(m, p.trim_start_matches("/v1/admin/objects/"), &query)
+                    .await
+            }
+            _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+        }
+    }
+
+    async fn name_table(&self, caller: Caller, query: &str) -> Result<Resp, ApiError> {
+        let ns = match caller {
+            Caller::Vm(id) => id.namespace,
+            // The admin may read any namespace's table (debugging, benchmarks).
+            Caller::Admin => query_param(query, "namespace")
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    ApiError::bad("namespace", "Required value for the admin credential")
+                })?
+                .to_string(),
+        };
+        let known = query_param(query, "version").filter(|v| !v.is_empty());
+        let wait = match query_param(query, "wait") {
+            None | Some("") => DEFAULT_WAIT_SECS,
+            Some(w) => w
+                .parse::<u64>()
+                .map_err(|_| ApiError::bad("wait", "Invalid value: seconds as an integer"))?
+                .min(MAX_WAIT_SECS),
+        };
+        match self
+            .tables
+            .poll(&ns, known, Duration::from_secs(wait))
+            .await
+        {
+            Some(t) => {
+                let mut r = Response::new(Full::new(t.body.clone()));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                if let Ok(v) = HeaderValue::from_str(&t.version) {
+                    r.headers_mut().insert(VERSION_HEADER, v);
+                }
+                Ok(r)
+            }
+            None => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                if let Some(v) = known.and_then(|v| HeaderValue::from_str(v).ok()) {
+                    r.headers_mut().insert(VERSION_HEADER, v);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    fn mint(&self, body: &TokenRequest) -> Result<Resp, ApiError> {
+        use vmesh_core::istio::validate::{is_dns1123_label, is_dns1123_subdomain};
+        if !is_dns1123_label(&body.namespace) {
+            return Err(ApiError::bad(
+                "namespace",
+                "Invalid value: must be an RFC 1123 label",
+            ));
+        }
+        if !is_dns1123_subdomain(&body.service_account) {
+            return Err(ApiError::bad(
+                "serviceAccount",
+                "Invalid value: must be an RFC 1123 subdomain",
+            ));
+        }
+        let ttl = Duration::from_secs(body.ttl_seconds);
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(ApiError::bad(
+                "ttlSeconds",
+                "Invalid value: between 1 second and 366 days",
+            ));
+        }
+        let now = self.clock.now();
+        let token = self
+            .signer
+            .mint(&body.namespace, &body.service_account, now, ttl)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
+            })?;
+        let expires_at =
+            vmesh_core::istio::time::format_rfc3339_secs(now + crate::clock::nanos(ttl));
+        Ok(json_response(
+            StatusCode::OK,
+            &TokenResponse { token, expires_at },
+        ))
+    }
+
+    async fn objects(&self, method: &Method, rest: &str, query: &str) -> Result<Resp, ApiError> {
+        let mut parts = rest.split('/');
+        let kind_s = parts.next().unwrap_or_default();
+        let kind = Kind::from_cli(kind_s).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "the server doesn't have a resource type {kind_s:?}"
+            ))
+        })?;
+        let ns = parts
+            .next()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .or_else(|| {
+                query_param(query, "namespace")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+            });
+        let name = parts.next().filter(|s| !s.is_empty());
+        let cache = self.registry.cache();
+        let with_version = |c: &crate::cache::Cached| {
+            let mut r: Resource = (*c.object).clone();
+            r.meta_mut().resource_version = c.revision.to_string();
+            r
+        };
+        match (method, name) {
+            (&Method::GET, Some(name)) => {
+                let ns = ns.unwrap_or_else(|| "default".into());
+                let c = cache
+                    .get(&ObjectKey::new(kind, &ns, name))
+                    .ok_or_else(|| ApiError::not_found(format!("{kind} {ns}/{name} not found")))?;
+                Ok(json_response(StatusCode::OK, &with_version(&c)))
+            }
+            (&Method::GET, None) => {
+                let items: Vec<Resource> = cache
+                    .list(kind, ns.as_deref())
+                    .iter()
+                    .map(with_version)
+                    .collect();
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({ "items": items }),
+                ))
+            }
+            (&Method::DELETE, Some(name)) => {
+                let ns = ns.unwrap_or_else(|| "default".into());
+                self.registry
+                    .delete(&ObjectKey::new(kind, &ns, name))
+                    .await?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"kind": kind, "namespace": ns, "name": name, "action": "deleted"}),
+                ))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use GET or DELETE",
+            )),
+        }
+    }
+}
+
+/// Accepts TLS connections until `shutdown` resolves.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Arc<App<S>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = hyper::service::service_fn(move |req| app.clone().handle(req));
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}

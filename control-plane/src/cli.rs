@@ -1,0 +1,665 @@
+//! The `vmesh-control` command line: `serve`, and kubectl-like commands that talk to a running
+//! server with the admin credential from the data dir.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyper::Method;
+use vmesh_core::istio::model::{Kind, Resource, WorkloadGroup};
+
+use crate::bundle::{render, BundleOptions};
+use crate::client::Client;
+use crate::clock::SystemClock;
+use crate::config::parse_documents;
+use crate::registry::Settings;
+use crate::server::{start, ServeConfig, ADMIN_TOKEN_FILE};
+use crate::tls::{write_private, ROOT_CERT_FILE};
+
+pub const ENV_DATA_DIR: &str = "VMESH_CONTROL_DATA_DIR";
+pub const ENV_SERVER: &str = "VMESH_CONTROL_SERVER";
+pub const ENV_LISTEN: &str = "VMESH_CONTROL_LISTEN";
+pub const ENV_GRACE_PERIOD: &str = "VMESH_CONTROL_GRACE_PERIOD";
+pub const ENV_HEARTBEAT_INTERVAL: &str = "VMESH_CONTROL_HEARTBEAT_INTERVAL";
+pub const ENV_LIVENESS_TIMEOUT: &str = "VMESH_CONTROL_LIVENESS_TIMEOUT";
+pub const ENV_SAN: &str = "VMESH_CONTROL_SAN";
+pub const ENV_ISSUER: &str = "VMESH_CONTROL_ISSUER";
+pub const ENV_JWKS: &str = "VMESH_CONTROL_JWKS";
+pub const ENV_REPLICA: &str = "VMESH_CONTROL_REPLICA";
+pub const ENV_DOMAIN: &str = "VMESH_CONTROL_DOMAIN";
+pub const ENV_LOG: &str = "VMESH_CONTROL_LOG";
+pub const ENV_LOG_FORMAT: &str = "VMESH_CONTROL_LOG_FORMAT";
+
+#[derive(Debug, Parser)]
+#[command(name = "vmesh-control", version, about = "vmesh control plane")]
+pub struct Cli {
+    /// Data dir: root CA, admin credential, signing key, store.
+    #[arg(long, global = true, env = ENV_DATA_DIR, default_value = "./vmesh-data")]
+    pub data_dir: PathBuf,
+    /// Server to talk to (client commands).
+    #[arg(long, global = true, env = ENV_SERVER, default_value = "https://127.0.0.1:15012")]
+    pub server: String,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, global = true, env = ENV_LOG, default_value = "info")]
+    pub log: String,
+    #[arg(long, global = true, env = ENV_LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the control plane.
+    Serve(ServeArgs),
+    /// Create or update objects from a file or directory of YAML/JSON manifests.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Namespace for objects that name none.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Show objects.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'o', long, value_enum)]
+        output: Option<Output>,
+    },
+    /// Delete an object (deleting a WorkloadGroup deletes its auto-registered entries).
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+    },
+    /// Service-account tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Write the files a VM needs (like `istioctl x workload entry configure --autoregister`).
+    VmBundle(BundleArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    Yaml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Mint a token shaped like `kubectl create token SA --audience istio-ca`.
+    Create {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        ttl: Duration,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[arg(long, env = ENV_LISTEN, default_value = "127.0.0.1:15012")]
+    pub listen: std::net::SocketAddr,
+    /// How long a disconnected auto-registered WorkloadEntry is kept.
+    #[arg(long, env = ENV_GRACE_PERIOD, value_parser = parse_duration, default_value = "10s")]
+    pub grace_period: Duration,
+    #[arg(long, env = ENV_HEARTBEAT_INTERVAL, value_parser = parse_duration, default_value = "5s")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which a VM counts as disconnected.
+    #[arg(long, env = ENV_LIVENESS_TIMEOUT, value_parser = parse_duration, default_value = "15s")]
+    pub liveness_timeout: Duration,
+    /// Names and IPs for the serving certificate.
+    #[arg(long, env = ENV_SAN, value_delimiter = ',',
+          default_value = "localhost,127.0.0.1,::1,istiod.istio-system.svc,vmesh-control")]
+    pub san: Vec<String>,
+    /// Issuer (`iss`) of the tokens this control plane mints.
+    #[arg(long, env = ENV_ISSUER, default_value = "https://vmesh-control.vmesh.local")]
+    pub issuer: String,
+    /// Trust another issuer: ISSUER=JWKS_FILE (e.g. a cluster's /openid/v1/jwks).
+    #[arg(long, env = ENV_JWKS, value_delimiter = ',', value_parser = parse_jwks_arg)]
+    pub jwks: Vec<(String, PathBuf)>,
+    /// This replica's name (istio.io/workloadController); default: a fresh random name.
+    #[arg(long, env = ENV_REPLICA)]
+    pub replica: Option<String>,
+    #[arg(long, env = ENV_DOMAIN, default_value = vmesh_core::names::DEFAULT_DOMAIN)]
+    pub domain: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    #[arg(long)]
+    pub group: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// host:port the VM dials; default: the istiod name on the server's port.
+    #[arg(long)]
+    pub discovery_address: Option<String>,
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub token_ttl: Duration,
+    #[arg(long, default_value = "Kubernetes")]
+    pub cluster_id: String,
+    #[arg(long, default_value = "")]
+    pub mesh_id: String,
+}
+
+/// `10s`, `1h30m`, `500ms`, `2d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err("empty duration".into());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(digits);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86400),
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h, d)")),
+        };
+        total += d;
+        rest = tail;
+    }
+    Ok(total)
+}
+
+fn parse_jwks_arg(s: &str) -> Result<(String, PathBuf), String> {
+    let (iss, path) = s.split_once('=').ok_or("expected ISSUER=JWKS_FILE")?;
+    if iss.is_empty() || path.is_empty() {
+        return Err("expected ISSUER=JWKS_FILE".into());
+    }
+    Ok((iss.to_string(), PathBuf::from(path)))
+}
+
+fn init_tracing(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log")?;
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Entry point of the binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_format)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli))
+}
+
+fn admin_client(cli: &Cli) -> anyhow::Result<Client> {
+    let root_path = cli.data_dir.join(ROOT_CERT_FILE);
+    let root =
+        std::fs::read(&root_path).with_context(|| format!("reading {}", root_path.display()))?;
+    let tok_path = cli.data_dir.join(ADMIN_TOKEN_FILE);
+    let token = std::fs::read_to_string(&tok_path)
+        .with_context(|| format!("reading {}", tok_path.display()))?;
+    Ok(Client::new(&cli.server, &root, token.trim())?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Serve(a) => serve(&cli, a).await,
+        Command::Apply { file, namespace } => apply(&admin_client(&cli)?, file, namespace).await,
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
+        } => {
+            get(
+                &admin_client(&cli)?,
+                kind,
+                name.as_deref(),
+                namespace.as_deref(),
+                *all_namespaces,
+                *output,
+            )
+            .await
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+        } => {
+            let k = Kind::from_cli(kind)
+                .with_context(|| format!("the server doesn't have a resource type {kind:?}"))?;
+            let c = admin_client(&cli)?;
+            c.call(
+                Method::DELETE,
+                &format!(
+                    "/v1/admin/objects/{}/{namespace}/{name}",
+                    k.as_str().to_ascii_lowercase()
+                ),
+                None,
+            )
+            .await?;
+            println!("{}/{name} deleted", resource_name(k));
+            Ok(())
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    namespace,
+                    service_account,
+                    ttl,
+                },
+        } => {
+            let r = admin_client(&cli)?
+                .mint_token(namespace, service_account, *ttl)
+                .await?;
+            println!("{}", r.token);
+            Ok(())
+        }
+        Command::VmBundle(a) => vm_bundle(&cli, a).await,
+    }
+}
+
+async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
+    if a.liveness_timeout <= a.heartbeat_interval {
+        bail!(
+            "--liveness-timeout ({:?}) must be longer than --heartbeat-interval ({:?})",
+            a.liveness_timeout,
+            a.heartbeat_interval
+        );
+    }
+    if a.grace_period.is_zero() {
+        bail!("--grace-period must be positive");
+    }
+    for (_, p) in &a.jwks {
+        if !p.is_file() {
+            bail!("--jwks: {} is not a readable file", p.display());
+        }
+    }
+    let replica = a.replica.clone().unwrap_or_else(|| {
+        let mut b = [0u8; 4];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+        format!(
+            "vmesh-control-{}",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )
+    });
+    let cfg = ServeConfig {
+        data_dir: cli.data_dir.clone(),
+        listen: a.listen,
+        sans: a.san.clone(),
+        issuer: a.issuer.clone(),
+        jwks: a.jwks.clone(),
+        domain: a.domain.clone(),
+        settings: Settings {
+            replica,
+            grace: a.grace_period,
+            heartbeat_interval: a.heartbeat_interval,
+            liveness_timeout: a.liveness_timeout,
+            lease_ttl: a.liveness_timeout.max(Duration::from_secs(10)),
+        },
+        tick: Some(Duration::from_secs(1)),
+        coalesce: Duration::from_millis(10),
+    };
+    let shutdown = async {
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let mut running = start(cfg, Arc::new(SystemClock), shutdown).await?;
+    running.wait().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+fn manifest_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if path.as_os_str() == "-" || path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+        })
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no .yaml, .yml or .json files in {}", path.display());
+    }
+    Ok(files)
+}
+
+fn resource_name(k: Kind) -> String {
+    match k {
+        Kind::Service => "service".into(),
+        k => format!("{}.networking.istio.io", k.as_str().to_ascii_lowercase()),
+    }
+}
+
+async fn apply(c: &Client, path: &Path, namespace: &str) -> anyhow::Result<()> {
+    let mut documents = Vec::new();
+    for f in manifest_files(path)? {
+        let text = if f.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin())?
+        } else {
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?
+        };
+        documents.extend(
+            parse_documents(&f.display().to_string(), &text)
+                .map_err(|e| anyhow::anyhow!("error: {e}"))?,
+        );
+    }
+    for o in c.apply(documents, namespace).await? {
+        println!("{}/{} {}", resource_name(o.kind), o.name, o.action);
+    }
+    Ok(())
+}
+
+async fn get(
+    c: &Client,
+    kind: &str,
+    name: Option<&str>,
+    namespace: Option<&str>,
+    all: bool,
+    output: Option<Output>,
+) -> anyhow::Result<()> {
+    let k = Kind::from_cli(kind)
+        .with_context(|| format!("the server doesn't have a resource type {kind:?}"))?;
+    let ks = k.as_str().to_ascii_lowercase();
+    let ns = if all {
+        None
+    } else {
+        Some(namespace.unwrap_or("default"))
+    };
+    let items: Vec<serde_json::Value> = match name {
+        Some(n) => {
+            let path = format!("/v1/admin/objects/{ks}/{}/{n}", ns.unwrap_or("default"));
+            vec![c.json(Method::GET, &path, None::<&()>).await?]
+        }
+        None => {
+            let path = match ns {
+                Some(ns) => format!("/v1/admin/objects/{ks}?namespace={ns}"),
+                None => format!("/v1/admin/objects/{ks}"),
+            };
+            let v: serde_json::Value = c.json(Method::GET, &path, None::<&()>).await?;
+            v["items"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let doc = if name.is_some() {
+        items.first().cloned().unwrap_or_default()
+    } else {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items})
+    };
+    match output {
+        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&doc)?),
+        Some(Output::Yaml) => print!("{}", serde_norway::to_string(&doc)?),
+        None => print_table(k, &items, all),
+    }
+    Ok(())
+}
+
+fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
+    if items.is_empty() {
+        eprintln!("No resources found.");
+        return;
+    }
+    let mut rows = vec![];
+    let head: Vec<&str> = match k {
+        Kind::WorkloadEntry => vec!["NAME", "ADDRESS", "STATE", "HEALTHY"],
+        Kind::ServiceEntry => vec!["NAME", "HOSTS", "LOCATION", "RESOLUTION"],
+        Kind::WorkloadGroup => vec!["NAME", "SERVICE ACCOUNT"],
+        Kind::Service => vec!["NAME", "CLUSTER-IP", "PORTS"],
+    };
+    let mut header: Vec<String> = head.iter().map(|s| s.to_string()).collect();
+    if all {
+        header.insert(0, "NAMESPACE".into());
+    }
+    rows.push(header);
+    for v in items {
+        let r: Result<Resource, _> = Resource::from_json_kind(k, v.to_string().as_bytes());
+        let Ok(r) = r else { continue };
+        let mut row: Vec<String> = match &r {
+            Resource::WorkloadEntry(e) => {
+                let state = if !vmesh_core::istio::workload::is_auto_registered(e) {
+                    "manual"
+                } else if vmesh_core::istio::workload::disconnected_at(e).is_some() {
+                    "disconnected"
+                } else {
+                    "connected"
+                };
+                let health = vmesh_core::istio::workload::healthy_condition(e)
+                    .map_or("-".to_string(), |c| c.status.clone());
+                vec![
+                    e.metadata.name.clone(),
+                    e.spec.address.clone(),
+                    state.into(),
+                    health,
+                ]
+            }
+            Resource::ServiceEntry(s) => vec![
+                s.metadata.name.clone(),
+                s.spec.hosts.join(","),
+                serde_json::to_value(s.spec.location)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                serde_json::to_value(s.spec.resolution)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+            ],
+            Resource::WorkloadGroup(g) => {
+                vec![
+                    g.metadata.name.clone(),
+                    vmesh_core::istio::workload::expected_service_account(g).to_string(),
+                ]
+            }
+            Resource::Service(s) => vec![
+                s.metadata.name.clone(),
+                if s.spec.cluster_ip.is_empty() {
+                    "<none>".into()
+                } else {
+                    s.spec.cluster_ip.clone()
+                },
+                s.spec
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        format!(
+                            "{}/{}",
+                            p.port,
+                            if p.protocol.is_empty() {
+                                "TCP"
+                            } else {
+                                &p.protocol
+                            }
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ],
+        };
+        if all {
+            row.insert(0, r.meta().namespace.clone());
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
+async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
+    let c = admin_client(cli)?;
+    let group: WorkloadGroup = c
+        .json(
+            Method::GET,
+            &format!(
+                "/v1/admin/objects/workloadgroup/{}/{}",
+                a.namespace, a.group
+            ),
+            None::<&()>,
+        )
+        .await?;
+    let sa = vmesh_core::istio::workload::expected_service_account(&group).to_string();
+    let tok = c.mint_token(&a.namespace, &sa, a.token_ttl).await?;
+    let server = cli
+        .server
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let (server_host, server_port) = server.rsplit_once(':').unwrap_or((server, "15012"));
+    let server_host = server_host.trim_start_matches('[').trim_end_matches(']');
+    let opts = BundleOptions {
+        discovery_address: a
+            .discovery_address
+            .clone()
+            .unwrap_or_else(|| format!("istiod.istio-system.svc:{server_port}")),
+        control_plane_ip: if server_host.parse::<std::net::IpAddr>().is_ok() {
+            server_host.to_string()
+        } else {
+            String::new()
+        },
+        cluster_id: a.cluster_id.clone(),
+        mesh_id: a.mesh_id.clone(),
+        ..BundleOptions::default()
+    };
+    std::fs::create_dir_all(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    for (name, body) in render(&group, &opts) {
+        let p = a.output.join(name);
+        std::fs::write(&p, body).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let root = std::fs::read(cli.data_dir.join(ROOT_CERT_FILE))?;
+    std::fs::write(a.output.join("root-cert.pem"), root)?;
+    write_private(&a.output.join("istio-token"), tok.token.as_bytes())?;
+    println!(
+        "wrote cluster.env, mesh.yaml, root-cert.pem, istio-token, hosts to {}",
+        a.output.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_like_go() {
+        for (s, d) in [
+            ("10s", 10_000),
+            ("1h30m", 5_400_000),
+            ("500ms", 500),
+            ("15", 15_000),
+            ("2d", 172_800_000),
+        ] {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(d)), "{s}");
+        }
+        for s in ["", "10x", "s", "1.5s"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn command_line_parses() {
+        Cli::try_parse_from([
+            "vmesh-control",
+            "serve",
+            "--grace-period",
+            "30s",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "vmesh-control",
+            "get",
+            "we",
+            "-n",
+            "vm-namespace",
+            "-o",
+            "yaml",
+        ])
+        .unwrap();
+        Cli::try_parse_from([
+            "vmesh-control",
+            "token",
+            "create",
+            "-n",
+            "ns",
+            "--service-account",
+            "sa",
+            "--ttl",
+            "1h",
+        ])
+        .unwrap();
+        assert!(Cli::try_parse_from(["vmesh-control", "serve", "--grace-period", "soon"]).is_err());
+    }
+}

@@ -1,0 +1,288 @@
+//! The HTTPS client the CLI (and the tests and benchmark) use to talk to `vmesh-control serve`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::api::{ApiError, ApplyRequest, TokenRequest, TokenResponse};
+use crate::config::Document;
+use crate::registry::ApplyOutcome;
+use crate::tls::{client_config, server_name, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("server URL {0:?} must look like https://HOST:PORT")]
+    BadUrl(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("server said {status}: {}", .error.message)]
+    Api { status: u16, error: ApiError },
+}
+
+/// A response that was not an error status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    addr: String,
+    authority: String,
+    name: ServerName<'static>,
+    tls: TlsConnector,
+    token: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits `https://host:port[/]` into (connect address, authority, TLS name).
+fn parse_url(url: &str) -> Result<(String, String, String), ClientError> {
+    let bad = || ClientError::BadUrl(url.to_string());
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(bad)?
+        .trim_end_matches('/');
+    let (host, port) = if let Some(r) = rest.strip_prefix('[') {
+        let (h, p) = r.split_once(']').ok_or_else(bad)?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or("443"))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (rest.to_string(), "443"),
+        }
+    };
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || host.contains('/') {
+        return Err(bad());
+    }
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    Ok((addr.clone(), addr, host))
+}
+
+/// One kept-alive HTTP/1.1 connection.
+#[derive(Debug)]
+pub struct Connection {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    client: Client,
+}
+
+impl Client {
+    pub fn new(url: &str, root_pem: &[u8], token: &str) -> Result<Self, ClientError> {
+        let (addr, authority, host) = parse_url(url)?;
+        let cfg = client_config(root_pem)?;
+        Ok(Client {
+            addr,
+            authority,
+            name: server_name(&host)?,
+            tls: TlsConnector::from(Arc::new(cfg)),
+            token: token.to_string(),
+        })
+    }
+
+    /// The same server with another bearer token.
+    pub fn with_token(&self, token: &str) -> Client {
+        Client {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        let tcp = TcpStream::connect(&self.addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self
+            .tls
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Connection {
+            sender,
+            client: self.clone(),
+        })
+    }
+
+    /// `POST /v1/admin/tokens` (admin credential): a VM token for `namespace/service_account`.
+    pub async fn mint_token(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: std::time::Duration,
+    ) -> Result<TokenResponse, ClientError> {
+        let req = TokenRequest {
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+            ttl_seconds: ttl.as_secs(),
+        };
+        self.json(Method::POST, "/v1/admin/tokens", Some(&req))
+            .await
+    }
+
+    /// `POST /v1/admin/apply` (admin credential).
+    pub async fn apply(
+        &self,
+        documents: Vec<Document>,
+        namespace: &str,
+    ) -> Result<Vec<ApplyOutcome>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Results {
+            results: Vec<ApplyOutcome>,
+        }
+        let req = ApplyRequest {
+            documents,
+            namespace: namespace.to_string(),
+        };
+        let r: Results = self
+            .json(Method::POST, "/v1/admin/apply", Some(&req))
+            .await?;
+        Ok(r.results)
+    }
+
+    /// One request on a fresh connection.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        self.connect().await?.call(method, path, body).await
+    }
+
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        self.connect().await?.json(method, path, body).await
+    }
+}
+
+impl Connection {
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Reply, ClientError> {
+        let c = &self.client;
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(HOST, &c.authority)
+            .header(AUTHORIZATION, format!("Bearer {}", c.token));
+        if body.is_some() {
+            b = b.header(CONTENT_TYPE, "application/json");
+        }
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if status.is_client_error() || status.is_server_error() {
+            let mut error: ApiError = serde_json::from_slice(&body).unwrap_or_else(|_| ApiError {
+                status: status.as_u16(),
+                error: "http".into(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+                field: None,
+                source: None,
+                index: None,
+            });
+            error.status = status.as_u16();
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                error,
+            });
+        }
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub async fn json<T: serde::de::DeserializeOwned>(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&impl serde::Serialize>,
+    ) -> Result<T, ClientError> {
+        let body = body.map(|b| serde_json::to_vec(b).unwrap_or_default());
+        let r = self.call(method, path, body).await?;
+        serde_json::from_slice(&r.body).map_err(|e| ClientError::Api {
+            status: r.status.as_u16(),
+            error: ApiError {
+                status: r.status.as_u16(),
+                error: "decode".into(),
+                message: e.to_string(),
+                field: None,
+                source: None,
+                index: None,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_into_address_and_name() {
+        assert_eq!(
+            parse_url("https://127.0.0.1:15012").unwrap().0,
+            "127.0.0.1:15012"
+        );
+        assert_eq!(
+            parse_url("https://[::1]:15012/").unwrap(),
+            ("[::1]:15012".into(), "[::1]:15012".into(), "::1".into())
+        );
+        assert_eq!(
+            parse_url("https://istiod.istio-system.svc").unwrap().0,
+            "istiod.istio-system.svc:443"
+        );
+        assert!(parse_url("http://x:1").is_err());
+        assert!(parse_url("https://x:notaport").is_err());
+    }
+}

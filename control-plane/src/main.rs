@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    vmesh_control::cli::main()
+}

@@ -1,0 +1,145 @@
+//! Prometheus text exposition of the control plane's counters. Counters are plain atomics
+//! bumped on the request path; gauges that describe stored state are computed at scrape time
+//! from the cache, so they cannot drift.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (b, le) in self.buckets.iter().zip(BUCKETS) {
+            if s <= le {
+                b.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (b, le) in self.buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                b.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+}
+
+/// Counters keyed by one label value.
+#[derive(Debug, Default)]
+pub struct LabeledCounter(Mutex<BTreeMap<&'static str, u64>>);
+
+impl LabeledCounter {
+    pub fn inc(&self, label: &'static str) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry(label).or_default() += 1;
+    }
+
+    pub fn get(&self, label: &str) -> u64 {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(label).copied().unwrap_or(0)
+    }
+
+    fn render(&self, name: &str, label: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (v, n) in m.iter() {
+            let _ = writeln!(out, "{name}{{{label}=\"{v}\"}} {n}");
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub registrations: LabeledCounter,
+    pub token_refusals: LabeledCounter,
+    pub health_reports: LabeledCounter,
+    pub heartbeats: AtomicU64,
+    pub open_long_polls: AtomicI64,
+    pub store_commit: Histogram,
+}
+
+/// State-derived gauges, computed by the caller at scrape time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EntryGauges {
+    pub connected: u64,
+    pub disconnected: u64,
+    pub manual: u64,
+    pub healthy: u64,
+    pub unhealthy: u64,
+}
+
+impl Metrics {
+    pub fn render(&self, g: EntryGauges) -> String {
+        let mut out = String::with_capacity(4096);
+        self.registrations.render(
+            "vmesh_registrations_total",
+            "result",
+            "VM registrations by result.",
+            &mut out,
+        );
+        self.token_refusals.render(
+            "vmesh_token_refusals_total",
+            "reason",
+            "Refused bearer tokens by reason.",
+            &mut out,
+        );
+        self.health_reports.render(
+            "vmesh_health_reports_total",
+            "outcome",
+            "Health reports by outcome (applied, stale).",
+            &mut out,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_heartbeats_total Liveness reports received.\n# TYPE vmesh_heartbeats_total counter\nvmesh_heartbeats_total {}",
+            self.heartbeats.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP vmesh_workload_entries WorkloadEntries by state.\n# TYPE vmesh_workload_entries gauge");
+        for (state, n) in [
+            ("connected", g.connected),
+            ("disconnected", g.disconnected),
+            ("manual", g.manual),
+        ] {
+            let _ = writeln!(out, "vmesh_workload_entries{{state=\"{state}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP vmesh_workload_entries_health WorkloadEntries by health.\n# TYPE vmesh_workload_entries_health gauge");
+        for (h, n) in [("healthy", g.healthy), ("unhealthy", g.unhealthy)] {
+            let _ = writeln!(out, "vmesh_workload_entries_health{{health=\"{h}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_name_table_long_polls Name-table long-polls waiting now.\n# TYPE vmesh_name_table_long_polls gauge\nvmesh_name_table_long_polls {}",
+            self.open_long_polls.load(Ordering::Relaxed)
+        );
+        self.store_commit.render(
+            "vmesh_store_commit_seconds",
+            "Store commit latency (one fsync'd batch).",
+            &mut out,
+        );
+        out
+    }
+}

@@ -1,0 +1,204 @@
+//! Name tables per client namespace and their long-poll.
+//!
+//! A background task rebuilds [`MeshNames`] after store changes (coalescing bursts for a few
+//! milliseconds), allocates VIPs and persists the VIP table, then re-cuts the table of every
+//! namespace a client has asked for. Long-polls wait on one generation counter and compare
+//! their namespace's version, so a change wakes every waiter once and only those whose table
+//! changed answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use vmesh_core::istio::model::{Resource, Service, ServiceEntry, WorkloadEntry};
+use vmesh_core::istio::names::{hosts_needing_vips, Mesh, MeshNames};
+use vmesh_core::istio::vip::allocate;
+
+use crate::cache::Cache;
+use crate::metrics::Metrics;
+use crate::store::{Precondition, Store, Txn, VIPS_KEY};
+
+/// One namespace's table, serialized once and shared by every response.
+#[derive(Debug)]
+pub struct Served {
+    pub version: String,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    mesh: Arc<MeshNames>,
+    per_ns: HashMap<String, Arc<Served>>,
+}
+
+#[derive(Debug)]
+pub struct NameTables {
+    inner: RwLock<Inner>,
+    generation: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+    domain: String,
+}
+
+fn serve(mesh: &MeshNames, ns: &str) -> Arc<Served> {
+    let t = mesh.table_for(ns);
+    Arc::new(Served {
+        body: Bytes::from(t.to_json()),
+        version: t.version,
+    })
+}
+
+struct PollGuard<'a>(&'a Metrics);
+
+impl Drop for PollGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_long_polls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl NameTables {
+    pub fn new(metrics: Arc<Metrics>, domain: &str) -> Arc<Self> {
+        let (generation, _) = watch::channel(0);
+        Arc::new(NameTables {
+            inner: RwLock::new(Inner::default()),
+            generation,
+            metrics,
+            domain: domain.to_string(),
+        })
+    }
+
+    /// The namespace's current table.
+    pub fn current(&self, ns: &str) -> Arc<Served> {
+        {
+            let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = g.per_ns.get(ns) {
+                return s.clone();
+            }
+        }
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let mesh = g.mesh.clone();
+        g.per_ns
+            .entry(ns.to_string())
+            .or_insert_with(|| serve(&mesh, ns))
+            .clone()
+    }
+
+    /// The table at once if `known` is not its version; otherwise the next one, or `None`
+    /// after `wait`.
+    pub async fn poll(&self, ns: &str, known: Option<&str>, wait: Duration) -> Option<Arc<Served>> {
+        let mut rx = self.generation.subscribe();
+        let cur = self.current(ns);
+        if known != Some(cur.version.as_str()) {
+            return Some(cur);
+        }
+        self.metrics.open_long_polls.fetch_add(1, Ordering::Relaxed);
+        let _guard = PollGuard(&self.metrics);
+        let deadline = tokio::time::sleep(wait);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    let cur = self.current(ns);
+                    if known != Some(cur.version.as_str()) {
+                        return Some(cur);
+                    }
+                }
+                _ = &mut deadline => return None,
+            }
+        }
+    }
+
+    fn publish(&self, mesh: MeshNames) {
+        let namespaces: Vec<String> = {
+            let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            g.per_ns.keys().cloned().collect()
+        };
+        let fresh: HashMap<String, Arc<Served>> = namespaces
+            .iter()
+            .map(|ns| (ns.clone(), serve(&mesh, ns)))
+            .collect();
+        let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        let changed = fresh
+            .iter()
+            .any(|(ns, s)| g.per_ns.get(ns).is_none_or(|old| old.version != s.version));
+        g.mesh = Arc::new(mesh);
+        g.per_ns = fresh;
+        drop(g);
+        if changed {
+            self.generation.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// Rebuilds the tables whenever the cache changes, until the cache goes away.
+///
+/// The wait before a rebuild is `coalesce`, or four times the recent rebuild duration if that
+/// is longer, so a storm of registrations into a large mesh spends at most about a fifth of a
+/// core on rebuilding while small meshes see changes within milliseconds.
+pub async fn run<S: Store>(
+    store: Arc<S>,
+    cache: Arc<Cache>,
+    tables: Arc<NameTables>,
+    coalesce: Duration,
+) {
+    let mut changes = cache.subscribe();
+    let mut recent = Duration::ZERO;
+    loop {
+        let started = std::time::Instant::now();
+        rebuild(&*store, &cache, &tables).await;
+        recent = started.elapsed().max(recent / 2);
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(coalesce.max(recent * 4)).await;
+        changes.borrow_and_update();
+    }
+}
+
+/// One rebuild: VIPs allocated (and persisted when they change), tables re-cut.
+pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
+    // Take references under the lock, build outside it: writers must not wait for a rebuild.
+    let (objects, old_vips, vips_revision) = cache.read(|s| {
+        let objects: Vec<Arc<Resource>> = s.objects.values().map(|c| c.object.clone()).collect();
+        (objects, s.vips.clone(), s.vips_revision)
+    });
+    let (mut services, mut ses, mut entries): (
+        Vec<&Service>,
+        Vec<&ServiceEntry>,
+        Vec<&WorkloadEntry>,
+    ) = (Vec::new(), Vec::new(), Vec::new());
+    for o in &objects {
+        match &**o {
+            Resource::Service(o) => services.push(o),
+            Resource::ServiceEntry(o) => ses.push(o),
+            Resource::WorkloadEntry(o) => entries.push(o),
+            Resource::WorkloadGroup(_) => {}
+        }
+    }
+    let vips = allocate(&old_vips, &hosts_needing_vips(&ses));
+    let mesh = MeshNames::build(&Mesh {
+        domain: &tables.domain,
+        services: &services,
+        service_entries: &ses,
+        entries: &entries,
+        vips: &vips,
+    });
+    let vip_update = (vips != old_vips).then_some((vips, vips_revision));
+    if let Some((vips, rev)) = vip_update {
+        let check = rev.map_or(Precondition::Absent, Precondition::Revision);
+        let txn = Txn::default().check(VIPS_KEY.to_string(), check).put(
+            VIPS_KEY.to_string(),
+            serde_json::to_vec(&vips).unwrap_or_default(),
+        );
+        // A lost race means another writer persisted a table; the next rebuild adopts it.
+        if let Err(e) = store.commit(txn).await {
+            tracing::warn!(error = %e, "VIP table not persisted; will retry on the next change");
+        }
+    }
+    tables.publish(mesh);
+}

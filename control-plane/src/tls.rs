@@ -1,0 +1,183 @@
+//! TLS: the control plane's root CA (created on first start in the data dir, like istiod's
+//! self-signed root) and a serving certificate for the configured names and IPs, issued by it
+//! at every start. Clients trust `root-cert.pem`.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    #[error("TLS config: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("PEM in {0} is not a certificate or key")]
+    Pem(String),
+    #[error("{0:?} is neither a DNS name nor an IP address")]
+    BadName(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn ca_params() -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "vmesh");
+    dn.push(DnType::CommonName, "vmesh root CA");
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2099, 12, 31);
+    Ok(p)
+}
+
+/// Writes a file only the owner may read.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), std::io::Error> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o.open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The root CA of a data dir.
+pub struct Ca {
+    key: KeyPair,
+    pub cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path) -> Result<Ca, TlsError> {
+        let (cert_path, key_path) = (dir.join(ROOT_CERT_FILE), dir.join(ROOT_KEY_FILE));
+        if key_path.exists() && cert_path.exists() {
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key = KeyPair::from_pem(&key_pem)?;
+            return Ok(Ca { key, cert_pem });
+        }
+        let key = KeyPair::generate()?;
+        let cert = ca_params()?.self_signed(&key)?;
+        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+        write_private(&cert_path, cert.pem().as_bytes()).map_err(io(&cert_path))?;
+        Ok(Ca {
+            key,
+            cert_pem: cert.pem(),
+        })
+    }
+
+    /// A serving certificate (chain: leaf, root) and its key for `names` (DNS names or IPs).
+    pub fn issue_server(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        for n in names {
+            let san = match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.clone()
+                        .try_into()
+                        .map_err(|_| TlsError::BadName(n.clone()))?,
+                ),
+            };
+            p.subject_alt_names.push(san);
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "vmesh-control".into()),
+        );
+        p.distinguished_name = dn;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2099, 12, 31);
+        let leaf_key = KeyPair::generate()?;
+        let issuer = Issuer::new(ca_params()?, &self.key);
+        let leaf = p.signed_by(&leaf_key, &issuer)?;
+        let root = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .map_err(|_| TlsError::Pem(ROOT_CERT_FILE.into()))?;
+        let key = PrivateKeyDer::try_from(leaf_key.serialize_der())
+            .map_err(|_| TlsError::Pem("serving key".into()))?;
+        Ok((vec![leaf.der().clone(), root], key))
+    }
+
+    pub fn server_config(&self, names: &[String]) -> Result<rustls::ServerConfig, TlsError> {
+        let (chain, key) = self.issue_server(names)?;
+        let mut c = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(c)
+    }
+}
+
+/// A client config that trusts exactly the given root certificate PEM.
+pub fn client_config(root_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem) {
+        let cert = cert.map_err(|_| TlsError::Pem("root certificate".into()))?;
+        roots.add(cert)?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::Pem("root certificate".into()));
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(c)
+}
+
+pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(host.to_string()).map_err(|_| TlsError::BadName(host.to_string()))
+}
