@@ -147,6 +147,7 @@ pub fn small_table(version: &str) -> NameTable {
             "cluster.local".into(),
         ],
         names,
+        services: Default::default(),
     }
 }
 
@@ -212,6 +213,7 @@ pub fn kubernetes_scale_table(names: usize, version: &str) -> NameTable {
             "cluster.local".into(),
         ],
         names: BTreeMap::new(),
+        services: Default::default(),
     };
     let kubernetes = names * 4 / 5;
     for i in 0..kubernetes {
