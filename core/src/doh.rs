@@ -19,21 +19,36 @@ pub enum DohError {
     TooLarge,
 }
 
-/// The DNS message of a GET request (RFC 8484 §4.1: `?dns=` base64url, no padding).
+/// The DNS message of a GET request (RFC 8484 §4.1: `?dns=` base64url, no padding), from a
+/// request path with its query string.
 pub fn query_from_path(path: &str) -> Result<Vec<u8>, DohError> {
-    let query = path.split_once('?').map(|(_, q)| q).unwrap_or("");
+    query_from_query_string(path.split_once('?').map(|(_, q)| q))
+}
+
+/// Same, from the query string alone (the part after `?`).
+pub fn query_from_query_string(query: Option<&str>) -> Result<Vec<u8>, DohError> {
     let value = query
+        .unwrap_or("")
         .split('&')
         .find_map(|kv| kv.strip_prefix("dns="))
         .ok_or(DohError::MissingDnsParameter)?;
     // 65535 bytes encode to at most 87380 characters; refuse before decoding anything larger.
-    if value.len() > TCP_LIMIT / 3 * 4 + 4 {
+    if value.len() > TCP_LIMIT.div_ceil(3) * 4 + 8 {
         return Err(DohError::TooLarge);
     }
-    // Some clients pad anyway; accept that rather than fail a valid query.
-    URL_SAFE_NO_PAD
-        .decode(value.trim_end_matches('='))
-        .map_err(|_| DohError::BadBase64)
+    // Some clients pad anyway, some percent-encode the padding; accept both rather than fail
+    // a valid query.
+    let value = value
+        .trim_end_matches("%3D")
+        .trim_end_matches("%3d")
+        .trim_end_matches('=');
+    let message = URL_SAFE_NO_PAD
+        .decode(value)
+        .map_err(|_| DohError::BadBase64)?;
+    if message.len() > TCP_LIMIT {
+        return Err(DohError::TooLarge);
+    }
+    Ok(message)
 }
 
 /// RFC 8484 §5.1: the HTTP freshness lifetime must not exceed the smallest answer TTL.
@@ -72,5 +87,31 @@ mod tests {
         );
         let huge = format!("/dns-query?dns={}", "A".repeat(100_000));
         assert_eq!(query_from_path(&huge), Err(DohError::TooLarge));
+    }
+
+    #[test]
+    fn padded_and_percent_encoded_padding_are_accepted() {
+        let plain = query_from_path("/dns-query?dns=AAABAAABAAAAAAAAAAAAAQAB").unwrap();
+        assert_eq!(
+            query_from_path("/dns-query?ct&dns=AAABAAABAAAAAAAAAAAAAQAB==").unwrap(),
+            plain
+        );
+        assert_eq!(
+            query_from_query_string(Some("dns=AAABAAABAAAAAAAAAAAAAQAB%3D%3D")).unwrap(),
+            plain
+        );
+    }
+
+    #[test]
+    fn padded_and_percent_encoded_padding_are_accepted() {
+        let plain = query_from_path("/dns-query?dns=AAABAAABAAAAAAAAAAAAAQAB").unwrap();
+        assert_eq!(
+            query_from_path("/dns-query?ct&dns=AAABAAABAAAAAAAAAAAAAQAB==").unwrap(),
+            plain
+        );
+        assert_eq!(
+            query_from_query_string(Some("dns=AAABAAABAAAAAAAAAAAAAQAB%3D%3D")).unwrap(),
+            plain
+        );
     }
 }

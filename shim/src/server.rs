@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
@@ -153,30 +152,13 @@ async fn dns_get(app: &App, req: &Request<Incoming>) -> Response<Body> {
         Ok(mode) => mode,
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let Some(encoded) = query_param(req.uri().query(), "dns") else {
-        return text(StatusCode::BAD_REQUEST, "missing dns= parameter");
-    };
-    // base64url of 65535 bytes is 87380 characters; longer cannot be a DNS message.
-    if encoded.len() > MAX_DNS_MESSAGE.div_ceil(3) * 4 {
-        return too_large();
-    }
-    let engine = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::URL_SAFE,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    let message = match engine.decode(encoded.as_bytes()) {
+    let message = match vmesh_core::doh::query_from_query_string(req.uri().query()) {
         Ok(m) => m,
-        Err(e) => {
-            return text(
-                StatusCode::BAD_REQUEST,
-                &format!("dns= is not base64url: {e}"),
-            )
+        Err(e @ vmesh_core::doh::DohError::TooLarge) => {
+            return text(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string())
         }
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    if message.len() > MAX_DNS_MESSAGE {
-        return too_large();
-    }
     relay(app, &message, mode).await
 }
 
