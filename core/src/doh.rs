@@ -101,4 +101,4 @@ mod tests {
             plain
         );
     }
-
+}
