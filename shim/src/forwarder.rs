@@ -27,7 +27,10 @@ pub enum Mode {
     /// `udp`: the client asked over UDP; its answer goes back as UDP gave it, TC included, and
     /// the client retries over TCP itself.
     Udp,
-    /// `tcp`: the client asked over TCP.
+    /// `tcp`: the client asked over TCP and takes answers of any size. Asked over UDP first
+    /// and over TCP only when that answer is truncated: a TCP connection per query costs the
+    /// upstream far more (dnsmasq forks for each one), and the client still gets the whole
+    /// answer.
     Tcp,
     /// No header (a real DoH client): UDP, and over TCP when the UDP answer is truncated, since
     /// a DoH client never retries over TCP.
@@ -48,11 +51,10 @@ impl Mode {
         }
     }
 
-    fn first_protocol(self) -> Protocol {
-        match self {
-            Mode::Udp | Mode::Doh => Protocol::Udp,
-            Mode::Tcp => Protocol::Tcp,
-        }
+    /// Whether the client takes any size, so a truncated UDP answer must be asked again
+    /// over TCP.
+    fn wants_whole_answer(self) -> bool {
+        matches!(self, Mode::Tcp | Mode::Doh)
     }
 
     /// The transport core sizes a SERVFAIL for.
@@ -152,7 +154,7 @@ impl Forwarder {
         })
     }
 
-    /// One upstream: the first protocol, then TCP if this is DoH and UDP came back truncated.
+    /// One upstream: UDP, then TCP if the client takes any size and UDP came back truncated.
     async fn attempt(
         &self,
         addr: SocketAddr,
@@ -160,10 +162,9 @@ impl Forwarder {
         sent: &mut [u8],
         deadline: Instant,
     ) -> Result<Attempt, ExchangeError> {
-        let protocol = mode.first_protocol();
-        let answer = self.ask(addr, protocol, sent, deadline).await?;
-        if mode != Mode::Doh || !is_truncated(&answer) {
-            return Ok(Attempt::Answer(answer, protocol));
+        let answer = self.ask(addr, Protocol::Udp, sent, deadline).await?;
+        if !mode.wants_whole_answer() || !is_truncated(&answer) {
+            return Ok(Attempt::Answer(answer, Protocol::Udp));
         }
         match self.ask(addr, Protocol::Tcp, sent, deadline).await {
             Ok(full) => Ok(Attempt::Answer(full, Protocol::Tcp)),

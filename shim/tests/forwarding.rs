@@ -59,7 +59,7 @@ async fn ipv6_upstream_is_asked_over_udp_and_tcp() {
         eprintln!("skipped: no IPv6 loopback on this machine");
         return;
     }
-    let dns = DnsServer::start_on("::1".parse().unwrap(), Behaviour::Answer, marker(6)).await;
+    let dns = DnsServer::start_on("::1".parse().unwrap(), Behaviour::TruncateUdp, marker(6)).await;
     let shim = start_shim(&["--upstream", &dns.addr.to_string()]).await;
     let http = Http::h1(shim.local_addr());
     let q = query(CLIENT_ID, "v6.example", A, None);
@@ -68,11 +68,15 @@ async fn ipv6_upstream_is_asked_over_udp_and_tcp() {
         http.dns(&q, Some("udp")).await.body,
         dns.answer_for(&q, Proto::Udp)
     );
+    // Truncated over UDP, so the TCP client's query is asked again over TCP.
     assert_eq!(
         http.dns(&q, Some("tcp")).await.body,
         dns.answer_for(&q, Proto::Tcp)
     );
-    assert_eq!(dns.protocols_seen(), vec![Proto::Udp, Proto::Tcp]);
+    assert_eq!(
+        dns.protocols_seen(),
+        vec![Proto::Udp, Proto::Udp, Proto::Tcp]
+    );
     shim.stop().await;
 }
 
@@ -150,7 +154,7 @@ async fn udp_transport_passes_a_truncated_answer_through() {
 }
 
 #[tokio::test]
-async fn tcp_transport_asks_upstream_over_tcp() {
+async fn tcp_transport_gets_the_whole_answer_over_udp_then_tcp_when_truncated() {
     let dns = DnsServer::start(Behaviour::TruncateUdp, marker(1)).await;
     let shim = start_shim(&["--upstream", &dns.addr.to_string()]).await;
     let q = query(CLIENT_ID, "many.example", A, None);
@@ -159,7 +163,20 @@ async fn tcp_transport_asks_upstream_over_tcp() {
 
     assert_eq!(reply.body, dns.answer_for(&q, Proto::Tcp));
     assert_eq!(Response::parse(&reply.body).unwrap().answers.len(), 100);
-    assert_eq!(dns.protocols_seen(), vec![Proto::Tcp]);
+    assert_eq!(dns.protocols_seen(), vec![Proto::Udp, Proto::Tcp]);
+    shim.stop().await;
+}
+
+#[tokio::test]
+async fn tcp_transport_does_not_open_a_connection_when_udp_answers_whole() {
+    let dns = DnsServer::start(Behaviour::Answer, marker(1)).await;
+    let shim = start_shim(&["--upstream", &dns.addr.to_string()]).await;
+    let q = query(CLIENT_ID, "one.example", A, None);
+
+    let reply = Http::h1(shim.local_addr()).dns(&q, Some("tcp")).await;
+
+    assert_eq!(Response::parse(&reply.body).unwrap().header.id, CLIENT_ID);
+    assert_eq!(dns.protocols_seen(), vec![Proto::Udp]);
     shim.stop().await;
 }
 
