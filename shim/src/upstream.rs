@@ -251,12 +251,13 @@ async fn exchange_udp(
         .await
         .map_err(io_err("UDP connect"))?;
     socket.send(query).await.map_err(io_err("UDP send"))?;
-    // Large EDNS answers must arrive whole, so the buffer takes the largest datagram.
-    let mut buf = vec![0u8; TCP_LIMIT];
+    // Large EDNS answers must arrive whole, so the buffer takes the largest datagram; recv_buf
+    // fills spare capacity, so the 64 KiB are not zeroed for every query.
+    let mut buf = Vec::with_capacity(TCP_LIMIT);
     loop {
-        let n = socket.recv(&mut buf).await.map_err(io_err("UDP receive"))?;
-        let datagram = buf.get(..n).unwrap_or_default();
-        if inspect::answers(asked, datagram) {
+        buf.clear();
+        let n = socket.recv_buf(&mut buf).await.map_err(io_err("UDP receive"))?;
+        if inspect::answers(asked, buf.get(..n).unwrap_or_default()) {
             buf.truncate(n);
             return Ok(buf);
         }
