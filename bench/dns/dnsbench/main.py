@@ -31,9 +31,12 @@ FORWARDED_NAMES = 1_000
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="bench/dns/run.sh", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="bench/dns/run.sh", description=__doc__,
+        epilog="bench/dns/run.sh --no-build --report FILE.json prints an earlier run's "
+               "markdown again.")
     p.add_argument("--quick", action="store_true",
-                   help="1,000 names only, shorter runs (about 3 minutes)")
+                   help="1,000 names only, shorter runs (about 5 minutes)")
     p.add_argument("--concurrency", type=int, default=2, help="Envoy --concurrency (both)")
     p.add_argument("--sizes", default=None, help="name table sizes (default 10,1000,10000)")
     p.add_argument("--mixes", default="owned,forwarded",
@@ -326,8 +329,20 @@ class Bench:
                         self.procs.stop(p)
 
 
+def rerender(path: Path) -> int:
+    """Prints the markdown of an earlier results file again (after a report change)."""
+    data = json.loads(path.read_text())
+    summary = report.summarize(data["runs"])
+    rows = report.targets(summary, data["runs"], data["meta"]["wasm_bytes"])
+    md = report.markdown(data["meta"], summary, rows, data["runs"])
+    print(md)
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--report":
+        return rerender(Path(argv[1]))
     args = parse_args(argv)
     here = Path(__file__).resolve().parent.parent
     repo = here.parent.parent

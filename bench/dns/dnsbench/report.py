@@ -65,6 +65,20 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def rep_ratios(runs, kind, key, field):
+    """vmesh/native of `field` within each repetition (the two ran minutes apart at most)."""
+    by_rep = {}
+    for r in _kept(runs):
+        if r["kind"] == kind and (r["size"], r["mix"], r["transport"]) == key:
+            by_rep.setdefault(r["rep"], {})[r["server"]] = r.get(field)
+    out = [ratio(x.get("vmesh"), x.get("native")) for _, x in sorted(by_rep.items())]
+    return [round(v, 3) for v in out if v is not None]
+
+
+def _spread(values):
+    return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
+
+
 KINDS = ("max", "latency", "light")
 
 
@@ -75,8 +89,10 @@ def summarize(runs):
             st = cell_stats(runs, kind, key)
             v, n, d = (st.get(s, {}) for s in SERVERS)
             field = "qps" if kind == "max" else "p99"
+            per_rep = rep_ratios(runs, kind, key, field)
             summary[kind].append({
                 "size": key[0], "mix": key[1], "transport": key[2], "servers": st,
+                "rep_ratios_vmesh_over_native": per_rep,
                 "vmesh_over_native": ratio(v.get(field), n.get(field)),
                 "vmesh_over_dnsmasq": ratio(v.get(field), d.get(field)),
                 "p50_vmesh_over_native": ratio(v.get("p50"), n.get("p50")),
@@ -149,7 +165,8 @@ def latency_table(rows):
         offered = next((x["offered"] for x in st.values() if x.get("offered")), None)
         L.append(f"| {c['size']:,} | {c['mix']} | {c['transport'].upper()} | {_q(offered)} "
                  f"| {pp('vmesh')} | {pp('native')} | {pp('dnsmasq')} "
-                 f"| {_x(c['p50_vmesh_over_native'])} | {_x(c['vmesh_over_native'])} "
+                 f"| {_x(c['p50_vmesh_over_native'])} | {_x(c['vmesh_over_native'])}"
+                 f"{_spread(c['rep_ratios_vmesh_over_native'])} "
                  f"| {_x(c['vmesh_over_dnsmasq'])} | {_lost(st)} |")
     return L
 
@@ -172,7 +189,8 @@ def markdown(meta, summary, target_rows, runs=()):
         L.append(f"**Incomplete run: {meta['failed']}**  ")
     L.append("")
     L.append("### Maximum throughput (queries/s, median of "
-             f"{meta['reps']} interleaved runs of {meta['max_seconds']:g} s)")
+             f"{meta['reps']} interleaved runs of {meta['max_seconds']:g} s; in brackets the "
+             "range of the vmesh/native ratio within each repetition)")
     L.append("")
     L.append("| names | mix | transport | vmesh | native dns_filter | dnsmasq "
              "| vmesh/native | vmesh/dnsmasq | lost v / n / d |")
@@ -181,7 +199,8 @@ def markdown(meta, summary, target_rows, runs=()):
         st = c["servers"]
         L.append(f"| {c['size']:,} | {c['mix']} | {c['transport'].upper()} "
                  f"| {_q(st.get('vmesh', {}).get('qps'))} | {_q(st.get('native', {}).get('qps'))} "
-                 f"| {_q(st.get('dnsmasq', {}).get('qps'))} | {_x(c['vmesh_over_native'])} "
+                 f"| {_q(st.get('dnsmasq', {}).get('qps'))} | {_x(c['vmesh_over_native'])}"
+                 f"{_spread(c['rep_ratios_vmesh_over_native'])} "
                  f"| {_x(c['vmesh_over_dnsmasq'])} | {_lost(st)} |")
     L.append("")
     L.append("### CPU time per answered query at maximum throughput (µs, median)")

@@ -183,6 +183,11 @@ class Report(unittest.TestCase):
         self.assertFalse(verdict["no lost vmesh queries at 0.5x native max"])
         self.assertTrue(verdict["vmesh_filter.wasm <= 250 KB"])
 
+    def test_ratio_within_each_repetition(self):
+        runs = [dict(run("vmesh", 50), rep=0), dict(run("native", 100), rep=0),
+                dict(run("vmesh", 90), rep=1), dict(run("native", 100), rep=1)]
+        self.assertEqual(report.rep_ratios(runs, "max", (10, "owned", "udp"), "qps"), [0.5, 0.9])
+
     def test_markdown_has_every_cell(self):
         meta = {"command": "c", "date": "d", "nproc": 2, "cpu_model": "m", "kernel": "k",
                 "versions": "v", "git": "g", "wasm_bytes": 1, "concurrency": 2, "reps": 2,
@@ -191,6 +196,8 @@ class Report(unittest.TestCase):
         s = report.summarize(self.RUNS)
         md = report.markdown(meta, s, report.targets(s, self.RUNS, 1))
         self.assertIn("| 10 | owned | UDP | 65 | 95 | 115 | 0.68x | 0.57x | 0 / 0 / 0 |", md)
+        self.assertIn("mixed: 10 %", report.markdown(meta, report.summarize(
+            [dict(r, mix="mixed") for r in self.RUNS]), []))
         self.assertIn("| 10 | owned | UDP | 500 | 150 / 300 | 50 / 100 | 100 / 200 |", md)
 
 
