@@ -256,7 +256,10 @@ async fn exchange_udp(
     let mut buf = Vec::with_capacity(TCP_LIMIT);
     loop {
         buf.clear();
-        let n = socket.recv_buf(&mut buf).await.map_err(io_err("UDP receive"))?;
+        let n = socket
+            .recv_buf(&mut buf)
+            .await
+            .map_err(io_err("UDP receive"))?;
         if inspect::answers(asked, buf.get(..n).unwrap_or_default()) {
             buf.truncate(n);
             return Ok(buf);
