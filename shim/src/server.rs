@@ -23,7 +23,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::forwarder::{Forwarder, Mode, TRANSPORT_HEADER};
+use crate::forwarder::{Forwarder, Mode, UnknownTransport, TRANSPORT_HEADER};
 use crate::names::{long_poll, Poll, Table, DEFAULT_WAIT, MAX_WAIT};
 
 pub const DNS_MESSAGE: &str = "application/dns-message";
@@ -124,11 +124,7 @@ async fn dns_post(app: &App, req: Request<Incoming>) -> Response<Body> {
     if declared.is_some_and(|n| n > MAX_DNS_MESSAGE as u64) {
         return too_large();
     }
-    let mode = match Mode::from_header(
-        req.headers()
-            .get(TRANSPORT_HEADER)
-            .map(HeaderValue::as_bytes),
-    ) {
+    let mode = match transport_mode(&req) {
         Ok(mode) => mode,
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
@@ -143,12 +139,18 @@ async fn dns_post(app: &App, req: Request<Incoming>) -> Response<Body> {
     relay(app, &body, mode).await
 }
 
-async fn dns_get(app: &App, req: &Request<Incoming>) -> Response<Body> {
-    let mode = match Mode::from_header(
+/// The client's transport as the filter reported it, or a 400 naming the bad value.
+fn transport_mode(req: &Request<Incoming>) -> Result<Mode, Response<Body>> {
+    Mode::from_header(
         req.headers()
             .get(TRANSPORT_HEADER)
             .map(HeaderValue::as_bytes),
-    ) {
+    )
+    .map_err(|e| text(StatusCode::BAD_REQUEST, &e.to_string()))
+}
+
+async fn dns_get(app: &App, req: &Request<Incoming>) -> Response<Body> {
+    let mode = match transport_mode(req) {
         Ok(mode) => mode,
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
