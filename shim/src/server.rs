@@ -139,14 +139,13 @@ async fn dns_post(app: &App, req: Request<Incoming>) -> Response<Body> {
     relay(app, &body, mode).await
 }
 
-/// The client's transport as the filter reported it, or a 400 naming the bad value.
-fn transport_mode(req: &Request<Incoming>) -> Result<Mode, Response<Body>> {
+/// The client's transport as the filter reported it.
+fn transport_mode(req: &Request<Incoming>) -> Result<Mode, UnknownTransport> {
     Mode::from_header(
         req.headers()
             .get(TRANSPORT_HEADER)
             .map(HeaderValue::as_bytes),
     )
-    .map_err(|e| text(StatusCode::BAD_REQUEST, &e.to_string()))
 }
 
 async fn dns_get(app: &App, req: &Request<Incoming>) -> Response<Body> {
