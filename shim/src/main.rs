@@ -1,6 +1,19 @@
+use std::process::ExitCode;
+
 use clap::Parser;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the cause chain on one line, without a backtrace dump.
+            eprintln!("vmesh-shim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = vmesh_shim::config::Cli::parse();
     vmesh_shim::init_logging(&cli.log_level);
     let settings = cli.validate()?;
