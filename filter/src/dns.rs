@@ -158,16 +158,25 @@ impl DnsStream {
             self.parsed = body_size;
             Action::Pause
         } else {
-            let out = tunnel.take_output();
-            if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &out) {
-                log::warn!("answers not written to the stream: {e:?}");
-            }
-            self.held = false;
-            self.parsed = 0;
+            self.release(body_size);
             Action::Continue
         };
         self.flush_counts();
         action
+    }
+
+    /// Replaces the `buffered` body bytes (the queries seen so far) with the answers and
+    /// forgets the hold; the caller continues or resumes the stream.
+    fn release(&mut self, buffered: usize) {
+        let Mode::Tunnel(tunnel) = &mut self.mode else {
+            return;
+        };
+        let out = tunnel.take_output();
+        if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, buffered, &out) {
+            log::warn!("answers not written to the stream: {e:?}");
+        }
+        self.held = false;
+        self.parsed = 0;
     }
 
     fn flush_counts(&mut self) {
@@ -243,20 +252,11 @@ impl Context for DnsStream {
         match &mut self.mode {
             Mode::Tunnel(tunnel) => {
                 tunnel.complete(slot, body.as_deref());
-                if tunnel.is_waiting() {
-                    self.flush_counts();
-                    return;
+                if !tunnel.is_waiting() {
+                    self.release(self.parsed);
+                    let _ = hostcalls::resume_http_request();
                 }
-                let out = tunnel.take_output();
                 self.flush_counts();
-                if let Err(e) =
-                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, self.parsed, &out)
-                {
-                    log::warn!("answers not written to the stream: {e:?}");
-                }
-                self.held = false;
-                self.parsed = 0;
-                let _ = hostcalls::resume_http_request();
             }
             Mode::Doh(Some(query)) => {
                 let answer = match &body {
