@@ -27,3 +27,4 @@ pub mod json;
 pub mod names;
 pub mod responder;
 pub mod tunnel;
+pub mod udp_tunnel;

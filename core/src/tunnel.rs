@@ -169,6 +169,14 @@ impl Tunnel {
         self.waiting = self.waiting.saturating_sub(1);
     }
 
+    /// The stream ended: an incomplete frame left over can never complete and is dropped.
+    pub fn end_of_stream(&mut self) {
+        if !self.carry.is_empty() {
+            self.carry.clear();
+            self.counts.dropped += 1;
+        }
+    }
+
     /// Whether output must be held back for forwards in flight.
     pub fn is_waiting(&self) -> bool {
         self.waiting > 0

@@ -9,15 +9,25 @@ use vmesh_core::names::{canonical_host, DEFAULT_DOMAIN};
 pub enum Role {
     /// Bootstrap singleton: keeps the name table in sync and publishes it to workers.
     Agent,
-    /// HTTP filter on worker threads: answers DNS.
+    /// HTTP filter on worker threads: answers DNS over HTTPS (RFC 8484).
     Dns,
+    /// Network filter in front of echo on the internal listener udp_proxy tunnels to:
+    /// answers UDP DNS carried in an HTTP/1.1 POST tunnel as RFC 9297 capsules.
+    DnsUdp,
+    /// Network filter in front of echo on the TCP DNS listener: RFC 1035 framing.
+    DnsTcp,
 }
+
+/// The root ids, in the order [`ConfigError::UnknownRootId`] lists them.
+pub const ROOT_IDS: [&str; 4] = ["vmesh_agent", "vmesh_dns", "vmesh_dns_udp", "vmesh_dns_tcp"];
 
 impl Role {
     pub fn from_root_id(root_id: &str) -> Result<Self, ConfigError> {
         match root_id {
             "vmesh_agent" => Ok(Role::Agent),
             "vmesh_dns" => Ok(Role::Dns),
+            "vmesh_dns_udp" => Ok(Role::DnsUdp),
+            "vmesh_dns_tcp" => Ok(Role::DnsTcp),
             other => Err(ConfigError::UnknownRootId(other.to_string())),
         }
     }
@@ -51,7 +61,7 @@ pub enum LogLevel {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    #[error("root_id {0:?} is neither \"vmesh_agent\" nor \"vmesh_dns\"")]
+    #[error("root_id {0:?} is not one of {ROOT_IDS:?}")]
     UnknownRootId(String),
     #[error("configuration is not valid JSON for vmesh: {0}")]
     Json(String),
@@ -197,6 +207,10 @@ mod tests {
     fn roles_come_from_root_ids() {
         assert_eq!(Role::from_root_id("vmesh_agent"), Ok(Role::Agent));
         assert_eq!(Role::from_root_id("vmesh_dns"), Ok(Role::Dns));
+        assert_eq!(Role::from_root_id("vmesh_dns_udp"), Ok(Role::DnsUdp));
+        assert_eq!(Role::from_root_id("vmesh_dns_tcp"), Ok(Role::DnsTcp));
+        let err = Role::from_root_id("dns").unwrap_err().to_string();
+        assert!(err.contains("vmesh_dns_tcp"), "{err}");
         assert!(Role::from_root_id("dns").is_err());
     }
 }

@@ -1,26 +1,19 @@
-//! The DNS role on worker threads: an HTTP filter on Envoy's internal DNS listener.
+//! DNS over HTTPS (RFC 8484) on worker threads: an HTTP filter on Envoy's DoH listener.
 //!
-//! Three kinds of stream reach it, told apart by path:
-//! - `/udp-tunnel`: udp_proxy's POST tunnel, datagrams as RFC 9297 capsules;
-//! - `/tcp-tunnel` (or `x-dns-framing: tcp`): tcp_proxy's POST tunnel, RFC 1035 framing;
-//! - `/dns-query`: DNS over HTTPS (RFC 8484), GET or POST, answered with a local reply.
-//!
-//! Tunnel bodies are rewritten in place from queries to answers; the router sends them to an
-//! echo listener, which reflects them back to the client. Anything else passes untouched.
+//! `/dns-query`, GET or POST, is answered with a local reply, from the table or from the
+//! shim's forwarder. Anything else passes untouched to the router. UDP and TCP DNS are
+//! network filters ([`crate::conn`]); they share this module's per-worker [`Worker`].
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
 use vmesh_core::doh;
-use vmesh_core::framing::Framing;
 use vmesh_core::names::NameIndex;
 use vmesh_core::responder::{forwarded_answer, respond, servfail, Outcome, Transport};
-use vmesh_core::tunnel::{Counts, Tunnel};
+use vmesh_core::tunnel::Counts;
 
 use crate::callout;
 use crate::config::Config;
@@ -37,7 +30,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn table(&self) -> Option<Rc<NameIndex>> {
+    pub fn table(&self) -> Option<Rc<NameIndex>> {
         self.table.borrow().get()
     }
 }
@@ -49,19 +42,15 @@ enum Mode {
     /// body, because a reply before it makes HTTP/2 reset the stream and some clients then
     /// report the reset instead of the reply.
     Reject(u32, &'static str),
-    Tunnel(Tunnel),
+    /// Waiting for the POST body (`None`), or for the forwarder's answer to this query.
     Doh(Option<Vec<u8>>),
 }
 
 pub struct DnsStream {
     worker: Rc<Worker>,
     mode: Mode,
-    /// Callout token -> tunnel slot (tunnels) or 0 (DoH).
-    callouts: HashMap<u32, usize>,
-    /// Whether Envoy holds the body for us (we returned Pause from the body callback). While
-    /// it does, each callback sees the whole held body, of which `parsed` bytes are known.
-    held: bool,
-    parsed: usize,
+    /// The token of the forward in flight.
+    callout: Option<u32>,
 }
 
 impl DnsStream {
@@ -69,122 +58,7 @@ impl DnsStream {
         DnsStream {
             worker,
             mode: Mode::Pass,
-            callouts: HashMap::new(),
-            held: false,
-            parsed: 0,
-        }
-    }
-
-    fn forward(&mut self, query: &[u8], transport: Option<&str>, slot: usize) -> bool {
-        let cfg = &self.worker.config;
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", doh::PATH),
-            (":authority", cfg.shim_authority.as_str()),
-            ("content-type", doh::CONTENT_TYPE),
-            ("accept", doh::CONTENT_TYPE),
-        ];
-        if let Some(t) = transport {
-            headers.push(("x-vmesh-transport", t));
-        }
-        let timeout = Duration::from_millis(cfg.forward_timeout_ms);
-        match hostcalls::dispatch_http_call(
-            &cfg.shim_cluster,
-            headers,
-            Some(query),
-            vec![],
-            timeout,
-        ) {
-            Ok(token) => {
-                self.callouts.insert(token, slot);
-                true
-            }
-            Err(e) => {
-                log::warn!("forward to cluster {} not sent: {e:?}", cfg.shim_cluster);
-                false
-            }
-        }
-    }
-
-    fn tunnel_body(&mut self, body_size: usize) -> Action {
-        let Mode::Tunnel(tunnel) = &mut self.mode else {
-            return Action::Continue;
-        };
-        let start = if self.held { self.parsed } else { 0 };
-        let new = body_size.saturating_sub(start);
-        let bytes = if new == 0 {
-            Vec::new()
-        } else {
-            hostcalls::get_buffer(BufferType::HttpRequestBody, start, new)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        };
-        let worker = Rc::clone(&self.worker);
-        let table = worker.table();
-        let mut rotation = worker.rotation.get();
-        let fed = tunnel.feed(
-            &bytes,
-            table.as_deref(),
-            &worker.config.cluster_domain,
-            &mut rotation,
-        );
-        worker.rotation.set(rotation);
-        let transport = match tunnel.framing() {
-            Framing::Tcp => "tcp",
-            Framing::Capsule => "udp",
-        };
-        let jobs = match fed {
-            Ok(jobs) => jobs,
-            Err(e) => {
-                log::debug!("tunnel stream is not DNS, resetting it: {e}");
-                let _ = hostcalls::reset_http_request();
-                return Action::Pause;
-            }
-        };
-        let failed: Vec<usize> = jobs
-            .into_iter()
-            .filter(|job| !self.forward(&job.query, Some(transport), job.slot))
-            .map(|job| job.slot)
-            .collect();
-        let Mode::Tunnel(tunnel) = &mut self.mode else {
-            return Action::Continue;
-        };
-        for slot in failed {
-            tunnel.complete(slot, None);
-        }
-        let action = if tunnel.is_waiting() {
-            self.held = true;
-            self.parsed = body_size;
-            Action::Pause
-        } else {
-            self.release(body_size);
-            Action::Continue
-        };
-        self.flush_counts();
-        action
-    }
-
-    /// Replaces the `buffered` body bytes (the queries seen so far) with the answers and
-    /// forgets the hold; the caller continues or resumes the stream.
-    fn release(&mut self, buffered: usize) {
-        let Mode::Tunnel(tunnel) = &mut self.mode else {
-            return;
-        };
-        let out = tunnel.take_output();
-        if let Err(e) = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, buffered, &out) {
-            log::warn!("answers not written to the stream: {e:?}");
-        }
-        self.held = false;
-        self.parsed = 0;
-    }
-
-    fn flush_counts(&mut self) {
-        if let Mode::Tunnel(t) = &mut self.mode {
-            let counts = t.take_counts();
-            if counts != Counts::default() {
-                self.worker.metrics.add_counts(&counts);
-            }
+            callout: None,
         }
     }
 
@@ -220,7 +94,8 @@ impl DnsStream {
             }
             Outcome::Forward => {
                 worker.metrics.add(Counter::Forwarded, 1);
-                if self.forward(&query, None, 0) {
+                if let Some(token) = callout::forward(&worker.config, &query, None) {
+                    self.callout = Some(token);
                     self.mode = Mode::Doh(Some(query));
                 } else {
                     worker.metrics.add(Counter::ForwardFailed, 1);
@@ -244,20 +119,13 @@ impl Context for DnsStream {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(slot) = self.callouts.remove(&token) else {
+        if self.callout != Some(token) {
             return;
-        };
+        }
+        self.callout = None;
         let reply = callout::response(headers, body_size);
         let body = (reply.status == Some(200)).then_some(reply.body);
         match &mut self.mode {
-            Mode::Tunnel(tunnel) => {
-                tunnel.complete(slot, body.as_deref());
-                if !tunnel.is_waiting() {
-                    self.release(self.parsed);
-                    let _ = hostcalls::resume_http_request();
-                }
-                self.flush_counts();
-            }
             Mode::Doh(Some(query)) => {
                 let answer = match &body {
                     Some(b) => forwarded_answer(query, b, Transport::Https),
@@ -282,16 +150,7 @@ impl HttpContext for DnsStream {
         };
         let path = header(":path").unwrap_or_default();
         let route = path.split('?').next().unwrap_or_default();
-        let tcp_framing = header("x-dns-framing").as_deref() == Some("tcp");
         match route {
-            "/udp-tunnel" if !tcp_framing => {
-                self.mode = Mode::Tunnel(Tunnel::new(Framing::Capsule));
-                Action::Continue
-            }
-            "/tcp-tunnel" | "/udp-tunnel" => {
-                self.mode = Mode::Tunnel(Tunnel::new(Framing::Tcp));
-                Action::Continue
-            }
             doh::PATH => {
                 let method = header(":method").unwrap_or_default();
                 match method.as_str() {
@@ -333,7 +192,6 @@ impl HttpContext for DnsStream {
                 text,
                 end_of_stream || body_size > vmesh_core::dns::TCP_LIMIT,
             ),
-            Mode::Tunnel(_) => self.tunnel_body(body_size),
             Mode::Doh(Some(_)) => Action::Pause,
             Mode::Doh(None) => {
                 if body_size > vmesh_core::dns::TCP_LIMIT {

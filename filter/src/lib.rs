@@ -3,8 +3,10 @@
 //! One module, several roots, chosen by the plugin's `root_id`:
 //! - `vmesh_agent` (bootstrap singleton, `envoy.bootstrap.wasm`): fetches the name table from
 //!   the shim and publishes it to every worker ([`agent`], [`table`]);
-//! - `vmesh_dns` (HTTP filter on the internal DNS listener): answers DNS from the table and
-//!   forwards the rest through the shim ([`dns`]).
+//! - `vmesh_dns_udp` / `vmesh_dns_tcp` (network filters in front of echo): answer UDP (through
+//!   udp_proxy's tunnel) and TCP DNS from the table and forward the rest through the shim
+//!   ([`conn`]);
+//! - `vmesh_dns` (HTTP filter on the DoH listener): the same for DNS over HTTPS ([`dns`]).
 //!
 //! Decisions live in `vmesh-core` and are tested natively; this crate moves bytes between
 //! Envoy and them. A panic here would kill the worker's VM for every plugin, so host results
@@ -22,6 +24,7 @@
 pub mod agent;
 pub mod callout;
 pub mod config;
+pub mod conn;
 pub mod dns;
 pub mod metrics;
 pub mod table;
@@ -31,11 +34,12 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::traits::{Context, HttpContext, RootContext, StreamContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 
 use crate::agent::Agent;
 use crate::config::{Config, Role};
+use crate::conn::{Carrier, DnsConn};
 use crate::dns::{DnsStream, Worker};
 use crate::metrics::Metrics;
 use crate::table::WorkerTable;
@@ -50,7 +54,10 @@ proxy_wasm::main! {{
 enum Root {
     Unconfigured,
     Agent(Box<Agent>),
+    /// DNS over HTTPS (an HTTP filter).
     Dns(Rc<Worker>),
+    /// UDP or TCP DNS (a network filter).
+    Conn(Rc<Worker>, Carrier),
 }
 
 impl Root {
@@ -80,7 +87,7 @@ impl Root {
         let metrics = Metrics::define();
         *self = match role {
             Role::Agent => Root::Agent(Box::new(Agent::new(config, metrics))),
-            Role::Dns => {
+            Role::Dns | Role::DnsUdp | Role::DnsTcp => {
                 let check = Duration::from_millis(config.table_check_ms);
                 let worker = Worker {
                     config,
@@ -92,7 +99,12 @@ impl Root {
                 if let Err(e) = hostcalls::set_tick_period(check) {
                     return Err(format!("cannot start the table check tick: {e:?}"));
                 }
-                Root::Dns(Rc::new(worker))
+                let worker = Rc::new(worker);
+                match role {
+                    Role::DnsUdp => Root::Conn(worker, Carrier::UdpTunnel),
+                    Role::DnsTcp => Root::Conn(worker, Carrier::Tcp),
+                    _ => Root::Dns(worker),
+                }
             }
         };
         Ok(())
@@ -132,7 +144,7 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         match self {
             Root::Agent(agent) => agent.on_tick(),
-            Root::Dns(worker) => worker.table.borrow_mut().refresh(),
+            Root::Dns(worker) | Root::Conn(worker, _) => worker.table.borrow_mut().refresh(),
             Root::Unconfigured => {}
         }
     }
@@ -141,15 +153,26 @@ impl RootContext for Root {
         // Returning None makes the SDK panic; a stream we do not serve gets a pass-through.
         Some(match self {
             Root::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker))),
-            Root::Agent(_) | Root::Unconfigured => Box::new(PassThrough),
+            Root::Agent(_) | Root::Conn(..) | Root::Unconfigured => Box::new(PassThrough),
+        })
+    }
+
+    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(match self {
+            Root::Conn(worker, carrier) => Box::new(DnsConn::new(Rc::clone(worker), *carrier)),
+            Root::Agent(_) | Root::Dns(_) | Root::Unconfigured => Box::new(PassThrough),
         })
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
+        Some(match self {
+            Root::Conn(..) => ContextType::StreamContext,
+            Root::Agent(_) | Root::Dns(_) | Root::Unconfigured => ContextType::HttpContext,
+        })
     }
 }
 
 struct PassThrough;
 impl Context for PassThrough {}
 impl HttpContext for PassThrough {}
+impl StreamContext for PassThrough {}
