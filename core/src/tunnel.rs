@@ -1,10 +1,11 @@
 //! One tunnelled DNS stream (all datagrams of a UDP client address, or one TCP connection) as
 //! a state machine the filter drives with bytes and forward results.
 //!
-//! Envoy lets the filter rewrite a stream's body only in the body callback, and hold it back
-//! only as a whole. So answers leave in arrival order: while any forwarded query is in flight
-//! the stream is paused, later queries are answered or forwarded into the same plan, and the
-//! whole plan is released once the last forward completes.
+//! Answers leave as soon as they exist: owned ones at once, forwarded ones when the forwarder
+//! answers. So one slow forward never holds the answers behind it, and the order of answers is
+//! the order they became ready, not the order of the queries. Clients match answers by ID:
+//! over UDP every datagram stands alone, and over TCP RFC 7766 §7 lets a server answer
+//! pipelined queries out of order.
 
 use crate::framing::{encode, Frames, Framing, FramingError};
 use crate::names::NameIndex;
@@ -51,20 +52,16 @@ pub struct ForwardJob {
 }
 
 #[derive(Debug)]
-enum Segment {
-    Ready(Vec<u8>),
-    Waiting(Vec<u8>),
-}
-
-#[derive(Debug)]
 pub struct Tunnel {
     framing: Framing,
     transport: Transport,
     /// The start of a frame whose end has not arrived yet.
     carry: Vec<u8>,
-    /// Framed answers in query order, some still waiting for the forwarder.
-    plan: Vec<Segment>,
-    waiting: usize,
+    /// Framed answers ready to leave.
+    ready: Vec<u8>,
+    /// Forwarded queries in flight, by slot.
+    waiting: Vec<(usize, Vec<u8>)>,
+    next_slot: usize,
     counts: Counts,
 }
 
@@ -78,8 +75,9 @@ impl Tunnel {
             framing,
             transport,
             carry: Vec::new(),
-            plan: Vec::new(),
-            waiting: 0,
+            ready: Vec::new(),
+            waiting: Vec::new(),
+            next_slot: 0,
             counts: Counts::default(),
         }
     }
@@ -115,16 +113,17 @@ impl Tunnel {
                 } => {
                     self.counts.record(verdict);
                     *rotation = rotation.wrapping_add(1);
-                    self.push_ready(&answer);
+                    encode(self.framing, &answer, &mut self.ready);
                 }
                 Outcome::Forward => {
                     self.counts.forwarded += 1;
+                    let slot = self.next_slot;
+                    self.next_slot = self.next_slot.wrapping_add(1);
                     jobs.push(ForwardJob {
-                        slot: self.plan.len(),
+                        slot,
                         query: message.to_vec(),
                     });
-                    self.plan.push(Segment::Waiting(message.to_vec()));
-                    self.waiting += 1;
+                    self.waiting.push((slot, message.to_vec()));
                 }
                 Outcome::Drop(_) => self.counts.dropped += 1,
             }
@@ -136,37 +135,23 @@ impl Tunnel {
         Ok(jobs)
     }
 
-    fn push_ready(&mut self, answer: &[u8]) {
-        // Consecutive ready answers share one buffer: fewer allocations per batch.
-        if let Some(Segment::Ready(buf)) = self.plan.last_mut() {
-            encode(self.framing, answer, buf);
-            return;
-        }
-        let mut buf = Vec::with_capacity(answer.len() + 4);
-        encode(self.framing, answer, &mut buf);
-        self.plan.push(Segment::Ready(buf));
-    }
-
     /// Completes a forwarded query: `Some(answer)` from the forwarder, `None` when it failed
     /// (the client then gets SERVFAIL). Unknown or already completed slots are ignored.
     pub fn complete(&mut self, slot: usize, answer: Option<&[u8]>) {
-        let Some(seg) = self.plan.get_mut(slot) else {
+        let Some(at) = self.waiting.iter().position(|(s, _)| *s == slot) else {
             return;
         };
-        let Segment::Waiting(query) = seg else { return };
+        let (_, query) = self.waiting.swap_remove(at);
         let reply = match answer {
-            Some(a) => forwarded_answer(query, a, self.transport),
+            Some(a) => forwarded_answer(&query, a, self.transport),
             None => {
                 self.counts.forward_failed += 1;
-                servfail(query, self.transport)
+                servfail(&query, self.transport)
             }
         };
-        let mut framed = Vec::new();
         if let Some(reply) = reply {
-            encode(self.framing, &reply, &mut framed);
+            encode(self.framing, &reply, &mut self.ready);
         }
-        *seg = Segment::Ready(framed);
-        self.waiting = self.waiting.saturating_sub(1);
     }
 
     /// The stream ended: an incomplete frame left over can never complete and is dropped.
@@ -177,27 +162,14 @@ impl Tunnel {
         }
     }
 
-    /// Whether output must be held back for forwards in flight.
+    /// Whether forwarded queries are still in flight.
     pub fn is_waiting(&self) -> bool {
-        self.waiting > 0
+        !self.waiting.is_empty()
     }
 
-    /// The bytes to send downstream now; empty while waiting.
+    /// The framed answers ready to send now.
     pub fn take_output(&mut self) -> Vec<u8> {
-        if self.is_waiting() {
-            return Vec::new();
-        }
-        let mut segments = std::mem::take(&mut self.plan).into_iter();
-        let mut out = match segments.next() {
-            Some(Segment::Ready(first)) => first,
-            _ => Vec::new(),
-        };
-        for seg in segments {
-            if let Segment::Ready(bytes) = seg {
-                out.extend_from_slice(&bytes);
-            }
-        }
-        out
+        std::mem::take(&mut self.ready)
     }
 
     pub fn take_counts(&mut self) -> Counts {
@@ -251,7 +223,7 @@ mod tests {
     }
 
     #[test]
-    fn answers_keep_query_order_across_a_forward_and_later_chunks() {
+    fn a_pending_forward_does_not_hold_the_answers_behind_it() {
         let t = index();
         let mut tunnel = Tunnel::new(Framing::Tcp);
         let first = framed(
@@ -266,12 +238,10 @@ mod tests {
             .unwrap();
         assert_eq!(jobs.len(), 1);
         assert!(tunnel.is_waiting());
-        assert!(
-            tunnel.take_output().is_empty(),
-            "held while the forward is in flight"
-        );
+        let out = answers(Framing::Tcp, &tunnel.take_output());
+        assert_eq!(out.iter().map(|r| r.header.id).collect::<Vec<_>>(), [1]);
 
-        // A third query arrives split over two chunks while paused.
+        // A third query arrives split over two chunks while the forward is in flight.
         let third = framed(
             Framing::Tcp,
             &[query_bytes(3, "mesh.example.com", rtype::A, None)],
@@ -280,20 +250,42 @@ mod tests {
             .feed(&third[..5], Some(&t), "cluster.local", &mut 0)
             .unwrap()
             .is_empty());
+        assert!(tunnel.take_output().is_empty());
         assert!(tunnel
             .feed(&third[5..], Some(&t), "cluster.local", &mut 0)
             .unwrap()
             .is_empty());
+        let out = answers(Framing::Tcp, &tunnel.take_output());
+        assert_eq!(out.iter().map(|r| r.header.id).collect::<Vec<_>>(), [3]);
 
         let mut upstream = query_bytes(0x7777, "example.org", rtype::A, None);
         upstream[2] |= 0x80;
         tunnel.complete(jobs[0].slot, Some(&upstream));
         assert!(!tunnel.is_waiting());
         let out = answers(Framing::Tcp, &tunnel.take_output());
-        assert_eq!(
-            out.iter().map(|r| r.header.id).collect::<Vec<_>>(),
-            vec![1, 2, 3]
+        assert_eq!(out.iter().map(|r| r.header.id).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn forwards_complete_in_any_order_under_their_own_slots() {
+        let mut tunnel = Tunnel::new(Framing::Capsule);
+        let input = framed(
+            Framing::Capsule,
+            &[
+                query_bytes(1, "a.example.org", rtype::A, None),
+                query_bytes(2, "b.example.org", rtype::A, None),
+            ],
         );
+        let jobs = tunnel.feed(&input, None, "cluster.local", &mut 0).unwrap();
+        assert_ne!(jobs[0].slot, jobs[1].slot);
+        tunnel.complete(jobs[1].slot, None);
+        assert!(tunnel.is_waiting());
+        let out = answers(Framing::Capsule, &tunnel.take_output());
+        assert_eq!(out.iter().map(|r| r.header.id).collect::<Vec<_>>(), [2]);
+        tunnel.complete(jobs[0].slot, None);
+        assert!(!tunnel.is_waiting());
+        let out = answers(Framing::Capsule, &tunnel.take_output());
+        assert_eq!(out.iter().map(|r| r.header.id).collect::<Vec<_>>(), [1]);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! `POST <path> HTTP/1.1` with a chunked body, and sends its datagrams as RFC 9297 capsules in
 //! that body only after a 2xx response head. The filter sits in front of Envoy's echo filter on
 //! an internal listener, so whatever it leaves in the read buffer goes back to udp_proxy as the
-//! response: the `200` head, then chunks of answer capsules, then the last chunk when the
-//! request ends. No HTTP connection manager, router or second listener sits in between, which
+//! response: the `200` head, then chunks of answer capsules as they become ready, then the
+//! last chunk once the request has ended and every forward has come back. No HTTP connection manager, router or second listener sits in between, which
 //! is where most of a datagram's cost inside Envoy went (docs/benchmarks.md).
 //!
 //! Only what udp_proxy sends is accepted: a POST with `transfer-encoding: chunked`. Anything
@@ -212,22 +212,18 @@ impl UdpTunnel {
         self.tunnel.complete(slot, answer);
     }
 
-    /// Whether output must be held back for forwards in flight.
+    /// Whether forwarded queries are still in flight.
     pub fn is_waiting(&self) -> bool {
         self.tunnel.is_waiting()
     }
 
-    /// The response bytes to send now; empty while waiting.
+    /// The response bytes to send now: the head, ready answers as one chunk, and the last
+    /// chunk once the request has ended and no forward is in flight.
     pub fn take_output(&mut self) -> Vec<u8> {
-        if self.tunnel.is_waiting() {
-            return Vec::new();
-        }
         self.flush_answers();
         std::mem::take(&mut self.out)
     }
 
-    /// Moves the ready answers into the response as one chunk, and ends the response if the
-    /// request has ended. Only called when no forward is in flight.
     fn flush_answers(&mut self) {
         let answers = self.tunnel.take_output();
         if !answers.is_empty() {
@@ -236,7 +232,7 @@ impl UdpTunnel {
             self.out.extend_from_slice(&answers);
             self.out.extend_from_slice(b"\r\n");
         }
-        if self.state == State::Ended {
+        if self.state == State::Ended && !self.tunnel.is_waiting() {
             self.out.extend_from_slice(LAST_CHUNK);
             self.state = State::RequestLine;
         }
@@ -365,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn a_forward_holds_the_chunk_and_the_last_chunk_until_it_completes() {
+    fn a_forward_in_flight_holds_only_its_own_answer_and_the_last_chunk() {
         let table = index();
         let mut t = UdpTunnel::new();
         let mut input = HEAD.to_vec();
@@ -376,12 +372,12 @@ mod tests {
             .feed(&input, Some(&table), "cluster.local", &mut 0)
             .unwrap();
         assert_eq!(jobs.len(), 1);
-        assert!(t.is_waiting() && t.take_output().is_empty());
-        t.complete(jobs[0].slot, None);
         let out = t.take_output();
-        let (ids, ended) = answers(out.strip_prefix(RESPONSE_HEAD).unwrap());
-        assert_eq!(ids, vec![(7, 2), (8, 0)]);
-        assert!(ended);
+        let body = out.strip_prefix(RESPONSE_HEAD).unwrap();
+        assert_eq!(answers(body), (vec![(8, 0)], false));
+        assert!(t.is_waiting());
+        t.complete(jobs[0].slot, None);
+        assert_eq!(answers(&t.take_output()), (vec![(7, 2)], true));
     }
 
     #[test]

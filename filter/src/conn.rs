@@ -7,9 +7,14 @@
 //!   HTTP/1.1 POST whose chunked body carries RFC 9297 capsules ([`UdpTunnel`]);
 //! - `vmesh_dns_tcp`: the TCP DNS listener itself, RFC 1035 §4.2.2 framing ([`Tunnel`]).
 //!
-//! A forwarded query pauses the connection: Envoy keeps the read bytes (queries) in its buffer
-//! while the shim answers, later bytes pile up behind them, and when the last forward returns
-//! the whole buffer is replaced with the answers in query order and reading resumes.
+//! Answers leave as soon as they exist. A forwarded query is sent to the shim; its answer
+//! comes back in a callout callback, where there is no read buffer to replace unless the last
+//! read callback returned Pause: Envoy keeps the buffer handle only then. So while forwards
+//! are in flight every read returns Pause (after consuming the bytes), and answers ready
+//! meanwhile are pushed to echo by resuming the connection right away. A callout result is
+//! written into the (empty) read buffer and sent the same way. Resuming does not end the pause
+//! for later callouts: the handle stays until a read returns Continue, which the filter does
+//! only when nothing is in flight.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -41,10 +46,6 @@ pub struct DnsConn {
     pipe: Pipe,
     /// Callout token -> slot of the query it answers.
     callouts: HashMap<u32, usize>,
-    /// Whether Envoy holds the read buffer for us (we returned Pause). While it does, each
-    /// callback sees the whole held buffer, of which `parsed` bytes are already fed.
-    held: bool,
-    parsed: usize,
     /// Set once the connection was refused; later bytes are ignored.
     closed: bool,
 }
@@ -58,8 +59,6 @@ impl DnsConn {
                 Carrier::Tcp => Pipe::Tcp(Tunnel::new(Framing::Tcp)),
             },
             callouts: HashMap::new(),
-            held: false,
-            parsed: 0,
             closed: false,
         }
     }
@@ -85,17 +84,25 @@ impl DnsConn {
         }
     }
 
-    /// Replaces the `buffered` read bytes (the queries seen so far) with the answers.
-    fn release(&mut self, buffered: usize) {
-        let out = match &mut self.pipe {
+    fn take_output(&mut self) -> Vec<u8> {
+        match &mut self.pipe {
             Pipe::Udp(p) => p.take_output(),
             Pipe::Tcp(p) => p.take_output(),
-        };
-        if let Err(e) = hostcalls::set_buffer(BufferType::DownstreamData, 0, buffered, &out) {
+        }
+    }
+
+    /// Replaces the first `replaced` bytes of the read buffer with `out`.
+    fn write(replaced: usize, out: &[u8]) {
+        if let Err(e) = hostcalls::set_buffer(BufferType::DownstreamData, 0, replaced, out) {
             log::warn!("answers not written to the connection: {e:?}");
         }
-        self.held = false;
-        self.parsed = 0;
+    }
+
+    /// Sends what is in the read buffer on to echo now, while the read stays paused.
+    fn push() {
+        // Envoy answers Ok for a live connection, and a callout or read callback only runs
+        // while its connection lives (the SDK would panic on any other status).
+        let _ = hostcalls::resume_downstream();
     }
 
     fn flush_counts(&mut self) {
@@ -139,11 +146,11 @@ impl Context for DnsConn {
         let reply = callout::response(headers, body_size);
         let body = (reply.status == Some(200)).then_some(reply.body);
         self.complete(slot, body.as_deref());
-        if self.held && !self.is_waiting() {
-            self.release(self.parsed);
-            // Callouts of a closed connection are cancelled with it, so the connection is
-            // live here and Envoy answers Ok (the SDK would panic on any other status).
-            let _ = hostcalls::resume_downstream();
+        let out = self.take_output();
+        if !out.is_empty() {
+            // Every read since the forward left returned Pause after emptying the buffer.
+            Self::write(0, &out);
+            Self::push();
         }
         self.flush_counts();
     }
@@ -154,16 +161,10 @@ impl StreamContext for DnsConn {
         if self.closed {
             return Action::Continue;
         }
-        let start = if self.held { self.parsed } else { 0 };
-        let new = data_size.saturating_sub(start);
-        let bytes = if new == 0 {
-            Vec::new()
-        } else {
-            hostcalls::get_buffer(BufferType::DownstreamData, start, new)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        };
+        let bytes = hostcalls::get_buffer(BufferType::DownstreamData, 0, data_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let worker = Rc::clone(&self.worker);
         let table = worker.table();
         let mut rotation = worker.rotation.get();
@@ -190,15 +191,16 @@ impl StreamContext for DnsConn {
                 None => self.complete(job.slot, None),
             }
         }
-        let action = if self.is_waiting() {
-            self.held = true;
-            self.parsed = data_size;
-            Action::Pause
-        } else {
-            self.release(data_size);
-            Action::Continue
-        };
+        let out = self.take_output();
+        Self::write(data_size, &out);
         self.flush_counts();
-        action
+        if !self.is_waiting() {
+            return Action::Continue;
+        }
+        // Keep the buffer handle for the callouts; what is ready goes out now all the same.
+        if !out.is_empty() {
+            Self::push();
+        }
+        Action::Pause
     }
 }

@@ -4,6 +4,7 @@
 //! worker). The image goes first under [`IMAGE_KEY`], then its version under [`VERSION_KEY`];
 //! workers poll the small version key and copy the image only when it changed.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -20,7 +21,13 @@ pub fn publish(index: &NameIndex) -> Result<(), String> {
         .map_err(|s| format!("set_shared_data({VERSION_KEY}): {s:?}"))
 }
 
-/// A worker's copy of the published table.
+thread_local! {
+    /// The table this VM loaded last, with its version key. The DoH, UDP and TCP roots of a
+    /// worker run in one VM; sharing it keeps one copy per VM instead of one per root.
+    static LOADED: RefCell<Option<(Vec<u8>, Rc<NameIndex>)>> = const { RefCell::new(None) };
+}
+
+/// A root's view of the published table.
 #[derive(Default)]
 pub struct WorkerTable {
     current: Option<Rc<NameIndex>>,
@@ -42,7 +49,16 @@ impl WorkerTable {
         if self.seen.as_deref() == Some(version.as_slice()) {
             return;
         }
-        self.seen = Some(version);
+        let shared = LOADED.with_borrow(|loaded| match loaded {
+            Some((v, index)) if *v == version => Some(Rc::clone(index)),
+            _ => None,
+        });
+        if let Some(index) = shared {
+            self.current = Some(index);
+            self.seen = Some(version);
+            return;
+        }
+        self.seen = Some(version.clone());
         let Ok((Some(image), _)) = hostcalls::get_shared_data(IMAGE_KEY) else {
             return;
         };
@@ -53,7 +69,10 @@ impl WorkerTable {
                     index.version(),
                     index.len()
                 );
-                self.current = Some(Rc::new(index));
+                let index = Rc::new(index);
+                // Drop this root's old copy before another root could keep it alive.
+                self.current = Some(Rc::clone(&index));
+                LOADED.set(Some((version, index)));
             }
             Err(e) => log::error!("published name table refused, keeping the previous one: {e}"),
         }
