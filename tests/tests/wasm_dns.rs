@@ -1,7 +1,13 @@
-//! The DNS root (`vmesh_dns`) on a worker VM: it loads the table the agent published and
-//! answers DNS carried three ways — `/udp-tunnel` (RFC 9297 capsules), `/tcp-tunnel`
-//! (RFC 1035 §4.2.2 length framing) and `/dns-query` (RFC 8484 DoH) — forwarding what the
-//! mesh does not own through the shim.
+//! The DNS roots on a worker VM, built as vm-sidecar.yaml builds it: three plugins with one
+//! `vm_id`, so three root contexts in one VM —
+//! - `vmesh_dns_udp`: a network filter in front of Envoy's echo filter, speaking the server
+//!   side of udp_proxy's HTTP/1.1 POST tunnel (a chunked body of RFC 9297 capsules);
+//! - `vmesh_dns_tcp`: a network filter in front of echo, RFC 1035 §4.2.2 length framing;
+//! - `vmesh_dns`: an HTTP filter answering RFC 8484 DoH.
+//!
+//! Each loads the table the agent published, answers mesh names and forwards the rest through
+//! the shim. The network roots answer by replacing the connection's read buffer (echo writes
+//! it back) and hold the whole connection while a forward is in flight.
 
 use std::net::Ipv4Addr;
 
@@ -9,48 +15,76 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use vmesh_core::dns::inspect::{RData, Response};
 use vmesh_core::framing::Framing;
+use vmesh_core::udp_tunnel::REJECTION;
 use vmesh_tests::wasm_host::vmesh::{
-    self, framed, query, responses, single_callout, small_table, upstream_answer, A, AAAA,
-    IMAGE_KEY, SHIM_AUTHORITY, SHIM_CLUSTER, VERSION_KEY, VM_ID,
+    self, capsule_chunk, chunk, framed, query, responses, single_callout, small_table,
+    tunnel_response, tunnel_responses, upstream_answer, TunnelResponse, WorkerVm, A, AAAA,
+    IMAGE_KEY, LAST_CHUNK, SHIM_AUTHORITY, SHIM_CLUSTER, TUNNEL_RESPONSE_HEAD, UDP_TUNNEL_HEAD,
+    VERSION_KEY, VM_ID,
 };
 use vmesh_tests::wasm_host::{
-    Action, BufferType, Host, HostCall, HttpResponse, MapType, Plugin, Status, StreamType, Vm,
-    VmError,
+    Action, BufferType, Host, HostCall, HttpResponse, MapType, PeerType, Plugin, Status,
+    StreamType, Vm, VmError,
 };
 
 const MESH: &str = "reviews.apps.svc.cluster.local";
 const OTHER: &str = "example.org";
 const DNS_MESSAGE: &str = "application/dns-message";
 
-/// An agent that published table v1 and a worker that loaded it on its tick.
+/// An agent that published table v1 and a worker VM whose three DNS roots loaded it on their
+/// ticks. `worker`'s first root is the DoH one.
 struct Mesh {
     host: Host,
     worker: Vm,
+    doh: u32,
+    udp: u32,
+    tcp: u32,
 }
 
 fn mesh_with(worker_config: &str) -> Result<Mesh, VmError> {
     let host = vmesh::host();
-    let mut worker = vmesh::dns_worker(&host, worker_config)?;
+    let mut w = vmesh::worker_vm(&host, worker_config)?;
     let mut agent = vmesh::agent(&host, "{}")?;
     vmesh::publish(&host, &mut agent, &small_table("v1"))?;
-    worker.tick()?;
-    Ok(Mesh { host, worker })
+    w.tick()?;
+    let WorkerVm { vm, doh, udp, tcp } = w;
+    Ok(Mesh {
+        host,
+        worker: vm,
+        doh,
+        udp,
+        tcp,
+    })
 }
 
 fn mesh() -> Result<Mesh, VmError> {
     mesh_with("{}")
 }
 
-fn tunnel(vm: &mut Vm, path: &str) -> Result<u32, VmError> {
-    let s = vm.create_http_stream()?;
-    let headers = [
-        (":method", "POST"),
-        (":path", path),
-        (":authority", "dns.internal"),
-        ("content-type", "application/octet-stream"),
-    ];
-    assert_eq!(vm.request_headers(s, &headers, false)?, Action::Continue);
-    Ok(s)
+/// A new udp_proxy tunnel connection on `root` whose request head has been read and answered.
+fn udp_tunnel(vm: &mut Vm, root: u32) -> Result<u32, VmError> {
+    let c = vm.create_connection_on(root)?;
+    assert_eq!(vm.connection(c).new_connection, Action::Continue);
+    assert_eq!(
+        vm.downstream_data(c, UDP_TUNNEL_HEAD, false)?,
+        Action::Continue
+    );
+    assert_eq!(
+        vm.connection(c).written,
+        TUNNEL_RESPONSE_HEAD,
+        "the head is answered before any datagram"
+    );
+    Ok(c)
+}
+
+/// One read carrying `messages` as capsules in one chunk, as udp_proxy sends a datagram.
+fn send_capsules(vm: &mut Vm, c: u32, messages: &[&[u8]]) -> Result<Action, VmError> {
+    vm.downstream_data(c, &capsule_chunk(messages), false)
+}
+
+/// What udp_proxy has received on a tunnel connection so far.
+fn udp_answers(vm: &Vm, c: u32) -> TunnelResponse {
+    tunnel_response(&vm.connection(c).written).expect("the tunnel's response")
 }
 
 fn addresses(r: &Response) -> Vec<String> {
@@ -65,12 +99,13 @@ fn addresses(r: &Response) -> Vec<String> {
         .collect()
 }
 
+/// `proxy_set_buffer_bytes(DownstreamData)` calls after `mark`: (start, size, data).
 fn set_buffer_calls(vm: &Vm, mark: usize) -> Vec<(u32, u32, Vec<u8>)> {
     vm.calls_since(mark)
         .into_iter()
         .filter_map(|r| match r.call {
             HostCall::SetBuffer {
-                buffer: BufferType::HttpRequestBody,
+                buffer: BufferType::DownstreamData,
                 start,
                 size,
                 data,
@@ -83,46 +118,74 @@ fn set_buffer_calls(vm: &Vm, mark: usize) -> Vec<(u32, u32, Vec<u8>)> {
         .collect()
 }
 
-fn resumed_request(vm: &Vm, mark: usize) -> bool {
-    vm.calls_since(mark).iter().any(|r| {
-        r.status == Status::Ok
-            && r.call
-                == HostCall::ContinueStream {
-                    stream: StreamType::HttpRequest,
-                }
-    })
+/// `proxy_get_buffer_bytes(DownstreamData)` calls after `mark`: (start, max size).
+fn get_buffer_calls(vm: &Vm, mark: usize) -> Vec<(u32, u32)> {
+    vm.calls_since(mark)
+        .into_iter()
+        .filter_map(|r| match r.call {
+            HostCall::GetBuffer {
+                buffer: BufferType::DownstreamData,
+                start,
+                max_size,
+            } => Some((start, max_size)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stream_calls(vm: &Vm, mark: usize, call: &HostCall) -> usize {
+    vm.calls_since(mark)
+        .iter()
+        .filter(|r| r.status == Status::Ok && r.call == *call)
+        .count()
+}
+
+fn resumed_reading(vm: &Vm, mark: usize) -> bool {
+    let resume = HostCall::ContinueStream {
+        stream: StreamType::Downstream,
+    };
+    stream_calls(vm, mark, &resume) > 0
+}
+
+fn closed_connection(vm: &Vm, mark: usize) -> bool {
+    let close = HostCall::CloseStream {
+        stream: StreamType::Downstream,
+    };
+    stream_calls(vm, mark, &close) > 0
 }
 
 /// Sends one good mesh query on a fresh UDP tunnel and checks it is answered: proof that the
 /// VM is alive and serving after whatever came before.
-fn still_answers(vm: &mut Vm) -> Result<(), VmError> {
-    let s = tunnel(vm, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(0x0A0A, MESH, A)]);
-    assert_eq!(vm.request_body(s, &body, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &vm.stream(s).forwarded);
+fn still_answers(vm: &mut Vm, udp_root: u32) -> Result<(), VmError> {
+    let c = udp_tunnel(vm, udp_root)?;
     assert_eq!(
-        (out.len(), out[0].header.id, out[0].rcode()),
-        (1, 0x0A0A, 0)
+        send_capsules(vm, c, &[&query(0x0A0A, MESH, A)])?,
+        Action::Continue
     );
-    vm.finish_stream(s)?;
-    Ok(())
+    assert_eq!(udp_answers(vm, c).ids_and_rcodes(), [(0x0A0A, 0)]);
+    vm.finish_connection(c)
 }
 
 #[test]
 fn worker_loads_the_published_table_on_its_tick() -> Result<(), VmError> {
     let host = vmesh::host();
-    let mut worker = vmesh::dns_worker(&host, "{}")?;
+    let mut worker = vmesh::dns_udp_worker(&host, "{}")?;
     assert_eq!(
         worker.tick_period(),
         Some(std::time::Duration::from_millis(250))
     );
+    let udp = worker.root_id();
 
     // No table yet: a cluster-domain name is SERVFAIL, not forwarded.
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(1, MESH, A)]);
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!(out[0].rcode(), 2);
+    let c = udp_tunnel(&mut worker, udp)?;
+    let mark = worker.mark();
+    assert_eq!(
+        send_capsules(&mut worker, c, &[&query(1, MESH, A)])?,
+        Action::Continue
+    );
+    assert!(worker.http_calls_since(mark).is_empty());
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(1, 2)]);
+    assert_eq!(host.stat_value("vmesh_dns_not_ready"), 1);
 
     let mut agent = vmesh::agent(&host, "{}")?;
     vmesh::publish(&host, &mut agent, &small_table("v1"))?;
@@ -138,10 +201,9 @@ fn worker_loads_the_published_table_on_its_tick() -> Result<(), VmError> {
         .collect();
     assert_eq!(reads, [VERSION_KEY, IMAGE_KEY]);
 
-    let body = framed(Framing::Capsule, &[&query(2, MESH, A)]);
-    worker.request_body(s, &body, false)?;
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!((out[1].header.id, out[1].rcode()), (2, 0));
+    // The same connection is answered from the table now.
+    send_capsules(&mut worker, c, &[&query(2, MESH, A)])?;
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(1, 2), (2, 0)]);
 
     // An unchanged version is not copied again.
     let mark = worker.mark();
@@ -156,13 +218,38 @@ fn worker_loads_the_published_table_on_its_tick() -> Result<(), VmError> {
 }
 
 #[test]
+fn without_a_table_the_tcp_root_also_answers_cluster_names_servfail() -> Result<(), VmError> {
+    let host = vmesh::host();
+    let mut worker = vmesh::dns_tcp_worker(&host, "{}")?;
+    let c = worker.create_connection()?;
+    let mark = worker.mark();
+    let body = framed(
+        Framing::Tcp,
+        &[&query(3, "ratings.shop.svc.cluster.local", A)],
+    );
+    assert_eq!(worker.downstream_data(c, &body, false)?, Action::Continue);
+    assert!(worker.http_calls_since(mark).is_empty(), "not forwarded");
+    let out = responses(Framing::Tcp, &worker.connection(c).written);
+    assert_eq!((out[0].header.id, out[0].rcode()), (3, 2));
+    Ok(())
+}
+
+#[test]
 fn a_corrupt_published_image_is_refused_and_the_loaded_table_keeps_serving() -> Result<(), VmError>
 {
-    let Mesh { host, mut worker } = mesh()?;
+    let Mesh {
+        host,
+        mut worker,
+        doh,
+        udp,
+        tcp,
+    } = mesh()?;
     host.set_shared_data(VM_ID, IMAGE_KEY, b"VMNI not really an image");
     host.set_shared_data(VM_ID, VERSION_KEY, b"v2");
-    worker.tick()?;
-    still_answers(&mut worker)
+    for root in [doh, udp, tcp] {
+        worker.tick_root(root)?;
+    }
+    still_answers(&mut worker, udp)
 }
 
 #[test]
@@ -172,63 +259,163 @@ fn a_worker_in_another_vm_id_does_not_see_the_table() -> Result<(), VmError> {
         &host,
         Plugin {
             vm_id: "other".into(),
-            ..vmesh::plugin(vmesh::DNS_ROOT_ID, "{}")
+            ..vmesh::plugin(vmesh::DNS_UDP_ROOT_ID, "{}")
         },
     )?;
     other.tick()?;
-    let s = tunnel(&mut other, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(7, MESH, A)]);
-    other.request_body(s, &body, false)?;
-    let out = responses(Framing::Capsule, &other.stream(s).forwarded);
-    assert_eq!(out[0].rcode(), 2, "not ready: SERVFAIL");
+    let udp = other.root_id();
+    let c = udp_tunnel(&mut other, udp)?;
+    send_capsules(&mut other, c, &[&query(7, MESH, A)])?;
+    assert_eq!(
+        udp_answers(&other, c).ids_and_rcodes(),
+        [(7, 2)],
+        "not ready: SERVFAIL"
+    );
     Ok(())
 }
 
 #[test]
-fn udp_tunnel_mesh_query_is_rewritten_in_place_into_the_answer() -> Result<(), VmError> {
-    let Mesh { host, mut worker } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(0x1234, MESH, A)]);
+fn udp_mesh_query_replaces_the_read_buffer_with_the_response_head_and_its_answer(
+) -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
+    let c = worker.create_connection_on(udp)?;
+    let mut input = UDP_TUNNEL_HEAD.to_vec();
+    input.extend(capsule_chunk(&[&query(0x1234, MESH, A)]));
     let mark = worker.mark();
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Continue);
+    assert_eq!(worker.downstream_data(c, &input, false)?, Action::Continue);
 
+    assert_eq!(get_buffer_calls(&worker, mark), [(0, input.len() as u32)]);
     let writes = set_buffer_calls(&worker, mark);
     assert_eq!(writes.len(), 1);
-    let (start, size, answer) = &writes[0];
+    let (start, size, reply) = &writes[0];
     assert_eq!(
         (*start, *size as usize),
-        (0, body.len()),
-        "whole body replaced"
+        (0, input.len()),
+        "whole read buffer replaced"
     );
     assert!(worker.http_calls_since(mark).is_empty());
-    assert_eq!(&worker.stream(s).forwarded, answer);
+    assert_eq!(&worker.connection(c).written, reply, "echo wrote it back");
+    assert!(worker.connection(c).held().is_empty());
 
-    let out = responses(Framing::Capsule, answer);
-    assert_eq!(out.len(), 1);
-    assert_eq!((out[0].header.id, out[0].rcode()), (0x1234, 0));
-    assert!(out[0].authoritative());
-    let mut ips = addresses(&out[0]);
+    let out = udp_answers(&worker, c);
+    assert_eq!((out.chunks, out.ended), (1, false));
+    assert_eq!(out.ids_and_rcodes(), [(0x1234, 0)]);
+    assert!(out.responses[0].authoritative());
+    let mut ips = addresses(&out.responses[0]);
     ips.sort();
     assert_eq!(ips, ["10.96.0.10", "10.96.0.11"]);
     assert_eq!(host.stat_value("vmesh_dns_answered"), 1);
-    assert!(worker.finish_stream(s)?);
+
+    // The request's last chunk ends the response.
+    assert_eq!(
+        worker.downstream_data(c, LAST_CHUNK, false)?,
+        Action::Continue
+    );
+    assert!(worker.connection(c).written.ends_with(LAST_CHUNK));
+    assert!(udp_answers(&worker, c).ended);
+
+    worker.finish_connection(c)?;
+    let conn = worker.connection(c);
+    assert_eq!(
+        (conn.closed, conn.done),
+        (Some(PeerType::Remote), Some(true))
+    );
+    Ok(())
+}
+
+#[test]
+fn udp_tunnel_head_is_answered_at_once_then_each_read_gets_one_chunk() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = worker.create_connection_on(udp)?;
+    // udp_proxy sends the head alone and waits for a 2xx before it sends any datagram.
+    let mark = worker.mark();
+    assert_eq!(
+        worker.downstream_data(c, UDP_TUNNEL_HEAD, false)?,
+        Action::Continue
+    );
+    assert_eq!(
+        set_buffer_calls(&worker, mark),
+        [(
+            0,
+            UDP_TUNNEL_HEAD.len() as u32,
+            TUNNEL_RESPONSE_HEAD.to_vec()
+        )]
+    );
+    assert_eq!(worker.connection(c).written, TUNNEL_RESPONSE_HEAD);
+    let out = udp_answers(&worker, c);
+    assert_eq!((out.chunks, out.ended), (0, false));
+
+    // One datagram per read.
+    send_capsules(&mut worker, c, &[&query(1, MESH, A)])?;
+    assert_eq!(udp_answers(&worker, c).chunks, 1);
+    // Two capsules in one chunk, then two chunks in one read: one answer chunk per read.
+    send_capsules(&mut worker, c, &[&query(2, MESH, A), &query(3, MESH, AAAA)])?;
+    assert_eq!(udp_answers(&worker, c).chunks, 2);
+    let mut two_chunks = capsule_chunk(&[&query(4, "vm-db.example.com", A)]);
+    two_chunks.extend(capsule_chunk(&[&query(5, "db.wild.example.com", A)]));
+    worker.downstream_data(c, &two_chunks, false)?;
+    let out = udp_answers(&worker, c);
+    assert_eq!((out.chunks, out.ended), (3, false));
+
+    assert_eq!(
+        worker.downstream_data(c, LAST_CHUNK, false)?,
+        Action::Continue
+    );
+    let out = udp_answers(&worker, c);
+    assert_eq!(
+        out.ids_and_rcodes(),
+        [(1, 0), (2, 0), (3, 0), (4, 0), (5, 0)]
+    );
+    assert_eq!((out.chunks, out.ended), (3, true));
+    Ok(())
+}
+
+#[test]
+fn a_second_tunnel_request_on_the_same_connection_is_answered_like_the_first() -> Result<(), VmError>
+{
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = worker.create_connection_on(udp)?;
+    for id in [1, 2] {
+        let mut request = UDP_TUNNEL_HEAD.to_vec();
+        request.extend(capsule_chunk(&[&query(id, MESH, A)]));
+        request.extend(LAST_CHUNK);
+        assert_eq!(
+            worker.downstream_data(c, &request, false)?,
+            Action::Continue
+        );
+    }
+    let all = tunnel_responses(&worker.connection(c).written);
+    let got: Vec<_> = all.iter().map(|r| (r.ids_and_rcodes(), r.ended)).collect();
+    assert_eq!(got, [(vec![(1, 0)], true), (vec![(2, 0)], true)]);
     Ok(())
 }
 
 #[test]
 fn short_names_and_aaaa_follow_the_table() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(
-        Framing::Capsule,
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let action = send_capsules(
+        &mut worker,
+        c,
         &[
             &query(1, "reviews", A),
             &query(2, "ratings.shop", AAAA),
             &query(3, "db.wild.example.com", A),
         ],
-    );
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
+    )?;
+    assert_eq!(action, Action::Continue);
+    let out = udp_answers(&worker, c).responses;
     let got: Vec<(u16, Vec<String>)> = out.iter().map(|r| (r.header.id, addresses(r))).collect();
     assert_eq!(got[1], (2, vec!["fd00::20".to_string()]));
     assert_eq!(got[2], (3, vec!["240.240.0.2".to_string()]));
@@ -238,13 +425,46 @@ fn short_names_and_aaaa_follow_the_table() -> Result<(), VmError> {
 }
 
 #[test]
-fn udp_tunnel_non_mesh_query_is_forwarded_through_the_shim_and_paused() -> Result<(), VmError> {
-    let Mesh { host, mut worker } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
+fn successive_answers_rotate_the_leading_address_across_connections() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let mut leads = Vec::new();
+    for _ in 0..2 {
+        let c = udp_tunnel(&mut worker, udp)?;
+        for id in 1..=2 {
+            send_capsules(&mut worker, c, &[&query(id, MESH, A)])?;
+        }
+        for r in udp_answers(&worker, c).responses {
+            let mut ips = addresses(&r);
+            leads.push(ips[0].clone());
+            ips.sort();
+            assert_eq!(ips, ["10.96.0.10", "10.96.0.11"], "same set, another order");
+        }
+        worker.finish_connection(c)?;
+    }
+    assert_eq!(
+        leads,
+        ["10.96.0.10", "10.96.0.11", "10.96.0.10", "10.96.0.11"],
+        "the worker's rotation goes on across connections"
+    );
+    Ok(())
+}
+
+#[test]
+fn udp_non_mesh_query_is_forwarded_through_the_shim_and_the_connection_paused(
+) -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
     let q = query(0x4242, OTHER, A);
-    let body = framed(Framing::Capsule, &[&q]);
+    let datagram = capsule_chunk(&[&q]);
     let mark = worker.mark();
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Pause);
+    assert_eq!(worker.downstream_data(c, &datagram, false)?, Action::Pause);
 
     let call = single_callout(&worker, mark);
     assert_eq!(call.upstream, SHIM_CLUSTER);
@@ -257,22 +477,26 @@ fn udp_tunnel_non_mesh_query_is_forwarded_through_the_shim_and_paused() -> Resul
     assert_eq!(call.body, q, "the query goes as received");
     assert_eq!(call.timeout_ms, 6000);
     assert!(set_buffer_calls(&worker, mark).is_empty());
-    assert!(
-        worker.stream(s).forwarded.is_empty(),
-        "held while in flight"
+    let conn = worker.connection(c);
+    assert_eq!(
+        conn.written, TUNNEL_RESPONSE_HEAD,
+        "nothing more while in flight"
     );
+    assert_eq!(conn.held(), datagram, "Envoy keeps the read bytes");
     assert_eq!(host.stat_value("vmesh_dns_forwarded"), 1);
     Ok(())
 }
 
 #[test]
-fn forwarded_answer_replaces_the_held_body_with_the_clients_id_and_resumes() -> Result<(), VmError>
+fn forwarded_answer_replaces_the_held_buffer_with_the_clients_id_and_resumes() -> Result<(), VmError>
 {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
     let q = query(0x4242, OTHER, A);
-    let body = framed(Framing::Capsule, &[&q]);
-    worker.request_body(s, &body, false)?;
+    let datagram = capsule_chunk(&[&q]);
+    worker.downstream_data(c, &datagram, false)?;
     let token = worker.pending_callouts()[0];
 
     let upstream = upstream_answer(&q, 0x7777, Ipv4Addr::new(93, 184, 216, 34), 300);
@@ -282,124 +506,180 @@ fn forwarded_answer_replaces_the_held_body_with_the_clients_id_and_resumes() -> 
     let calls = worker.calls_since(mark);
     assert_eq!(
         calls.first().map(|r| (&r.call, r.status)),
-        Some((&HostCall::SetEffectiveContext { context: s }, Status::Ok)),
-        "the SDK switches to the stream that made the call"
+        Some((&HostCall::SetEffectiveContext { context: c }, Status::Ok)),
+        "the SDK switches to the connection that made the call"
     );
-    assert!(calls.iter().any(|r| r.context == s
+    assert!(calls.iter().any(|r| r.context == c
         && matches!(&r.call, HostCall::GetHeaderMapValue { map: MapType::HttpCallResponseHeaders, key } if key == ":status")));
     let writes = set_buffer_calls(&worker, mark);
     assert_eq!(writes.len(), 1);
     assert_eq!(
         (writes[0].0, writes[0].1 as usize),
-        (0, body.len()),
-        "the held query is replaced"
+        (0, datagram.len()),
+        "the held datagram is replaced"
     );
-    assert!(resumed_request(&worker, mark));
-    assert_eq!(worker.stream(s).resumed, 1);
+    assert!(resumed_reading(&worker, mark));
+    let conn = worker.connection(c);
+    assert_eq!(conn.resumed, 1);
+    assert!(conn.held().is_empty(), "echo took the answers");
 
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!(out.len(), 1);
-    assert_eq!((out[0].header.id, out[0].rcode()), (0x4242, 0));
-    assert_eq!(addresses(&out[0]), ["93.184.216.34"]);
+    let out = udp_answers(&worker, c);
+    assert_eq!(out.ids_and_rcodes(), [(0x4242, 0)]);
+    assert_eq!(addresses(&out.responses[0]), ["93.184.216.34"]);
+    Ok(())
+}
+
+#[test]
+fn a_forward_holds_the_whole_connection_output_until_it_completes() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = worker.create_connection_on(udp)?;
+    // The whole request in one read: head, a forwarded query, a mesh one, the last chunk.
+    let q = query(7, OTHER, A);
+    let mut input = UDP_TUNNEL_HEAD.to_vec();
+    input.extend(capsule_chunk(&[&q]));
+    input.extend(capsule_chunk(&[&query(8, MESH, A)]));
+    input.extend(LAST_CHUNK);
+    assert_eq!(worker.downstream_data(c, &input, false)?, Action::Pause);
+    assert!(
+        worker.connection(c).written.is_empty(),
+        "not even the 200 head leaves before the forward completes"
+    );
+
+    let token = worker.pending_callouts()[0];
+    let mark = worker.mark();
+    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 7), 60);
+    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    let writes = set_buffer_calls(&worker, mark);
+    assert_eq!(writes.len(), 1);
+    assert_eq!((writes[0].0, writes[0].1 as usize), (0, input.len()));
+    let out = udp_answers(&worker, c);
+    assert_eq!(out.ids_and_rcodes(), [(7, 0), (8, 0)]);
+    assert_eq!(
+        (out.chunks, out.ended),
+        (1, true),
+        "head, one chunk, last chunk"
+    );
     Ok(())
 }
 
 #[test]
 fn forwarder_503_becomes_servfail_for_that_query() -> Result<(), VmError> {
-    let Mesh { host, mut worker } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(0x5151, OTHER, A)]);
-    worker.request_body(s, &body, false)?;
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(0x5151, OTHER, A)])?;
     let token = worker.pending_callouts()[0];
     let mark = worker.mark();
     worker.http_call_response(
         token,
         HttpResponse::status(503).body("upstream connect error"),
     )?;
-    assert!(resumed_request(&worker, mark));
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!((out[0].header.id, out[0].rcode()), (0x5151, 2));
+    assert!(resumed_reading(&worker, mark));
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5151, 2)]);
     assert_eq!(host.stat_value("vmesh_dns_forward_failed"), 1);
     Ok(())
 }
 
 #[test]
 fn forwarder_garbage_becomes_servfail() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
     // Not DNS responses: too short for a header, or QR clear. (Past a response header the
     // filter relays the shim's answer as is; the shim checks upstream answers.)
     for (i, garbage) in [&b""[..], b"\x00", &[0x00; 40][..], b"<html>oops</html>"]
         .into_iter()
         .enumerate()
     {
-        let s = tunnel(&mut worker, "/udp-tunnel")?;
+        let c = udp_tunnel(&mut worker, udp)?;
         let id = 0x6000 + i as u16;
-        worker.request_body(s, &framed(Framing::Capsule, &[&query(id, OTHER, A)]), false)?;
+        send_capsules(&mut worker, c, &[&query(id, OTHER, A)])?;
         let token = worker.pending_callouts()[0];
         worker.http_call_response(token, HttpResponse::status(200).body(garbage))?;
-        let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-        assert_eq!((out[0].header.id, out[0].rcode()), (id, 2), "garbage {i}");
+        assert_eq!(
+            udp_answers(&worker, c).ids_and_rcodes(),
+            [(id, 2)],
+            "garbage {i}"
+        );
     }
     Ok(())
 }
 
 #[test]
 fn forward_reset_by_envoy_becomes_servfail_without_killing_the_vm() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    worker.request_body(
-        s,
-        &framed(Framing::Capsule, &[&query(0x5252, OTHER, A)]),
-        false,
-    )?;
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(0x5252, OTHER, A)])?;
     let token = worker.pending_callouts()[0];
     worker.http_call_reset(token)?;
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!((out[0].header.id, out[0].rcode()), (0x5252, 2));
-    still_answers(&mut worker)
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5252, 2)]);
+    assert_eq!(worker.connection(c).resumed, 1);
+    still_answers(&mut worker, udp)
 }
 
 #[test]
 fn a_forward_the_host_refuses_to_dispatch_is_servfail_at_once() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh_with(r#"{"shim_cluster":"gone"}"#)?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh_with(r#"{"shim_cluster":"gone"}"#)?;
+    let c = udp_tunnel(&mut worker, udp)?;
     let mark = worker.mark();
-    let body = framed(Framing::Capsule, &[&query(0x5353, OTHER, A)]);
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Continue);
-    assert_eq!(worker.http_calls_since(mark)[0].1, Status::BadArgument);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!((out[0].header.id, out[0].rcode()), (0x5353, 2));
-    Ok(())
-}
-
-#[test]
-fn two_capsules_in_one_body_get_two_answers_in_order() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(
-        Framing::Capsule,
-        &[&query(1, MESH, A), &query(2, "vm-db.example.com", A)],
+    assert_eq!(
+        send_capsules(&mut worker, c, &[&query(0x5353, OTHER, A)])?,
+        Action::Continue
     );
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    let got: Vec<(u16, u16)> = out.iter().map(|r| (r.header.id, r.rcode())).collect();
-    assert_eq!(got, [(1, 0), (2, 0)]);
-    assert_eq!(addresses(&out[1]), ["240.240.0.1"]);
+    assert_eq!(worker.http_calls_since(mark)[0].1, Status::BadArgument);
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5353, 2)]);
     Ok(())
 }
 
 #[test]
-fn answers_keep_query_order_around_a_forward_and_queries_arriving_meanwhile() -> Result<(), VmError>
-{
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
+fn two_capsules_in_one_chunk_get_two_answers_in_order() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let action = send_capsules(
+        &mut worker,
+        c,
+        &[&query(1, MESH, A), &query(2, "vm-db.example.com", A)],
+    )?;
+    assert_eq!(action, Action::Continue);
+    let out = udp_answers(&worker, c);
+    assert_eq!(out.ids_and_rcodes(), [(1, 0), (2, 0)]);
+    assert_eq!(out.chunks, 1);
+    assert_eq!(addresses(&out.responses[1]), ["240.240.0.1"]);
+    Ok(())
+}
+
+#[test]
+fn bytes_read_while_paused_are_answered_after_the_resume_in_order() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
     let q2 = query(2, OTHER, A);
-    let first = framed(Framing::Capsule, &[&query(1, MESH, A), &q2]);
-    assert_eq!(worker.request_body(s, &first, false)?, Action::Pause);
-    // Envoy holds the body; the next datagram arrives while the forward is in flight.
-    let later = framed(Framing::Capsule, &[&query(3, MESH, A)]);
-    assert_eq!(worker.request_body(s, &later, false)?, Action::Pause);
-    assert!(worker.stream(s).forwarded.is_empty());
+    let first = capsule_chunk(&[&query(1, MESH, A), &q2]);
+    assert_eq!(worker.downstream_data(c, &first, false)?, Action::Pause);
+    // The next datagram arrives while the forward is in flight: Envoy passes the whole held
+    // buffer, and the filter reads only what is new.
+    let later = capsule_chunk(&[&query(3, MESH, A)]);
+    let mark = worker.mark();
+    assert_eq!(worker.downstream_data(c, &later, false)?, Action::Pause);
+    assert_eq!(
+        get_buffer_calls(&worker, mark),
+        [(first.len() as u32, later.len() as u32)]
+    );
+    assert_eq!(worker.connection(c).written, TUNNEL_RESPONSE_HEAD);
+    assert_eq!(worker.connection(c).held().len(), first.len() + later.len());
 
     let token = worker.pending_callouts()[0];
     let mark = worker.mark();
@@ -409,46 +689,51 @@ fn answers_keep_query_order_around_a_forward_and_queries_arriving_meanwhile() ->
     assert_eq!(
         writes[0].1 as usize,
         first.len() + later.len(),
-        "the whole held body is replaced"
+        "the whole held buffer is replaced"
     );
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    let ids: Vec<u16> = out.iter().map(|r| r.header.id).collect();
+    let out = udp_answers(&worker, c);
+    let ids: Vec<u16> = out.responses.iter().map(|r| r.header.id).collect();
     assert_eq!(ids, [1, 2, 3]);
 
-    // After the resume, the next chunk is seen on its own again.
-    let next = framed(Framing::Capsule, &[&query(4, MESH, A)]);
-    assert_eq!(worker.request_body(s, &next, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!(out.len(), 4);
-    assert_eq!(out[3].header.id, 4);
+    // After the resume, the next read is seen on its own again.
+    let next = capsule_chunk(&[&query(4, MESH, A)]);
+    let mark = worker.mark();
+    assert_eq!(worker.downstream_data(c, &next, false)?, Action::Continue);
+    assert_eq!(get_buffer_calls(&worker, mark), [(0, next.len() as u32)]);
+    let out = udp_answers(&worker, c);
+    assert_eq!(out.responses.len(), 4);
+    assert_eq!(out.responses[3].header.id, 4);
     Ok(())
 }
 
 #[test]
-fn out_of_order_callout_responses_release_the_stream_only_when_all_are_back() -> Result<(), VmError>
-{
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
+fn out_of_order_callout_responses_release_the_connection_only_when_all_are_back(
+) -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
     let (qa, qb) = (query(10, OTHER, A), query(11, "example.net", A));
-    assert_eq!(
-        worker.request_body(s, &framed(Framing::Capsule, &[&qa, &qb]), false)?,
-        Action::Pause
-    );
+    assert_eq!(send_capsules(&mut worker, c, &[&qa, &qb])?, Action::Pause);
     let tokens = worker.pending_callouts();
     assert_eq!(tokens.len(), 2);
     let mark = worker.mark();
     let answer_b = upstream_answer(&qb, 1, Ipv4Addr::new(192, 0, 2, 11), 60);
     worker.http_call_response(tokens[1], HttpResponse::status(200).body(answer_b))?;
     assert!(
-        !resumed_request(&worker, mark),
+        !resumed_reading(&worker, mark),
         "still waiting for the first"
     );
-    assert!(worker.stream(s).forwarded.is_empty());
+    assert_eq!(worker.connection(c).written, TUNNEL_RESPONSE_HEAD);
     let answer_a = upstream_answer(&qa, 2, Ipv4Addr::new(192, 0, 2, 10), 60);
     worker.http_call_response(tokens[0], HttpResponse::status(200).body(answer_a))?;
-    assert!(resumed_request(&worker, mark));
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    let got: Vec<(u16, Vec<String>)> = out.iter().map(|r| (r.header.id, addresses(r))).collect();
+    assert!(resumed_reading(&worker, mark));
+    let out = udp_answers(&worker, c);
+    let got: Vec<(u16, Vec<String>)> = out
+        .responses
+        .iter()
+        .map(|r| (r.header.id, addresses(r)))
+        .collect();
     assert_eq!(
         got,
         [
@@ -460,87 +745,320 @@ fn out_of_order_callout_responses_release_the_stream_only_when_all_are_back() ->
 }
 
 #[test]
-fn a_capsule_split_across_two_body_callbacks_is_answered_once_complete() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let body = framed(Framing::Capsule, &[&query(0x0202, MESH, A)]);
-    let (head, tail) = body.split_at(7);
+fn a_capsule_split_across_two_reads_is_answered_once_complete() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let datagram = capsule_chunk(&[&query(0x0202, MESH, A)]);
+    let (head, tail) = datagram.split_at(7);
     let mark = worker.mark();
-    assert_eq!(worker.request_body(s, head, false)?, Action::Continue);
-    let writes = set_buffer_calls(&worker, mark);
+    assert_eq!(worker.downstream_data(c, head, false)?, Action::Continue);
     assert_eq!(
-        writes,
+        set_buffer_calls(&worker, mark),
         [(0, head.len() as u32, Vec::new())],
-        "partial frame kept back"
+        "partial chunk kept back"
     );
-    assert!(worker.stream(s).forwarded.is_empty());
+    assert_eq!(worker.connection(c).written, TUNNEL_RESPONSE_HEAD);
 
-    assert_eq!(worker.request_body(s, tail, false)?, Action::Continue);
-    let out = responses(Framing::Capsule, &worker.stream(s).forwarded);
-    assert_eq!(
-        (out.len(), out[0].header.id, out[0].rcode()),
-        (1, 0x0202, 0)
-    );
+    assert_eq!(worker.downstream_data(c, tail, false)?, Action::Continue);
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x0202, 0)]);
     Ok(())
 }
 
 #[test]
-fn tcp_tunnel_uses_two_byte_length_framing() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/tcp-tunnel")?;
-    let q_other = query(0x0303, OTHER, A);
-    let body = framed(
-        Framing::Tcp,
-        &[&query(0x0301, MESH, A), &query(0x0302, MESH, AAAA)],
-    );
-    // Split inside the second length prefix: TCP segments fall anywhere.
-    let cut = body.len() - 30;
+fn any_split_of_a_tunnel_request_around_a_forward_gets_the_same_response() -> Result<(), VmError> {
+    // Read boundaries fall anywhere: in the head, a chunk-size line, a capsule, between
+    // chunks. With a forward in flight the filter reads only the tail of the held buffer, so
+    // this checks the offsets as much as the parser.
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let q = query(1, OTHER, A);
+    let upstream = upstream_answer(&q, 0x0909, Ipv4Addr::new(192, 0, 2, 1), 60);
+    let mut input = UDP_TUNNEL_HEAD.to_vec();
+    input.extend(capsule_chunk(&[&q]));
+    input.extend(capsule_chunk(&[&query(2, MESH, A)]));
+    input.extend(LAST_CHUNK);
+    for answer_between_reads in [false, true] {
+        for split in 1..input.len() {
+            let c = worker.create_connection_on(udp)?;
+            for part in [&input[..split], &input[split..]] {
+                worker.downstream_data(c, part, false)?;
+                if answer_between_reads {
+                    for token in worker.pending_callouts() {
+                        worker.http_call_response(
+                            token,
+                            HttpResponse::status(200).body(upstream.clone()),
+                        )?;
+                    }
+                }
+            }
+            for token in worker.pending_callouts() {
+                worker
+                    .http_call_response(token, HttpResponse::status(200).body(upstream.clone()))?;
+            }
+            let out = udp_answers(&worker, c);
+            assert_eq!(
+                (out.ids_and_rcodes(), out.ended),
+                (vec![(1, 0), (2, 0)], true),
+                "split at {split}, answered between reads: {answer_between_reads}"
+            );
+            assert!(worker.connection(c).held().is_empty());
+            worker.finish_connection(c)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tcp_root_answers_two_byte_framed_queries_split_across_callbacks() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, tcp, ..
+    } = mesh()?;
+    let first = framed(Framing::Tcp, &[&query(0x0301, MESH, A)]);
+    let mut body = first.clone();
+    body.extend(framed(Framing::Tcp, &[&query(0x0302, MESH, AAAA)]));
+    // TCP segments fall anywhere; here inside the second length prefix.
+    let c = worker.create_connection_on(tcp)?;
+    let cut = first.len() + 1;
     assert_eq!(
-        worker.request_body(s, &body[..cut], false)?,
+        worker.downstream_data(c, &body[..cut], false)?,
         Action::Continue
     );
+    let out = responses(Framing::Tcp, &worker.connection(c).written);
+    assert_eq!(out.len(), 1, "the partial frame is kept back");
     assert_eq!(
-        worker.request_body(s, &body[cut..], false)?,
+        worker.downstream_data(c, &body[cut..], false)?,
         Action::Continue
     );
-    let out = responses(Framing::Tcp, &worker.stream(s).forwarded);
+    let out = responses(Framing::Tcp, &worker.connection(c).written);
     let got: Vec<(u16, u16)> = out.iter().map(|r| (r.header.id, r.rcode())).collect();
     assert_eq!(got, [(0x0301, 0), (0x0302, 0)]);
     assert!(out[1].answers.is_empty(), "reviews has no IPv6: NODATA");
 
+    let q_other = query(0x0303, OTHER, A);
     let mark = worker.mark();
     assert_eq!(
-        worker.request_body(s, &framed(Framing::Tcp, &[&q_other]), false)?,
+        worker.downstream_data(c, &framed(Framing::Tcp, &[&q_other]), false)?,
         Action::Pause
     );
     let call = single_callout(&worker, mark);
     assert_eq!(call.header("x-vmesh-transport"), Some("tcp"));
     let upstream = upstream_answer(&q_other, 1, Ipv4Addr::new(192, 0, 2, 3), 60);
     worker.http_call_response(call.token, HttpResponse::status(200).body(upstream))?;
-    let out = responses(Framing::Tcp, &worker.stream(s).forwarded);
+    assert_eq!(worker.connection(c).resumed, 1);
+    let out = responses(Framing::Tcp, &worker.connection(c).written);
     assert_eq!(out[2].header.id, 0x0303);
+    worker.finish_connection(c)?;
+
+    // Every cut of the two queries gives the same two answers.
+    for cut in 1..body.len() {
+        let c = worker.create_connection_on(tcp)?;
+        worker.downstream_data(c, &body[..cut], false)?;
+        worker.downstream_data(c, &body[cut..], false)?;
+        let out = responses(Framing::Tcp, &worker.connection(c).written);
+        let ids: Vec<u16> = out.iter().map(|r| r.header.id).collect();
+        assert_eq!(ids, [0x0301, 0x0302], "cut at {cut}");
+        worker.finish_connection(c)?;
+    }
+    Ok(())
+}
+
+/// What udp_proxy never sends: another method, a body that is not chunked, no HTTP at all.
+const NOT_A_TUNNEL: [&[u8]; 3] = [
+    b"GET /udp-tunnel HTTP/1.1\r\nhost: dns.vmesh.internal\r\n\r\n",
+    b"POST /udp-tunnel HTTP/1.1\r\nhost: dns.vmesh.internal\r\ncontent-length: 5\r\n\r\nhello",
+    b"SSH-2.0-OpenSSH_9.6\r\n",
+];
+
+#[test]
+fn a_request_udp_proxy_never_sends_is_refused_and_the_connection_closed() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    for request in NOT_A_TUNNEL {
+        let what = String::from_utf8_lossy(request);
+        let c = worker.create_connection_on(udp)?;
+        let mark = worker.mark();
+        assert_eq!(
+            worker.downstream_data(c, request, false)?,
+            Action::Continue,
+            "{what}"
+        );
+        assert_eq!(
+            set_buffer_calls(&worker, mark),
+            [(0, request.len() as u32, REJECTION.to_vec())],
+            "{what}: the read buffer becomes the 400"
+        );
+        assert!(closed_connection(&worker, mark), "{what}");
+        let conn = worker.connection(c);
+        assert_eq!(conn.closed, Some(PeerType::Local), "{what}");
+        assert_eq!(conn.done, Some(true), "{what}: the context ended with it");
+        assert!(
+            !conn.written.starts_with(b"HTTP/1.1 200"),
+            "{what}: no tunnel was opened"
+        );
+        assert!(worker.http_calls_since(mark).is_empty());
+    }
+
+    // Refused while a forward holds the connection: the forward's answer finds nothing.
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(1, OTHER, A)])?;
+    let held = worker.connection(c).held().len();
+    let mark = worker.mark();
+    assert_eq!(
+        worker.downstream_data(c, b"zz\r\n", false)?,
+        Action::Continue
+    );
+    assert_eq!(
+        set_buffer_calls(&worker, mark),
+        [(0, (held + 4) as u32, REJECTION.to_vec())]
+    );
+    assert_eq!(worker.connection(c).closed, Some(PeerType::Local));
+    let token = worker.pending_callouts()[0];
+    let mark = worker.mark();
+    worker.http_call_response(token, HttpResponse::status(503))?;
+    assert!(worker.calls_since(mark).is_empty());
+    still_answers(&mut worker, udp)
+}
+
+#[test]
+#[ignore = "filter bug: the 400 is set as the read buffer but proxy_close_stream(Downstream) \
+            closes the connection (Envoy runs it right after the callback, before echo), so \
+            echo never writes it"]
+fn a_refused_request_gets_the_400_before_the_close() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    for request in NOT_A_TUNNEL {
+        let c = worker.create_connection_on(udp)?;
+        worker.downstream_data(c, request, false)?;
+        let conn = worker.connection(c);
+        assert_eq!(conn.closed, Some(PeerType::Local));
+        assert_eq!(
+            conn.written,
+            REJECTION,
+            "{}",
+            String::from_utf8_lossy(request)
+        );
+    }
     Ok(())
 }
 
 #[test]
-fn x_dns_framing_tcp_selects_length_framing_on_the_udp_tunnel_path() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = worker.create_http_stream()?;
-    let headers = [
-        (":method", "POST"),
-        (":path", "/udp-tunnel"),
-        (":authority", "dns.internal"),
-        ("x-dns-framing", "tcp"),
-    ];
+fn an_oversized_capsule_closes_that_connection_only() -> Result<(), VmError> {
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let other = udp_tunnel(&mut worker, udp)?;
+    // Capsule type 0, length 0x100000: no DNS message is that large.
+    let mut capsule = vec![0x00, 0x80, 0x10, 0x00, 0x00];
+    capsule.extend_from_slice(&[0u8; 64]);
+    let mark = worker.mark();
+    worker.downstream_data(c, &chunk(&capsule), false)?;
+    assert!(closed_connection(&worker, mark));
+    assert_eq!(worker.connection(c).closed, Some(PeerType::Local));
     assert_eq!(
-        worker.request_headers(s, &headers, false)?,
-        Action::Continue
+        udp_answers(&worker, c).responses.len(),
+        0,
+        "nothing answered"
     );
-    let body = framed(Framing::Tcp, &[&query(0x0401, MESH, A)]);
-    worker.request_body(s, &body, false)?;
-    let out = responses(Framing::Tcp, &worker.stream(s).forwarded);
-    assert_eq!(out[0].header.id, 0x0401);
+    // The other connection of the same client pool is unaffected.
+    send_capsules(&mut worker, other, &[&query(5, MESH, A)])?;
+    assert_eq!(udp_answers(&worker, other).ids_and_rcodes(), [(5, 0)]);
+    still_answers(&mut worker, udp)
+}
+
+#[test]
+fn metrics_count_each_query_by_outcome_on_both_network_roots() -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        tcp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(
+        &mut worker,
+        c,
+        &[
+            &query(1, MESH, A),
+            &query(2, MESH, AAAA),
+            &[1, 2, 3],
+            &query(3, OTHER, A),
+        ],
+    )?;
+    let token = worker.pending_callouts()[0];
+    worker.http_call_response(token, HttpResponse::status(503))?;
+    assert_eq!(
+        udp_answers(&worker, c).ids_and_rcodes(),
+        [(1, 0), (2, 0), (3, 2)],
+        "the junk capsule is dropped"
+    );
+
+    let t = worker.create_connection_on(tcp)?;
+    let q = query(4, OTHER, A);
+    let body = framed(Framing::Tcp, &[&query(5, "vm-db.example.com", A), &q]);
+    worker.downstream_data(t, &body, false)?;
+    let token = worker.pending_callouts()[0];
+    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 4), 60);
+    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    assert_eq!(
+        responses(Framing::Tcp, &worker.connection(t).written).len(),
+        2
+    );
+
+    let stats = [
+        "vmesh_dns_answered",
+        "vmesh_dns_nodata",
+        "vmesh_dns_dropped",
+        "vmesh_dns_forwarded",
+        "vmesh_dns_forward_failed",
+        "vmesh_dns_not_ready",
+        "vmesh_dns_formerr",
+    ]
+    .map(|name| (name, host.stat_value(name)));
+    assert_eq!(
+        stats,
+        [
+            ("vmesh_dns_answered", 2),
+            ("vmesh_dns_nodata", 1),
+            ("vmesh_dns_dropped", 1),
+            ("vmesh_dns_forwarded", 2),
+            ("vmesh_dns_forward_failed", 1),
+            ("vmesh_dns_not_ready", 0),
+            ("vmesh_dns_formerr", 0),
+        ]
+    );
     Ok(())
+}
+
+#[test]
+fn a_forward_answered_after_its_connection_closed_is_dropped() -> Result<(), VmError> {
+    // Envoy makes callouts on the root context, so the client closing the connection does not
+    // cancel them; the answer still arrives and must find nothing to write to.
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let q = query(0x0808, OTHER, A);
+    send_capsules(&mut worker, c, &[&q])?;
+    let token = worker.pending_callouts()[0];
+    worker.finish_connection(c)?;
+    assert_eq!(worker.connection(c).closed, Some(PeerType::Remote));
+    let mark = worker.mark();
+    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 8), 60);
+    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    assert!(
+        worker.calls_since(mark).is_empty(),
+        "{:?}",
+        worker.calls_since(mark)
+    );
+    assert_eq!(worker.connection(c).written, TUNNEL_RESPONSE_HEAD);
+    still_answers(&mut worker, udp)
 }
 
 fn doh_stream(
@@ -658,7 +1176,12 @@ fn doh_non_mesh_query_is_forwarded_and_replied_with_the_clients_id() -> Result<(
 
 #[test]
 fn doh_requests_that_are_not_dns_get_http_errors() -> Result<(), VmError> {
-    let Mesh { host, mut worker } = mesh()?;
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
     let q = URL_SAFE_NO_PAD.encode(query(1, MESH, A));
     let cases: [(&str, String, Option<&str>, bool, u32); 6] = [
         ("POST", "/dns-query".into(), Some("text/plain"), false, 415),
@@ -691,17 +1214,41 @@ fn doh_requests_that_are_not_dns_get_http_errors() -> Result<(), VmError> {
         assert_eq!(ctype.as_deref(), Some("text/plain"));
     }
     assert!(host.stat_value("vmesh_doh_rejected") >= 2);
-    still_answers(&mut worker)
+    still_answers(&mut worker, udp)
+}
+
+/// A POST stream on the first (DoH) root with headers read.
+fn post_stream(vm: &mut Vm, path: &str) -> Result<u32, VmError> {
+    let s = vm.create_http_stream()?;
+    let headers = [
+        (":method", "POST"),
+        (":path", path),
+        (":authority", "dns.internal"),
+        ("content-type", "application/octet-stream"),
+    ];
+    assert_eq!(vm.request_headers(s, &headers, false)?, Action::Continue);
+    Ok(s)
 }
 
 #[test]
-fn other_paths_pass_through_untouched() -> Result<(), VmError> {
+fn other_paths_pass_through_the_doh_root_untouched() -> Result<(), VmError> {
     let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/healthz")?;
-    let mark = worker.mark();
-    assert_eq!(worker.request_body(s, b"hello", true)?, Action::Continue);
-    assert_eq!(worker.stream(s).forwarded, b"hello");
-    assert!(set_buffer_calls(&worker, mark).is_empty());
+    // The tunnel paths are network filters' business now: the HTTP filter lets them by.
+    for path in ["/healthz", "/udp-tunnel", "/tcp-tunnel"] {
+        let s = post_stream(&mut worker, path)?;
+        let mark = worker.mark();
+        let body = capsule_chunk(&[&query(1, MESH, A)]);
+        assert_eq!(worker.request_body(s, &body, true)?, Action::Continue);
+        assert_eq!(worker.stream(s).forwarded, body, "{path}");
+        assert!(worker.stream(s).local_response.is_none(), "{path}");
+        let writes = worker
+            .calls_since(mark)
+            .into_iter()
+            .filter(|r| matches!(r.call, HostCall::SetBuffer { .. }))
+            .count();
+        assert_eq!(writes, 0, "{path}");
+        worker.finish_stream(s)?;
+    }
     Ok(())
 }
 
@@ -718,68 +1265,107 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-#[test]
-fn random_bytes_on_the_tunnels_never_trap_the_vm() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    for (path, framing) in [
-        ("/udp-tunnel", Framing::Capsule),
-        ("/tcp-tunnel", Framing::Tcp),
-    ] {
-        for seed in 0..150u64 {
-            let s = tunnel(&mut worker, path)?;
-            let len = [1, 2, 3, 12, 40, 200, 1500, 9000][seed as usize % 8];
-            let junk = noise(seed, len);
-            let action = worker.request_body(s, &junk, seed % 3 == 0)?;
-            // Whatever it decided, answer any forwards so the stream completes.
-            for token in worker.pending_callouts() {
-                worker.http_call_response(token, HttpResponse::status(503))?;
-            }
-            let st = worker.stream(s);
-            if !st.reset && action == Action::Continue {
-                // What went out is well-framed DNS (possibly nothing).
-                responses(framing, &st.forwarded);
-            }
-            worker.finish_stream(s)?;
-        }
-        // Junk capsules that frame fine but hold junk messages.
-        let s = tunnel(&mut worker, path)?;
-        let junk: Vec<Vec<u8>> = (0..50)
-            .map(|i| noise(1000 + i, 5 + i as usize * 7))
-            .collect();
-        let refs: Vec<&[u8]> = junk.iter().map(Vec::as_slice).collect();
-        worker.request_body(s, &framed(framing, &refs), false)?;
-        for token in worker.pending_callouts() {
-            worker.http_call_response(token, HttpResponse::status(200).body(noise(7, 30)))?;
-        }
-        assert!(!worker.stream(s).reset, "{path}: framing was valid");
-        responses(framing, &worker.stream(s).forwarded);
+/// Answers every callout in flight (with `response`) so paused connections complete.
+fn answer_all(vm: &mut Vm, response: &HttpResponse) -> Result<(), VmError> {
+    for token in vm.pending_callouts() {
+        vm.http_call_response(token, response.clone())?;
     }
-    assert!(!worker.is_failed());
-    still_answers(&mut worker)
+    Ok(())
+}
+
+/// Whatever a connection wrote must be well-formed for its root: a tunnel response (or
+/// nothing), or whole length-framed DNS responses.
+fn check_written(vm: &Vm, c: u32, framing: Framing, what: &str) {
+    let written = &vm.connection(c).written;
+    match framing {
+        Framing::Capsule => {
+            let response = tunnel_response(written);
+            if vm.connection(c).is_closed() {
+                assert!(
+                    response.is_none_or(|r| !r.ended),
+                    "{what}: a refused tunnel never ends well"
+                );
+            }
+        }
+        Framing::Tcp => {
+            responses(Framing::Tcp, written);
+        }
+    }
 }
 
 #[test]
-fn an_oversized_capsule_resets_that_stream_only() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    // Capsule type 0, length 0x100000: no DNS message is that large.
-    let mut body = vec![0x00, 0x80, 0x10, 0x00, 0x00];
-    body.extend_from_slice(&[0u8; 64]);
-    let mark = worker.mark();
-    assert_eq!(worker.request_body(s, &body, false)?, Action::Pause);
-    assert!(worker.calls_since(mark).iter().any(|r| r.call
-        == HostCall::CloseStream {
-            stream: StreamType::HttpRequest
-        }));
-    assert!(worker.stream(s).reset);
-    assert!(worker.stream(s).forwarded.is_empty());
-    worker.finish_stream(s)?;
-    still_answers(&mut worker)
+fn random_bytes_on_the_dns_connections_never_trap_the_vm() -> Result<(), VmError> {
+    let Mesh {
+        mut worker,
+        udp,
+        tcp,
+        ..
+    } = mesh()?;
+    let servfail = HttpResponse::status(503);
+    for seed in 0..150u64 {
+        let len = [1, 2, 3, 12, 40, 200, 1500, 9000][seed as usize % 8];
+        let junk = noise(seed, len);
+        let eos = seed % 3 == 0;
+        // Raw junk on both roots; on the UDP root also junk after a good head, and junk
+        // capsules in good chunks.
+        let mut cases: Vec<(u32, Framing, Vec<u8>)> = vec![
+            (udp, Framing::Capsule, junk.clone()),
+            (tcp, Framing::Tcp, junk.clone()),
+        ];
+        let mut after_head = UDP_TUNNEL_HEAD.to_vec();
+        after_head.extend(&junk);
+        cases.push((udp, Framing::Capsule, after_head));
+        let mut in_chunk = UDP_TUNNEL_HEAD.to_vec();
+        in_chunk.extend(chunk(&junk));
+        cases.push((udp, Framing::Capsule, in_chunk));
+        for (i, (root, framing, input)) in cases.into_iter().enumerate() {
+            let what = format!("seed {seed} case {i}");
+            let c = worker.create_connection_on(root)?;
+            // Sometimes in two reads, so junk also lands while the connection is held.
+            let cut = if seed % 2 == 0 {
+                input.len()
+            } else {
+                input.len() / 2
+            };
+            for (part, last) in [(&input[..cut], cut == input.len()), (&input[cut..], true)] {
+                if part.is_empty() || worker.connection(c).is_closed() {
+                    continue;
+                }
+                worker.downstream_data(c, part, eos && last)?;
+            }
+            answer_all(&mut worker, &servfail)?;
+            check_written(&worker, c, framing, &what);
+            worker.finish_connection(c)?;
+        }
+    }
+    // Junk messages that frame fine: every one is answered or dropped, nothing is refused.
+    let junk: Vec<Vec<u8>> = (0..50)
+        .map(|i| noise(1000 + i, 5 + i as usize * 7))
+        .collect();
+    let refs: Vec<&[u8]> = junk.iter().map(Vec::as_slice).collect();
+    let c = udp_tunnel(&mut worker, udp)?;
+    worker.downstream_data(c, &capsule_chunk(&refs), false)?;
+    answer_all(&mut worker, &HttpResponse::status(200).body(noise(7, 30)))?;
+    assert!(
+        !worker.connection(c).is_closed(),
+        "capsule framing was valid"
+    );
+    udp_answers(&worker, c);
+    let t = worker.create_connection_on(tcp)?;
+    worker.downstream_data(t, &framed(Framing::Tcp, &refs), false)?;
+    answer_all(&mut worker, &HttpResponse::status(200).body(noise(8, 30)))?;
+    assert!(!worker.connection(t).is_closed());
+    responses(Framing::Tcp, &worker.connection(t).written);
+
+    assert!(!worker.is_failed());
+    still_answers(&mut worker, udp)
 }
 
 #[test]
 fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmError> {
-    let Mesh { mut worker, .. } = mesh()?;
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
     for seed in 0..60u64 {
         let (s, _) = doh_stream(&mut worker, "POST", "/dns-query", Some(DNS_MESSAGE), false)?;
         let junk = noise(seed + 5000, [1, 11, 12, 13, 64, 512][seed as usize % 6]);
@@ -801,26 +1387,5 @@ fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmErro
     let (s, _) = doh_stream(&mut worker, "POST", "/dns-query", Some(DNS_MESSAGE), false)?;
     worker.request_body(s, &vec![0u8; 70_000], false)?;
     assert_eq!(local_reply(&worker, s).0, 413);
-    still_answers(&mut worker)
-}
-
-#[test]
-fn a_forward_answered_after_its_stream_ended_is_dropped() -> Result<(), VmError> {
-    // Envoy makes callouts on the root context, so ending the stream does not cancel them;
-    // the answer still arrives and must find nothing to write to.
-    let Mesh { mut worker, .. } = mesh()?;
-    let s = tunnel(&mut worker, "/udp-tunnel")?;
-    let q = query(0x0808, OTHER, A);
-    worker.request_body(s, &framed(Framing::Capsule, &[&q]), false)?;
-    let token = worker.pending_callouts()[0];
-    worker.finish_stream(s)?;
-    let mark = worker.mark();
-    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 8), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
-    assert!(
-        worker.calls_since(mark).is_empty(),
-        "{:?}",
-        worker.calls_since(mark)
-    );
-    still_answers(&mut worker)
+    still_answers(&mut worker, udp)
 }

@@ -1,7 +1,9 @@
 //! The module as Envoy loads it: what it imports and exports, how it starts, and which
 //! plugin configurations it refuses.
 
-use vmesh_tests::wasm_host::vmesh::{self, plugin, AGENT_ROOT_ID, DNS_ROOT_ID};
+use vmesh_tests::wasm_host::vmesh::{
+    self, plugin, AGENT_ROOT_ID, DNS_ROOT_ID, DNS_TCP_ROOT_ID, DNS_UDP_ROOT_ID,
+};
 use vmesh_tests::wasm_host::{
     module_exported_functions, module_imports, HostCall, Status, VmError, WASI_ALLOWED,
 };
@@ -38,8 +40,14 @@ fn exports_declare_abi_0_2_1_an_allocator_and_a_reactor_entry_point() {
         "proxy_on_tick",
         "proxy_on_request_headers",
         "proxy_on_request_body",
+        "proxy_on_new_connection",
+        "proxy_on_downstream_data",
+        "proxy_on_downstream_connection_close",
+        "proxy_on_upstream_data",
+        "proxy_on_upstream_connection_close",
         "proxy_on_http_call_response",
         "proxy_on_done",
+        "proxy_on_log",
         "proxy_on_delete",
     ] {
         assert!(exports.iter().any(|e| e == name), "{name} not exported");
@@ -48,9 +56,11 @@ fn exports_declare_abi_0_2_1_an_allocator_and_a_reactor_entry_point() {
     assert!(!exports.iter().any(|e| e == "_start"));
 }
 
+const ROOT_IDS: [&str; 4] = [AGENT_ROOT_ID, DNS_ROOT_ID, DNS_UDP_ROOT_ID, DNS_TCP_ROOT_ID];
+
 #[test]
-fn both_roots_start_and_configure_with_an_empty_configuration() -> Result<(), VmError> {
-    for root_id in [AGENT_ROOT_ID, DNS_ROOT_ID] {
+fn every_root_starts_and_configures_with_an_empty_configuration() -> Result<(), VmError> {
+    for root_id in ROOT_IDS {
         let host = vmesh::host();
         let mut vm = host.vm(plugin(root_id, ""))?;
         assert!(vm.start()?, "{root_id}: on_vm_start");
@@ -92,7 +102,7 @@ fn bad_plugin_configurations_make_on_configure_return_false() -> Result<(), VmEr
         "not json",
         "\u{0}\u{1}binary",
     ];
-    for root_id in [AGENT_ROOT_ID, DNS_ROOT_ID] {
+    for root_id in ROOT_IDS {
         for config in cases {
             let host = vmesh::host();
             let mut vm = host.vm(plugin(root_id, config))?;
@@ -129,5 +139,44 @@ fn a_stream_on_an_unconfigured_root_passes_through() -> Result<(), VmError> {
     assert_eq!(action, vmesh_tests::wasm_host::Action::Continue);
     assert_eq!(vm.stream(s).forwarded, b"\x00\x02\x00x");
     assert!(vm.finish_stream(s)?);
+    Ok(())
+}
+
+#[test]
+fn the_dns_roots_share_one_vm_and_each_reads_its_own_root_id() -> Result<(), VmError> {
+    // vm-sidecar.yaml gives the three DNS plugins one vm_id: one VM, three root contexts.
+    let host = vmesh::host();
+    let mut w = vmesh::worker_vm(&host, "{}")?;
+    for root in w.roots() {
+        assert!(w.vm.tick_period_of(root).is_some(), "root {root} ticks");
+    }
+    let read_root_ids: Vec<String> = w
+        .vm
+        .calls()
+        .iter()
+        .filter(|r| {
+            r.status == Status::Ok
+                && matches!(&r.call, HostCall::GetProperty { path } if path == &["plugin_root_id"])
+        })
+        .map(|r| match r.context {
+            c if c == w.doh => DNS_ROOT_ID.to_string(),
+            c if c == w.udp => DNS_UDP_ROOT_ID.to_string(),
+            c if c == w.tcp => DNS_TCP_ROOT_ID.to_string(),
+            other => format!("context {other}"),
+        })
+        .collect();
+    assert_eq!(
+        read_root_ids,
+        [DNS_ROOT_ID, DNS_UDP_ROOT_ID, DNS_TCP_ROOT_ID]
+    );
+    // A network connection on each network root, an HTTP stream on the DoH root.
+    let c = w.vm.create_connection_on(w.udp)?;
+    let t = w.vm.create_connection_on(w.tcp)?;
+    w.vm.finish_connection(c)?;
+    w.vm.finish_connection(t)?;
+    let s = w.vm.create_http_stream_on(w.doh)?;
+    assert!(w.vm.finish_stream(s)?);
+    w.tick()?;
+    assert!(!w.vm.is_failed());
     Ok(())
 }

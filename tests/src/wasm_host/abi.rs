@@ -20,7 +20,8 @@ pub enum Status {
     Unimplemented = 12,
 }
 
-/// The value a `proxy_on_request_*` callback returned.
+/// The value a `proxy_on_request_*`, `proxy_on_new_connection` or `proxy_on_*_data` callback
+/// returned (for a network filter, Pause is Envoy's `StopIteration`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Continue,
@@ -87,6 +88,14 @@ abi_enum!(StreamType {
     Downstream = 2,
     Upstream = 3,
 });
+/// Who closed a connection, as `proxy_on_downstream_connection_close` reports it (the host
+/// only passes it to the module, so it needs no decoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerType {
+    Unknown = 0,
+    Local = 1,
+    Remote = 2,
+}
 abi_enum!(MetricType {
     Counter = 0,
     Gauge = 1,

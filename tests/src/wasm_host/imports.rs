@@ -155,16 +155,40 @@ fn buffer(state: &VmState, buffer: BufferType) -> Option<Vec<u8>> {
             Some(Context::Http(s)) => s.body.clone(),
             _ => Vec::new(),
         }),
+        // Envoy points the wrapper at the connection's buffer, or at nothing: an absent
+        // buffer reads as empty (Ok), it is not NotFound.
+        BufferType::DownstreamData => Some(match state.contexts.get(&ctx) {
+            Some(Context::Connection(c)) if c.buffer_visible => c.read_buffer.clone(),
+            _ => Vec::new(),
+        }),
+        BufferType::UpstreamData => Some(match state.contexts.get(&ctx) {
+            Some(Context::Connection(c)) => c.write_buffer.clone().unwrap_or_default(),
+            _ => Vec::new(),
+        }),
         BufferType::HttpCallResponseBody => state.call_response.as_ref().map(|r| r.body.clone()),
         BufferType::VmConfiguration => Some(state.plugin.vm_configuration.clone()),
         BufferType::PluginConfiguration => state
             .plugin_configuration_visible
-            .then(|| state.plugin.configuration.clone()),
-        BufferType::HttpResponseBody
-        | BufferType::DownstreamData
-        | BufferType::UpstreamData
-        | BufferType::GrpcReceiveBuffer
-        | BufferType::CallData => Some(Vec::new()),
+            .then(|| state.plugin_of(ctx).configuration.clone()),
+        BufferType::HttpResponseBody | BufferType::GrpcReceiveBuffer | BufferType::CallData => {
+            Some(Vec::new())
+        }
+    }
+}
+
+/// Envoy's `Buffer::copyFrom` on a live buffer: at 0, drain `size` bytes and prepend the data;
+/// at or past the end, append; anything else is refused.
+fn copy_from(buf: &mut Vec<u8>, start: i32, size: i32, data: Vec<u8>) -> Status {
+    let (start, size) = (start as u32 as usize, size as u32 as usize);
+    if start == 0 {
+        buf.drain(..size.min(buf.len()));
+        buf.splice(0..0, data);
+        Status::Ok
+    } else if start >= buf.len() {
+        buf.extend_from_slice(&data);
+        Status::Ok
+    } else {
+        Status::BadArgument
     }
 }
 
@@ -289,8 +313,20 @@ fn define_general(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 .collect();
             let state = c.data();
             let value = match path.as_slice() {
-                [p] if p == "plugin_root_id" => Some(state.plugin.root_id.clone().into_bytes()),
-                [p] if p == "plugin_name" => Some(state.plugin.name.clone().into_bytes()),
+                [p] if p == "plugin_root_id" => Some(
+                    state
+                        .plugin_of(state.context_id())
+                        .root_id
+                        .clone()
+                        .into_bytes(),
+                ),
+                [p] if p == "plugin_name" => Some(
+                    state
+                        .plugin_of(state.context_id())
+                        .name
+                        .clone()
+                        .into_bytes(),
+                ),
                 [p] if p == "plugin_vm_id" => Some(state.plugin.vm_id.clone().into_bytes()),
                 _ => state.properties.get(&path).cloned(),
             };
@@ -318,9 +354,9 @@ fn define_general(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                 .split(|b| *b == 0)
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .collect();
-            // Envoy writes filter state, which only a stream has.
+            // Envoy writes filter state, which only a stream or a connection has.
             let ctx = c.data().context_id();
-            let status = if c.data_mut().stream_mut(ctx).is_some() {
+            let status = if c.data().has_stream_info(ctx) {
                 c.data_mut().properties.insert(path.clone(), value.clone());
                 Status::Ok
             } else {
@@ -439,23 +475,26 @@ fn define_buffers_and_maps(linker: &mut Linker<VmState>) -> wasmtime::Result<()>
             let status = match (kind, data) {
                 (_, None) => Status::InvalidMemoryAccess,
                 (BufferType::HttpRequestBody, Some(data)) => match state.stream_mut(ctx) {
-                    // Envoy's `Buffer::copyFrom`: at 0, drain `size` bytes and prepend; at or
-                    // past the end, append; anything else is refused.
-                    Some(s) => {
-                        let (start, size) = (start as u32 as usize, size as u32 as usize);
-                        if start == 0 {
-                            s.body.drain(..size.min(s.body.len()));
-                            s.body.splice(0..0, data);
-                            Status::Ok
-                        } else if start >= s.body.len() {
-                            s.body.extend_from_slice(&data);
-                            Status::Ok
-                        } else {
-                            Status::BadArgument
-                        }
-                    }
+                    Some(s) => copy_from(&mut s.body, start, size, data),
                     None => Status::NotFound,
                 },
+                // Without a buffer behind it Envoy's wrapper is an empty string buffer, which
+                // refuses writes.
+                (BufferType::DownstreamData, Some(data)) => match state.connection_mut(ctx) {
+                    Some(conn) if conn.buffer_visible => {
+                        copy_from(&mut conn.read_buffer, start, size, data)
+                    }
+                    _ => Status::BadArgument,
+                },
+                (BufferType::UpstreamData, Some(data)) => {
+                    match state
+                        .connection_mut(ctx)
+                        .and_then(|c| c.write_buffer.as_mut())
+                    {
+                        Some(buf) => copy_from(buf, start, size, data),
+                        None => Status::BadArgument,
+                    }
+                }
                 (BufferType::HttpCallResponseBody, _) if state.call_response.is_none() => {
                     Status::NotFound
                 }
@@ -772,6 +811,7 @@ fn define_stream_control(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
             };
             let ctx = c.data().context_id();
             let is_stream = c.data_mut().stream_mut(ctx).is_some();
+            let is_connection = c.data_mut().connection_mut(ctx).is_some();
             let status = match (stream, close) {
                 (StreamType::HttpRequest, false) => {
                     if is_stream {
@@ -785,8 +825,22 @@ fn define_stream_control(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
                     }
                     Status::Ok
                 }
+                (StreamType::Downstream, false) => {
+                    if is_connection {
+                        c.data_mut().deferred.push(Deferred::ContinueReading(ctx));
+                    }
+                    Status::Ok
+                }
+                // Both close the one connection a network filter sees, flushing what was
+                // already written.
+                (StreamType::Downstream | StreamType::Upstream, true) => {
+                    if is_connection {
+                        c.data_mut().deferred.push(Deferred::CloseConnection(ctx));
+                    }
+                    Status::Ok
+                }
                 (StreamType::Upstream, false) => Status::Unimplemented,
-                _ => Status::Ok,
+                (StreamType::HttpResponse, _) => Status::Ok,
             };
             let call = if close {
                 HostCall::CloseStream { stream }

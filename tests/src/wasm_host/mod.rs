@@ -2,18 +2,25 @@
 //!
 //! A [`Host`] is one Envoy process: a controllable clock, shared data (keyed by `vm_id`, so
 //! an agent VM and worker VMs with the same `vm_id` see each other's writes, as in Envoy),
-//! stats and the set of clusters. [`Host::vm`] instantiates one VM (one Envoy worker's copy
-//! of a plugin); the test then drives its callbacks in Envoy's order —
+//! stats and the set of clusters. [`Host::vm`] instantiates one VM (one Envoy worker's VM for
+//! a `vm_id`); the test then drives its callbacks in Envoy's order —
 //! [`Vm::start`] (`proxy_on_context_create(root, 0)` then `proxy_on_vm_start`),
-//! [`Vm::configure`], [`Vm::tick`], [`Vm::create_http_stream`], [`Vm::request_headers`],
-//! [`Vm::request_body`], [`Vm::http_call_response`], [`Vm::finish_stream`] — and asserts on
-//! the returned [`Action`]s, the recorded [`HostCall`]s and the [`Stream`] state (what the
-//! filter let through, its local reply, a reset).
+//! [`Vm::configure`], [`Vm::tick`], and [`Vm::add_root`] for more plugins sharing the VM;
+//! HTTP streams: [`Vm::create_http_stream`], [`Vm::request_headers`], [`Vm::request_body`],
+//! [`Vm::finish_stream`]; network connections: [`Vm::create_connection`] (context create,
+//! `proxy_on_new_connection`), [`Vm::downstream_data`], [`Vm::finish_connection`]; callouts:
+//! [`Vm::http_call_response`], [`Vm::http_call_reset`] — and asserts on the returned
+//! [`Action`]s, the recorded [`HostCall`]s, the [`Stream`] state (what the filter let through,
+//! its local reply, a reset) and the [`Connection`] state (what went back to the client, resumes,
+//! a close).
 //!
-//! Host calls follow Envoy's code (proxy-wasm-cpp-host `exports.cc`, Envoy's wasm
-//! `context.cc`): statuses, which buffers and maps exist in which callback, buffer copy-in and
-//! copy-out through the module's allocator, callouts made on the root context and answered
-//! there, deferred stream actions, metric ids, restricted calls during `_initialize`.
+//! Host calls follow Envoy's code (proxy-wasm-cpp-host `exports.cc` and `context.cc`, Envoy's
+//! wasm `context.cc`, the network `FilterManagerImpl`): statuses, which buffers and maps exist
+//! in which callback, buffer copy-in and copy-out through the module's allocator, callouts made
+//! on the root context and answered there, deferred stream actions, metric ids, restricted
+//! calls during `_initialize`. A network filter's connection ends in Envoy's echo filter, as in
+//! vm-sidecar.yaml: whatever the filter leaves in the read buffer and lets through is written
+//! back to the client.
 
 mod abi;
 mod imports;
@@ -31,12 +38,12 @@ use wasmtime::{
 };
 
 pub use abi::{
-    decode_pairs, encode_pairs, Action, BufferType, LogLevel, MapType, MetricType, Pairs, Status,
-    StreamType,
+    decode_pairs, encode_pairs, Action, BufferType, LogLevel, MapType, MetricType, Pairs, PeerType,
+    Status, StreamType,
 };
 pub use imports::WASI_ALLOWED;
 pub use record::{HostCall, HttpCallRequest, HttpResponse, LocalResponse, Recorded, WasiCall};
-pub use state::{Stat, Stream};
+pub use state::{Connection, Stat, Stream};
 
 use state::{Context, Deferred, Phase, Process, RootContext, SharedProcess, VmState};
 
@@ -142,7 +149,7 @@ pub fn module_compile_time() -> Duration {
 }
 
 /// One Envoy plugin configuration: which VM it runs in and which root it asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plugin {
     pub vm_id: String,
     pub root_id: String,
@@ -320,7 +327,8 @@ impl Host {
     }
 }
 
-/// One VM instance of the module (one Envoy worker's copy of a plugin).
+/// One VM instance of the module (one Envoy worker's VM for a `vm_id`, serving one or more
+/// plugins).
 pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
@@ -401,35 +409,68 @@ impl Vm {
     /// Creates the plugin's root context and starts the VM: `proxy_on_context_create(root, 0)`
     /// then `proxy_on_vm_start(root, vm_configuration_size)`. Returns what on_vm_start said.
     pub fn start(&mut self) -> Result<bool, VmError> {
-        let root = self.new_context(Context::Root(RootContext::default()));
+        let plugin = self.store.data().plugin.clone();
+        let (root, ok) = self.start_root(plugin)?;
         self.root = root;
+        Ok(ok)
+    }
+
+    /// Another plugin in this VM, as Envoy runs every plugin with the same `vm_id` on a worker:
+    /// its own root context, `proxy_on_context_create(root, 0)` then `proxy_on_vm_start`.
+    /// Returns the root's id and what on_vm_start said; configure it with
+    /// [`Vm::configure_root`].
+    pub fn add_root(&mut self, plugin: Plugin) -> Result<(u32, bool), VmError> {
+        let vm_id = &self.store.data().plugin.vm_id;
+        assert_eq!(
+            &plugin.vm_id, vm_id,
+            "plugins with another vm_id run in another VM"
+        );
+        self.start_root(plugin)
+    }
+
+    fn start_root(&mut self, plugin: Plugin) -> Result<(u32, bool), VmError> {
+        let root = self.new_context(Context::Root(RootContext {
+            plugin,
+            ..RootContext::default()
+        }));
         self.call::<(i32, i32), ()>("proxy_on_context_create", root, (root as i32, 0))?;
         let size = self.store.data().plugin.vm_configuration.len() as i32;
         let ok = self.call::<(i32, i32), i32>("proxy_on_vm_start", root, (root as i32, size))?;
-        self.apply_deferred();
-        Ok(ok != 0)
+        self.apply_deferred()?;
+        Ok((root, ok != 0))
     }
 
-    /// `proxy_on_configure(root, plugin_configuration_size)`; the plugin configuration buffer
-    /// exists only during this call. Envoy rejects the plugin when this returns false.
+    /// `proxy_on_configure(root, plugin_configuration_size)` for the first root; the plugin
+    /// configuration buffer exists only during this call. Envoy rejects the plugin when this
+    /// returns false.
     pub fn configure(&mut self) -> Result<bool, VmError> {
-        let root = self.root;
-        let size = self.store.data().plugin.configuration.len() as i32;
+        self.configure_root(self.root)
+    }
+
+    /// [`Vm::configure`] for a root added with [`Vm::add_root`].
+    pub fn configure_root(&mut self, root: u32) -> Result<bool, VmError> {
+        let size = self.store.data().plugin_of(root).configuration.len() as i32;
         self.store.data_mut().plugin_configuration_visible = true;
         let result = self.call::<(i32, i32), i32>("proxy_on_configure", root, (root as i32, size));
         self.store.data_mut().plugin_configuration_visible = false;
-        self.apply_deferred();
-        Ok(result? != 0)
+        let ok = result?;
+        self.apply_deferred()?;
+        Ok(ok != 0)
     }
 
-    /// The root context's id.
+    /// The first root context's id.
     pub fn root_id(&self) -> u32 {
         self.root
     }
 
-    /// The tick period the root asked for; `None` when it asked for none (or 0).
+    /// The tick period the first root asked for; `None` when it asked for none (or 0).
     pub fn tick_period(&self) -> Option<Duration> {
-        match self.store.data().contexts.get(&self.root) {
+        self.tick_period_of(self.root)
+    }
+
+    /// The tick period a root asked for.
+    pub fn tick_period_of(&self, root: u32) -> Option<Duration> {
+        match self.store.data().contexts.get(&root) {
             Some(Context::Root(r)) if r.tick_period_ms > 0 => {
                 Some(Duration::from_millis(u64::from(r.tick_period_ms)))
             }
@@ -437,17 +478,24 @@ impl Vm {
         }
     }
 
-    /// `proxy_on_tick(root)`: the test decides when timers fire.
+    /// `proxy_on_tick(root)` for the first root: the test decides when timers fire.
     pub fn tick(&mut self) -> Result<(), VmError> {
-        let root = self.root;
-        self.call::<i32, ()>("proxy_on_tick", root, root as i32)?;
-        self.apply_deferred();
-        Ok(())
+        self.tick_root(self.root)
     }
 
-    /// A new HTTP stream on the root: `proxy_on_context_create(stream, root)`.
+    /// `proxy_on_tick(root)`: every root has its own timer.
+    pub fn tick_root(&mut self, root: u32) -> Result<(), VmError> {
+        self.call::<i32, ()>("proxy_on_tick", root, root as i32)?;
+        self.apply_deferred()
+    }
+
+    /// A new HTTP stream on the first root: `proxy_on_context_create(stream, root)`.
     pub fn create_http_stream(&mut self) -> Result<u32, VmError> {
-        let root = self.root;
+        self.create_http_stream_on(self.root)
+    }
+
+    /// A new HTTP stream on a root.
+    pub fn create_http_stream_on(&mut self, root: u32) -> Result<u32, VmError> {
         let id = self.new_context(Context::Http(Stream {
             root,
             ..Stream::default()
@@ -477,7 +525,7 @@ impl Vm {
                 i32::from(end_of_stream),
             ),
         )?;
-        self.apply_deferred();
+        self.apply_deferred()?;
         let action = Action::from_raw(raw);
         if action == Action::Continue {
             self.stream_state(stream).request_headers = None;
@@ -506,7 +554,7 @@ impl Vm {
             stream,
             (stream as i32, size, i32::from(end_of_stream)),
         )?;
-        self.apply_deferred();
+        self.apply_deferred()?;
         let action = Action::from_raw(raw);
         let s = self.stream_state(stream);
         if action == Action::Continue {
@@ -544,8 +592,8 @@ impl Vm {
             (callout.root as i32, token as i32, headers, body, trailers),
         );
         self.store.data_mut().call_response = None;
-        self.apply_deferred();
-        result
+        result?;
+        self.apply_deferred()
     }
 
     /// A callout that failed without a response (reset, or a response over the buffer limit),
@@ -570,8 +618,8 @@ impl Vm {
         if let Some(r) = self.store.data_mut().root_mut(root) {
             r.status.1.clear();
         }
-        self.apply_deferred();
-        result
+        result?;
+        self.apply_deferred()
     }
 
     /// Ends a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
@@ -579,9 +627,176 @@ impl Vm {
         let done = self.call::<i32, i32>("proxy_on_done", stream, stream as i32)?;
         self.call::<i32, ()>("proxy_on_log", stream, stream as i32)?;
         self.call::<i32, ()>("proxy_on_delete", stream, stream as i32)?;
-        self.apply_deferred();
+        self.apply_deferred()?;
         self.store.data_mut().contexts.remove(&stream);
         Ok(done != 0)
+    }
+
+    /// A new downstream connection on the first root, as Envoy's network filter starts one:
+    /// `proxy_on_context_create(connection, root)` then `proxy_on_new_connection`.
+    pub fn create_connection(&mut self) -> Result<u32, VmError> {
+        self.create_connection_on(self.root)
+    }
+
+    /// A new downstream connection on a root.
+    pub fn create_connection_on(&mut self, root: u32) -> Result<u32, VmError> {
+        let id = self.new_context(Context::Connection(Connection::new(root)));
+        self.call::<(i32, i32), ()>("proxy_on_context_create", id, (id as i32, root as i32))?;
+        let raw = self.call::<i32, i32>("proxy_on_new_connection", id, id as i32)?;
+        if let Some(c) = self.store.data_mut().connection_mut(id) {
+            c.new_connection = Action::from_raw(raw);
+        }
+        self.apply_deferred()?;
+        Ok(id)
+    }
+
+    /// Bytes read from the client: `proxy_on_downstream_data(connection, size, end_of_stream)`.
+    ///
+    /// As in Envoy, `size` is the whole read buffer: after the filter paused, earlier bytes are
+    /// still there and the new ones follow them. Deferred actions (a resume, a close) run when
+    /// the callback returns; then, if the filter said Continue and the connection is still
+    /// open, echo writes the buffer back (through `proxy_on_upstream_data`) and empties it. On
+    /// Pause the bytes stay, and stay visible to the filter. An end of stream half-closes the
+    /// read side; whether the connection then closes (Envoy's listeners close it unless
+    /// half-close is enabled) is the test's call, with [`Vm::finish_connection`].
+    pub fn downstream_data(
+        &mut self,
+        connection: u32,
+        bytes: &[u8],
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let c = self.connection_state(connection);
+        assert!(
+            !c.read_closed,
+            "connection {connection}: the client already ended its side"
+        );
+        c.read_buffer.extend_from_slice(bytes);
+        c.read_closed = end_of_stream;
+        c.buffer_visible = true;
+        let size = c.read_buffer.len() as i32;
+        let raw = self.call::<(i32, i32, i32), i32>(
+            "proxy_on_downstream_data",
+            connection,
+            (connection as i32, size, i32::from(end_of_stream)),
+        )?;
+        self.apply_deferred()?;
+        let action = Action::from_raw(raw);
+        if action == Action::Continue {
+            // A close among the deferred actions ended the context: Envoy's filter manager
+            // stops at a connection that is no longer open, and echo never sees the bytes.
+            if let Some(c) = self.store.data_mut().connection_mut(connection) {
+                c.buffer_visible = false;
+                self.echo(connection)?;
+            }
+        }
+        Ok(action)
+    }
+
+    /// The client closes the connection (Envoy's RemoteClose), unless the filter already did:
+    /// `proxy_on_downstream_connection_close(connection, Remote)`, then, as Envoy's
+    /// `onCloseTCP`, `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
+    pub fn finish_connection(&mut self, connection: u32) -> Result<(), VmError> {
+        if self.store.data_mut().connection_mut(connection).is_none() {
+            assert!(
+                self.store
+                    .data()
+                    .ended_connections
+                    .contains_key(&connection),
+                "no connection {connection}"
+            );
+            return Ok(());
+        }
+        self.close_connection(connection, PeerType::Remote)?;
+        self.apply_deferred()
+    }
+
+    /// A connection's state as Envoy sees it, also after it ended.
+    pub fn connection(&self, connection: u32) -> &Connection {
+        let state = self.store.data();
+        match state.contexts.get(&connection) {
+            Some(Context::Connection(c)) => c,
+            _ => state
+                .ended_connections
+                .get(&connection)
+                .unwrap_or_else(|| panic!("no connection {connection}")),
+        }
+    }
+
+    fn connection_state(&mut self, connection: u32) -> &mut Connection {
+        self.store
+            .data_mut()
+            .connection_mut(connection)
+            .unwrap_or_else(|| panic!("no open connection {connection}"))
+    }
+
+    /// Envoy's echo filter taking the read buffer: `connection().write(data, end_stream)`.
+    /// It runs only when there is something to pass on (the filter manager's check).
+    fn echo(&mut self, connection: u32) -> Result<(), VmError> {
+        let c = self.connection_state(connection);
+        if c.read_buffer.is_empty() && (!c.read_closed || c.write_closed) {
+            return Ok(());
+        }
+        let data = std::mem::take(&mut c.read_buffer);
+        let end_of_stream = c.read_closed;
+        self.write(connection, data, end_of_stream)
+    }
+
+    /// A write to the client passes this filter's write side first (Envoy's `Context::onWrite`):
+    /// `proxy_on_upstream_data` sees the bytes and may change or stop them; an end of stream
+    /// is reported as `proxy_on_upstream_connection_close(connection, Unknown)`.
+    fn write(
+        &mut self,
+        connection: u32,
+        data: Vec<u8>,
+        end_of_stream: bool,
+    ) -> Result<(), VmError> {
+        let size = data.len() as i32;
+        self.connection_state(connection).write_buffer = Some(data);
+        let result = self.call::<(i32, i32, i32), i32>(
+            "proxy_on_upstream_data",
+            connection,
+            (connection as i32, size, i32::from(end_of_stream)),
+        );
+        let c = self.connection_state(connection);
+        let data = c.write_buffer.take().unwrap_or_default();
+        let action = Action::from_raw(result?);
+        if action == Action::Continue {
+            c.written.extend_from_slice(&data);
+            c.write_closed |= end_of_stream;
+        } else {
+            c.write_stopped.extend_from_slice(&data);
+        }
+        if end_of_stream {
+            self.call::<(i32, i32), ()>(
+                "proxy_on_upstream_connection_close",
+                connection,
+                (connection as i32, PeerType::Unknown as i32),
+            )?;
+        }
+        self.apply_deferred()
+    }
+
+    /// The connection closes: Envoy raises the close event and the wasm context ends at once
+    /// (`Context::onDownstreamConnectionClose`, then `onCloseTCP`).
+    fn close_connection(&mut self, connection: u32, peer: PeerType) -> Result<(), VmError> {
+        self.connection_state(connection).closed = Some(peer);
+        self.call::<(i32, i32), ()>(
+            "proxy_on_downstream_connection_close",
+            connection,
+            (connection as i32, peer as i32),
+        )?;
+        let done = self.call::<i32, i32>("proxy_on_done", connection, connection as i32)?;
+        self.call::<i32, ()>("proxy_on_log", connection, connection as i32)?;
+        self.call::<i32, ()>("proxy_on_delete", connection, connection as i32)?;
+        let state = self.store.data_mut();
+        if let Some(Context::Connection(mut c)) = state.contexts.remove(&connection) {
+            c.done = Some(done != 0);
+            c.buffer_visible = false;
+            // Envoy drops what was read and not written with the connection.
+            c.read_buffer.clear();
+            state.ended_connections.insert(connection, c);
+        }
+        Ok(())
     }
 
     fn stream_state(&mut self, stream: u32) -> &mut Stream {
@@ -599,9 +814,16 @@ impl Vm {
         }
     }
 
-    fn apply_deferred(&mut self) {
-        let deferred = std::mem::take(&mut self.store.data_mut().deferred);
-        for action in deferred {
+    /// Envoy's `doAfterVmCallActions`: the actions a callback asked for, in order, once the
+    /// VM call returned. Some call the VM again (echo's write, a close), and what those ask
+    /// for joins the same queue.
+    fn apply_deferred(&mut self) -> Result<(), VmError> {
+        loop {
+            let state = self.store.data_mut();
+            if state.deferred.is_empty() {
+                return Ok(());
+            }
+            let action = state.deferred.remove(0);
             match action {
                 Deferred::ContinueRequest(id) => {
                     if let Some(s) = self.store.data_mut().stream_mut(id) {
@@ -622,6 +844,20 @@ impl Vm {
                 Deferred::LocalResponse(id, response) => {
                     if let Some(s) = self.store.data_mut().stream_mut(id) {
                         s.local_response = Some(response);
+                    }
+                }
+                // Envoy's `continueReading()`: the filter chain goes on after this filter, on
+                // a connection that is still open.
+                Deferred::ContinueReading(id) => {
+                    if let Some(c) = self.store.data_mut().connection_mut(id) {
+                        c.resumed += 1;
+                        self.echo(id)?;
+                    }
+                }
+                // `close(FlushWrite)` with nothing waiting to be written closes at once.
+                Deferred::CloseConnection(id) => {
+                    if self.store.data_mut().connection_mut(id).is_some() {
+                        self.close_connection(id, PeerType::Local)?;
                     }
                 }
             }

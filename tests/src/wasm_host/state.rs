@@ -1,5 +1,6 @@
 //! Host state: what one Envoy process shares between its VMs ([`Process`]) and what one VM's
-//! store holds ([`VmState`]): contexts, streams, callouts, metric ids and the call record.
+//! store holds ([`VmState`]): contexts (roots, HTTP streams, connections), callouts, metric ids
+//! and the call record.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -7,7 +8,7 @@ use std::rc::Rc;
 
 use wasmtime::{Memory, StoreLimits, TypedFunc};
 
-use super::abi::{LogLevel, MetricType, Pairs, Status};
+use super::abi::{Action, LogLevel, MetricType, Pairs, PeerType, Status};
 use super::record::{HostCall, HttpResponse, LocalResponse, Recorded};
 use super::Plugin;
 
@@ -76,10 +77,14 @@ pub(crate) enum Phase {
 pub(crate) enum Context {
     Root(RootContext),
     Http(Stream),
+    Connection(Connection),
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct RootContext {
+    /// The plugin this root serves: several plugins with the same `vm_id` share one VM, each
+    /// with its own root context.
+    pub plugin: Plugin,
     pub tick_period_ms: u32,
     /// `proxy_get_status` values; set while a failed callout is being reported.
     pub status: (u32, String),
@@ -99,14 +104,79 @@ pub struct Stream {
     pub(crate) body: Vec<u8>,
     /// The filter returned Pause from a body callback; Envoy buffers until it resumes.
     pub(crate) buffering: bool,
-    /// Request body bytes the filter let through to the router, in order. For the DNS tunnels
-    /// this is what the echo listener reflects to the client.
+    /// Request body bytes the filter let through to the router, in order.
     pub forwarded: Vec<u8>,
     pub local_response: Option<LocalResponse>,
     /// Times `proxy_continue_stream(HttpRequest)` resumed the request.
     pub resumed: u32,
     /// `proxy_close_stream(HttpRequest)` reset the stream.
     pub reset: bool,
+}
+
+/// A downstream connection as Envoy's network filter manager holds it for this filter, with
+/// Envoy's echo filter after it (`envoy.filters.network.echo`, as in vm-sidecar.yaml): what the
+/// filter lets through is written back to the client.
+#[derive(Debug)]
+pub struct Connection {
+    pub root: u32,
+    /// What `proxy_on_new_connection` returned.
+    pub new_connection: Action,
+    /// The connection's read buffer: bytes read and not yet taken by echo. While the filter
+    /// holds the connection (it paused), later reads pile up behind the earlier bytes.
+    pub(crate) read_buffer: Vec<u8>,
+    /// Whether the filter can see the read buffer. Envoy's `Context::onData` points the filter
+    /// at it for the callback and clears the pointer only when the filter returns Continue, so
+    /// after a Pause it stays readable and writable from later callbacks (a callout response)
+    /// until the next Continue.
+    pub(crate) buffer_visible: bool,
+    /// The client ended its side (a read with end of stream).
+    pub read_closed: bool,
+    /// The bytes echo is writing while `proxy_on_upstream_data` runs (Envoy's
+    /// `Context::onWrite` shows the write to the filter).
+    pub(crate) write_buffer: Option<Vec<u8>>,
+    /// What went back to the client, in order.
+    pub written: Vec<u8>,
+    /// Writes the filter stopped in `proxy_on_upstream_data`; nothing in proxy-wasm can resume
+    /// them (`proxy_continue_stream(Upstream)` is Unimplemented), so they never reach the client.
+    pub write_stopped: Vec<u8>,
+    /// Echo passed the end of stream on: the write side is closed.
+    pub write_closed: bool,
+    /// Times `proxy_continue_stream(Downstream)` resumed reading.
+    pub resumed: u32,
+    /// Closed, and by whom: `Local` when the filter closed it (`proxy_close_stream`),
+    /// `Remote` when the test (the client) did. Envoy then ends the context at once.
+    pub closed: Option<PeerType>,
+    /// What `proxy_on_done` returned when the context ended.
+    pub done: Option<bool>,
+}
+
+impl Connection {
+    pub(crate) fn new(root: u32) -> Self {
+        Connection {
+            root,
+            new_connection: Action::Continue,
+            read_buffer: Vec::new(),
+            buffer_visible: false,
+            read_closed: false,
+            write_buffer: None,
+            written: Vec::new(),
+            write_stopped: Vec::new(),
+            write_closed: false,
+            resumed: 0,
+            closed: None,
+            done: None,
+        }
+    }
+
+    /// Bytes read that echo has not taken: what Envoy holds while the filter paused (nothing
+    /// once the connection closed).
+    pub fn held(&self) -> &[u8] {
+        &self.read_buffer
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
 }
 
 /// A callout the module dispatched and the test has not answered yet.
@@ -121,6 +191,10 @@ pub(crate) enum Deferred {
     ContinueRequest(u32),
     ResetRequest(u32),
     LocalResponse(u32, LocalResponse),
+    /// `continueReading()`: the read buffer goes on to the next filter (echo).
+    ContinueReading(u32),
+    /// `connection().close(FlushWrite)`.
+    CloseConnection(u32),
 }
 
 pub(crate) struct VmState {
@@ -134,6 +208,8 @@ pub(crate) struct VmState {
     pub current: u32,
     pub effective: u32,
     pub contexts: BTreeMap<u32, Context>,
+    /// Connections whose contexts ended, kept for the test to inspect.
+    pub ended_connections: BTreeMap<u32, Connection>,
     pub next_context_id: u32,
     /// Buffers only available during one callback.
     pub plugin_configuration_visible: bool,
@@ -160,6 +236,7 @@ impl VmState {
             current: 0,
             effective: 0,
             contexts: BTreeMap::new(),
+            ended_connections: BTreeMap::new(),
             // 0 is Envoy's VM context.
             next_context_id: 1,
             plugin_configuration_visible: false,
@@ -189,8 +266,33 @@ impl VmState {
     pub fn root_of(&self, id: u32) -> u32 {
         match self.contexts.get(&id) {
             Some(Context::Http(s)) => s.root,
+            Some(Context::Connection(c)) => c.root,
             _ => id,
         }
+    }
+
+    /// The plugin of a context's root (the VM's first plugin outside any root).
+    pub fn plugin_of(&self, id: u32) -> &Plugin {
+        match self.contexts.get(&self.root_of(id)) {
+            Some(Context::Root(r)) => &r.plugin,
+            _ => &self.plugin,
+        }
+    }
+
+    pub fn connection_mut(&mut self, id: u32) -> Option<&mut Connection> {
+        match self.contexts.get_mut(&id) {
+            Some(Context::Connection(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether the context is a live stream or connection (one with a request or connection
+    /// behind it, e.g. for filter state).
+    pub fn has_stream_info(&self, id: u32) -> bool {
+        matches!(
+            self.contexts.get(&id),
+            Some(Context::Http(_) | Context::Connection(_))
+        )
     }
 
     pub fn stream_mut(&mut self, id: u32) -> Option<&mut Stream> {

@@ -1,6 +1,8 @@
-//! The vmesh filter as the host sees it: its roots and plugin configurations, name tables
-//! (small ones, and Kubernetes-scale ones for memory measurements), DNS queries and the
-//! framings its tunnels use. Wire work is vmesh-core's; nothing here re-implements it.
+//! The vmesh filter as the host sees it: its roots and plugin configurations, a worker VM as
+//! vm-sidecar.yaml builds it, name tables (small ones, and Kubernetes-scale ones for memory
+//! measurements), DNS queries, the framings its connections carry, and udp_proxy's side of the
+//! HTTP/1.1 tunnel (request head and chunks out, a strictly checked chunked response back).
+//! DNS and capsule wire work is vmesh-core's; nothing here re-implements it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -15,7 +17,12 @@ use super::{Host, HttpCallRequest, HttpResponse, Plugin, Status, Vm, VmError};
 
 pub const VM_ID: &str = "vmesh";
 pub const AGENT_ROOT_ID: &str = "vmesh_agent";
+/// DNS over HTTPS (an HTTP filter).
 pub const DNS_ROOT_ID: &str = "vmesh_dns";
+/// UDP DNS through udp_proxy's tunnel (a network filter in front of echo).
+pub const DNS_UDP_ROOT_ID: &str = "vmesh_dns_udp";
+/// TCP DNS (a network filter in front of echo).
+pub const DNS_TCP_ROOT_ID: &str = "vmesh_dns_tcp";
 pub const SHIM_CLUSTER: &str = "vmesh_shim";
 pub const SHIM_AUTHORITY: &str = "vmesh-shim";
 /// Shared data keys the agent publishes under (filter `table.rs`).
@@ -61,8 +68,71 @@ pub fn agent(host: &Host, configuration: &str) -> Result<Vm, VmError> {
     started(host, plugin(AGENT_ROOT_ID, configuration))
 }
 
+/// A worker VM with only the DoH root.
 pub fn dns_worker(host: &Host, configuration: &str) -> Result<Vm, VmError> {
     started(host, plugin(DNS_ROOT_ID, configuration))
+}
+
+/// A worker VM with only the UDP DNS root: connections carry udp_proxy's tunnel.
+pub fn dns_udp_worker(host: &Host, configuration: &str) -> Result<Vm, VmError> {
+    started(host, plugin(DNS_UDP_ROOT_ID, configuration))
+}
+
+/// A worker VM with only the TCP DNS root.
+pub fn dns_tcp_worker(host: &Host, configuration: &str) -> Result<Vm, VmError> {
+    started(host, plugin(DNS_TCP_ROOT_ID, configuration))
+}
+
+/// Adds a plugin with the VM's `vm_id` to a started VM, started and configured as Envoy does;
+/// refusing either step is an error. Returns its root context.
+pub fn added(vm: &mut Vm, plugin: Plugin) -> Result<u32, VmError> {
+    let root_id = plugin.root_id.clone();
+    let (root, ok) = vm.add_root(plugin)?;
+    if !ok {
+        return Err(VmError::Setup(format!(
+            "{root_id}: proxy_on_vm_start returned false"
+        )));
+    }
+    if !vm.configure_root(root)? {
+        return Err(VmError::Setup(format!(
+            "{root_id}: proxy_on_configure returned false: {:?}",
+            vm.logs()
+        )));
+    }
+    Ok(root)
+}
+
+/// One Envoy worker's vmesh VM as vm-sidecar.yaml makes it: the DoH, UDP and TCP plugins share
+/// `vm_id`, so they are three root contexts in one VM.
+#[derive(Debug)]
+pub struct WorkerVm {
+    pub vm: Vm,
+    pub doh: u32,
+    pub udp: u32,
+    pub tcp: u32,
+}
+
+impl WorkerVm {
+    pub fn roots(&self) -> [u32; 3] {
+        [self.doh, self.udp, self.tcp]
+    }
+
+    /// Fires every root's timer (each root keeps its own copy of the table).
+    pub fn tick(&mut self) -> Result<(), VmError> {
+        for root in self.roots() {
+            self.vm.tick_root(root)?;
+        }
+        Ok(())
+    }
+}
+
+/// A worker VM with the three DNS roots, each with `configuration`.
+pub fn worker_vm(host: &Host, configuration: &str) -> Result<WorkerVm, VmError> {
+    let mut vm = dns_worker(host, configuration)?;
+    let doh = vm.root_id();
+    let udp = added(&mut vm, plugin(DNS_UDP_ROOT_ID, configuration))?;
+    let tcp = added(&mut vm, plugin(DNS_TCP_ROOT_ID, configuration))?;
+    Ok(WorkerVm { vm, doh, udp, tcp })
 }
 
 /// The one callout accepted after `mark`; panics if there is not exactly one.
@@ -320,4 +390,145 @@ pub fn responses(framing: Framing, bytes: &[u8]) -> Vec<Response> {
         "output ends with a partial frame"
     );
     out
+}
+
+/// The request head udp_proxy sends for each client address (`tunneling_config` with
+/// `use_post` and `post_path: /udp-tunnel`, over HTTP/1.1): its body is chunked.
+pub const UDP_TUNNEL_HEAD: &[u8] =
+    b"POST /udp-tunnel HTTP/1.1\r\nhost: dns.vmesh.internal\r\ntransfer-encoding: chunked\r\n\r\n";
+/// The response head the filter answers a tunnel request with, before any datagram.
+pub const TUNNEL_RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+/// The last chunk (RFC 9112 §7.1), without trailers: it ends a request or a response body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// One chunk of a chunked body (RFC 9112 §7.1), as udp_proxy frames each datagram.
+pub fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// DNS messages as RFC 9297 DATAGRAM capsules in one chunk.
+pub fn capsule_chunk(messages: &[&[u8]]) -> Vec<u8> {
+    chunk(&framed(Framing::Capsule, messages))
+}
+
+/// A tunnel response as udp_proxy reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TunnelResponse {
+    /// The DNS answers, in order.
+    pub responses: Vec<Response>,
+    /// How many chunks carried them (the filter writes one per callback that had answers).
+    pub chunks: usize,
+    /// The last chunk came: the response is complete.
+    pub ended: bool,
+}
+
+impl TunnelResponse {
+    /// (id, rcode) of each answer.
+    pub fn ids_and_rcodes(&self) -> Vec<(u16, u16)> {
+        self.responses
+            .iter()
+            .map(|r| (r.header.id, r.rcode()))
+            .collect()
+    }
+}
+
+/// Longest chunk-size line the filter writes: a hex length of a chunk that holds DNS answers.
+const MAX_CHUNK_SIZE_LINE: usize = 8;
+
+/// Parses what the filter wrote back on a tunnel connection: a 200 head, then chunks that each
+/// hold whole capsules of DNS responses, then possibly the last chunk. Strict: anything else
+/// (another head, a chunk cut short, chunk extensions, trailers, an empty chunk that is not the
+/// last, bytes after the last chunk) fails the test. Nothing written yet is `None`.
+pub fn tunnel_response(bytes: &[u8]) -> Option<TunnelResponse> {
+    let mut all = tunnel_responses(bytes);
+    assert!(
+        all.len() <= 1,
+        "{} responses where one was expected: {all:?}",
+        all.len()
+    );
+    all.pop()
+}
+
+/// [`tunnel_response`] for a connection that carried several requests one after another:
+/// every response but the last must have ended.
+pub fn tunnel_responses(mut bytes: &[u8]) -> Vec<TunnelResponse> {
+    let mut out: Vec<TunnelResponse> = Vec::new();
+    while !bytes.is_empty() {
+        if let Some(previous) = out.last() {
+            assert!(
+                previous.ended,
+                "bytes after an unfinished response: {:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let Some(body) = bytes.strip_prefix(TUNNEL_RESPONSE_HEAD) else {
+            panic!(
+                "not the tunnel's 200 head: {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(80)])
+            );
+        };
+        let (response, rest) = chunked_body(body);
+        out.push(response);
+        bytes = rest;
+    }
+    out
+}
+
+/// Reads chunks up to and including the last one (or to the end of the bytes); returns what
+/// follows the last chunk.
+fn chunked_body(mut body: &[u8]) -> (TunnelResponse, &[u8]) {
+    let mut response = TunnelResponse {
+        responses: Vec::new(),
+        chunks: 0,
+        ended: false,
+    };
+    while !body.is_empty() {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            panic!(
+                "chunk-size line without CRLF: {:?}",
+                String::from_utf8_lossy(body)
+            );
+        };
+        let line = &body[..eol];
+        assert!(
+            !line.is_empty()
+                && line.len() <= MAX_CHUNK_SIZE_LINE
+                && line.iter().all(u8::is_ascii_hexdigit),
+            "bad chunk-size line {:?}",
+            String::from_utf8_lossy(line)
+        );
+        let size = usize::from_str_radix(std::str::from_utf8(line).expect("hex digits"), 16)
+            .expect("a chunk size");
+        let rest = &body[eol + 2..];
+        if size == 0 {
+            let Some(after) = rest.strip_prefix(b"\r\n".as_slice()) else {
+                panic!(
+                    "last chunk not ended by an empty line (trailers?): {:?}",
+                    String::from_utf8_lossy(rest)
+                );
+            };
+            response.ended = true;
+            return (response, after);
+        }
+        assert!(
+            rest.len() >= size + 2,
+            "chunk of {size} bytes cut short: {} bytes left",
+            rest.len()
+        );
+        assert_eq!(
+            &rest[size..size + 2],
+            b"\r\n",
+            "chunk data not followed by CRLF"
+        );
+        // `responses` fails on a capsule cut at the chunk's end: each chunk holds whole ones.
+        response
+            .responses
+            .extend(responses(Framing::Capsule, &rest[..size]));
+        response.chunks += 1;
+        body = &rest[size + 2..];
+    }
+    (response, body)
 }
