@@ -24,7 +24,7 @@ const MAX_LINE: usize = 1024;
 const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
-/// What the filter sends before closing a connection that is not a udp_proxy tunnel.
+/// The answer to a request that is not a udp_proxy tunnel (see [`UdpTunnel::rejection`]).
 pub const REJECTION: &[u8] =
     b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -205,6 +205,13 @@ impl UdpTunnel {
             State::ChunkData(_) | State::Ended => {}
         }
         Ok(())
+    }
+
+    /// What to send when [`UdpTunnel::feed`] failed: [`REJECTION`] while no response has
+    /// begun (its `connection: close` makes the client's codec close); `None` once a `200`
+    /// head went out, when only closing the connection is left.
+    pub fn rejection(&self) -> Option<&'static [u8]> {
+        matches!(self.state, State::RequestLine | State::Header { .. }).then_some(REJECTION)
     }
 
     /// Completes a forwarded query; see [`Tunnel::complete`].
@@ -439,7 +446,7 @@ mod tests {
                 TunnelError::BadChunk,
             ),
         ];
-        for (input, want) in cases {
+        for (i, (input, want)) in cases.into_iter().enumerate() {
             let mut t = UdpTunnel::new();
             assert_eq!(
                 t.feed(input, None, "cluster.local", &mut 0),
@@ -447,6 +454,8 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(input)
             );
+            // A broken head gets the 400; a broken body follows a 200 and can only be closed.
+            assert_eq!(t.rejection().is_some(), i < 4, "case {i}");
         }
     }
 

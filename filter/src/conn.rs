@@ -24,7 +24,7 @@ use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType};
 use vmesh_core::framing::Framing;
 use vmesh_core::tunnel::{Counts, ForwardJob, Tunnel};
-use vmesh_core::udp_tunnel::{self, UdpTunnel};
+use vmesh_core::udp_tunnel::UdpTunnel;
 
 use crate::callout;
 use crate::dns::Worker;
@@ -115,19 +115,26 @@ impl DnsConn {
         }
     }
 
-    /// Refuses a connection that does not carry what this listener expects.
+    /// Refuses a connection that does not carry what this listener expects. A tunnel whose
+    /// response has not begun gets a 400 with `connection: close`, which makes udp_proxy's
+    /// codec close it (closing it from here would discard the 400: Envoy closes before echo
+    /// writes). Otherwise the connection is closed. Later bytes are dropped.
     fn refuse(&mut self, buffered: usize, why: &str) -> Action {
         log::debug!("DNS connection refused: {why}");
-        let reply = match self.pipe {
-            Pipe::Udp(_) => udp_tunnel::REJECTION,
-            Pipe::Tcp(_) => &[],
-        };
-        let _ = hostcalls::set_buffer(BufferType::DownstreamData, 0, buffered, reply);
         self.closed = true;
         self.callouts.clear();
-        // Envoy answers Ok for a live connection, and a context only exists while its
-        // connection does (the SDK would panic on any other status).
-        let _ = hostcalls::close_downstream();
+        let rejection = match &self.pipe {
+            Pipe::Udp(p) => p.rejection(),
+            Pipe::Tcp(_) => None,
+        };
+        match rejection {
+            Some(reply) => Self::write(buffered, reply),
+            None => {
+                Self::write(buffered, &[]);
+                // A live connection's context gets Ok (the SDK panics on anything else).
+                let _ = hostcalls::close_downstream();
+            }
+        }
         Action::Continue
     }
 }
@@ -159,6 +166,7 @@ impl Context for DnsConn {
 impl StreamContext for DnsConn {
     fn on_downstream_data(&mut self, data_size: usize, _end_of_stream: bool) -> Action {
         if self.closed {
+            Self::write(data_size, &[]);
             return Action::Continue;
         }
         let bytes = hostcalls::get_buffer(BufferType::DownstreamData, 0, data_size)

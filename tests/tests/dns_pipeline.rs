@@ -32,7 +32,9 @@ fn query(id: u16, name: &str) -> Vec<u8> {
 
 fn recv_udp(sock: &UdpSocket) -> Response {
     let mut buf = [0u8; 4096];
-    let n = sock.recv(&mut buf).expect("an answer before the socket timeout");
+    let n = sock
+        .recv(&mut buf)
+        .expect("an answer before the socket timeout");
     Response::parse(&buf[..n]).expect("a well-formed answer")
 }
 
@@ -81,7 +83,11 @@ fn rfc7766_7_pipelined_tcp_answers_leave_as_they_are_ready() {
     conn.write_all(&bytes).expect("send");
     let ids: Vec<u16> = (0..2).map(|_| recv_tcp(&mut conn).header.id).collect();
     assert_eq!(ids, [2, 3]);
-    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
     let last = recv_tcp(&mut conn);
     assert_eq!((last.header.id, last.rcode()), (1, 2), "SERVFAIL");
     // The connection goes on after the forward.
@@ -109,7 +115,9 @@ fn more_udp_clients_than_envoys_default_connection_limit_are_all_answered() {
     eventually("every client address gets its answer", || {
         for (n, &i) in unanswered.iter().enumerate() {
             let id = u16::try_from(i).expect("fits");
-            clients[i].send(&query(id, MESH)).map_err(|e| e.to_string())?;
+            clients[i]
+                .send(&query(id, MESH))
+                .map_err(|e| e.to_string())?;
             if n % 100 == 99 {
                 // Paced, so the burst fits in Envoy's socket buffer.
                 std::thread::sleep(Duration::from_millis(5));
@@ -126,7 +134,11 @@ fn more_udp_clients_than_envoys_default_connection_limit_are_all_answered() {
             Err(format!("{} clients unanswered", unanswered.len()))
         }
     });
-    assert!(s.envoy.stat("cluster.vmesh_dns_udp_tunnel.upstream_cx_total") >= 1500);
+    assert!(
+        s.envoy
+            .stat("cluster.vmesh_dns_udp_tunnel.upstream_cx_total")
+            >= 1500
+    );
     assert_eq!(
         s.envoy
             .stat("cluster.vmesh_dns_udp_tunnel.upstream_cx_overflow"),

@@ -161,5 +161,12 @@ fn a_100k_name_table_fits_in_32_mib_per_vm() -> Result<(), VmError> {
         "worker VM uses {:.1} MiB",
         mib(worker_loaded)
     );
+    // Three roots, one copy: a copy per root would put the worker near 3 images.
+    assert!(
+        worker_loaded < worker_empty + 2 * image_len,
+        "worker VM uses {:.1} MiB for a {:.1} MiB image: the DNS roots do not share it",
+        mib(worker_loaded),
+        mib(image_len)
+    );
     Ok(())
 }
