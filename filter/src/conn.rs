@@ -100,8 +100,9 @@ impl DnsConn {
 
     /// Sends what is in the read buffer on to echo now, while the read stays paused.
     fn push() {
-        // Envoy answers Ok for a live connection, and a callout or read callback only runs
-        // while its connection lives (the SDK would panic on any other status).
+        // Envoy 1.40 answers Ok for Downstream in any state (the SDK would panic on anything
+        // else); the continue runs after this callback returns. A callout answer for a closed
+        // connection never gets here: the SDK drops it with the connection's context.
         let _ = hostcalls::resume_downstream();
     }
 
