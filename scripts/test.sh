@@ -31,6 +31,9 @@ done
 step "tests (unit, conformance through Envoy, wasm host, fuzz corpus)"
 cargo test --workspace -- --test-threads "${VMESH_TEST_THREADS:-2}"
 
+step "benchmark harness unit tests"
+python3 -m unittest discover -s bench/dns/tests
+
 if cargo fuzz --version >/dev/null 2>&1 && [ "${VMESH_SKIP_FUZZ:-0}" != 1 ]; then
   step "fuzz briefly (${VMESH_FUZZ_SECONDS:-20}s per target)"
   # Sanitizer coverage does not link with the workspace's LTO release profile; libFuzzer needs

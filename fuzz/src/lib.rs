@@ -5,7 +5,9 @@
 //!   queries the forwarder can parse again.
 //! - [`name_table`]: any JSON either compiles into a table or is refused; a compiled table
 //!   survives publication (image round trip) and answers lookups.
-//! - [`tunnel`]: any capsule or TCP byte stream, in any chunking, yields answers in frames.
+//! - [`tunnel`]: any capsule or TCP byte stream, or any bytes on udp_proxy's HTTP/1.1 tunnel,
+//!   in any chunking, yields answers in frames (on the tunnel: a 200 head, then chunks), or
+//!   a refusal; never a panic.
 
 use std::sync::OnceLock;
 
@@ -15,6 +17,7 @@ use vmesh_core::framing::{Frames, Framing};
 use vmesh_core::names::NameIndex;
 use vmesh_core::responder::{forwarded_answer, respond as decide, Outcome, Transport};
 use vmesh_core::tunnel::Tunnel;
+use vmesh_core::udp_tunnel::UdpTunnel;
 
 /// A table with every kind of entry the lookup rules treat differently.
 pub fn table() -> &'static NameIndex {
@@ -106,6 +109,9 @@ pub fn tunnel(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode & 2 != 0 {
+        return udp_tunnel(usize::from(mode >> 2).min(rest.len()), rest);
+    }
     let framing = if mode & 1 == 0 {
         Framing::Capsule
     } else {
@@ -131,5 +137,66 @@ pub fn tunnel(data: &[u8]) {
             .expect("our own frames are valid")
             .expect("answers, not padding");
         Response::parse(msg).expect("every framed answer parses");
+    }
+}
+
+/// The HTTP/1.1 side of [`tunnel`]: `rest` cut at `cut` into two reads.
+fn udp_tunnel(cut: usize, rest: &[u8]) {
+    const HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut t = UdpTunnel::new();
+    let mut rotation = 0;
+    let mut out = Vec::new();
+    for chunk in [&rest[..cut], &rest[cut..]] {
+        match t.feed(chunk, Some(table()), "cluster.local", &mut rotation) {
+            Ok(jobs) => {
+                for job in &jobs {
+                    t.complete(job.slot, None);
+                }
+            }
+            Err(_) => {
+                // Refused: whatever was answered before stays well formed.
+                break;
+            }
+        }
+        out.extend(t.take_output());
+    }
+    assert!(!t.is_waiting());
+    // Responses one after another: a 200 head, chunks of capsules, maybe the last chunk.
+    let mut rest = out.as_slice();
+    while !rest.is_empty() {
+        rest = rest
+            .strip_prefix(HEAD)
+            .expect("every response starts with the 200 head");
+        loop {
+            if rest.is_empty() {
+                break;
+            }
+            let end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .expect("a chunk-size line");
+            let size = usize::from_str_radix(
+                std::str::from_utf8(&rest[..end]).expect("ASCII chunk size"),
+                16,
+            )
+            .expect("hex chunk size");
+            rest = &rest[end + 2..];
+            if size == 0 {
+                rest = rest
+                    .strip_prefix(b"\r\n")
+                    .expect("last chunk ends the response");
+                break;
+            }
+            let (capsules, after) = rest.split_at(size);
+            for frame in Frames::new(Framing::Capsule, capsules) {
+                let msg = frame
+                    .expect("our own capsules are valid")
+                    .expect("answers, not padding");
+                Response::parse(msg).expect("every answer parses");
+            }
+            rest = after
+                .strip_prefix(b"\r\n")
+                .expect("chunk data ends with CRLF");
+        }
     }
 }

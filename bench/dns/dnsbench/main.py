@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cpu, dnsperf, report, servers
+from . import cpu, dnsperf, fresh, report, servers
 from . import names as N
 from .procs import Ports, Procs
 
@@ -46,6 +46,10 @@ def parse_args(argv):
                    help="extra latency runs at this fixed, light rate (0 = none)")
     p.add_argument("--light-sizes", default="1000",
                    help="table sizes that get the light-rate latency runs")
+    p.add_argument("--fresh-queries", type=int, default=2000,
+                   help="queries per run of the fresh-source-port latency runs, one at a time "
+                        "from a new UDP socket each, like a glibc stub resolver (0 = none; "
+                        "run for the --light-sizes tables)")
     p.add_argument("--transports", default="udp,tcp")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--max-seconds", type=float, default=None,
@@ -119,6 +123,7 @@ def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
         "latency_seconds": args.latency_seconds,
         "latency_fraction": args.latency_fraction,
         "light_qps": args.light_qps,
+        "fresh_queries": args.fresh_queries,
         "load": (f"-c {args.clients} -T {args.threads} -q {args.outstanding}, TCP "
                  + (f"with -O num-queries-per-conn={args.queries_per_conn}"
                     if args.queries_per_conn is not None else
@@ -272,6 +277,33 @@ class Bench:
                 self.measure(server, datafile, load, record,
                              upstream if (mix != "owned" and transport == "udp") else None)
 
+    def fresh_cell(self, size, mix, servers_here, names):
+        """Fresh-source-port latency runs, servers interleaved like the dnsperf cells."""
+        for rep in range(self.args.reps):
+            k = rep % len(servers_here)
+            for server in servers_here[k:] + servers_here[:k]:
+                s0, t0 = cpu.sample(self.pids()), time.monotonic()
+                got = fresh.run(server.port, names, self.args.fresh_queries, seed=rep + 1)
+                noise = cpu.interference(s0, cpu.sample(self.pids()), time.monotonic() - t0,
+                                         self.ncpu)
+                lat = sorted(got["latencies"])
+                run = {"kind": "fresh", "size": size, "mix": mix, "transport": "udp",
+                       "rep": rep, "server": server.name, "attempt": 0,
+                       "qps": round(got["qps"], 1), "sent": self.args.fresh_queries,
+                       "completed": len(lat), "lost": got["lost"], "discarded": False,
+                       "rcodes": {"NOERROR": len(lat) - got["wrong"], "WRONG": got["wrong"]},
+                       "load1": round(os.getloadavg()[0], 2), **noise}
+                if got["wrong"]:
+                    self.log(f"  !! {server.name} gave {got['wrong']} wrong answers")
+                if lat:
+                    run.update(p50=dnsperf.percentile(lat, 50), p90=dnsperf.percentile(lat, 90),
+                               p99=dnsperf.percentile(lat, 99),
+                               p999=dnsperf.percentile(lat, 99.9))
+                self.runs.append(run)
+                self.log(f"  fresh   {size:>5} {mix:9} udp rep{rep} {server.name:7} "
+                         f"p50 {run.get('p50', 0) * 1e6:.0f}us p99 {run.get('p99', 0) * 1e6:.0f}us"
+                         f" lost {got['lost']}")
+
     def native_max(self, size, mix):
         qps = [r["qps"] for r in self.runs if r["kind"] == "max" and r["size"] == size
                and r["mix"] == mix and r["server"] == "native" and not r["discarded"]]
@@ -323,6 +355,10 @@ class Bench:
                             here = [s for s in started if transport in s.transports]
                             self.cell("light", size, mix, transport, here, data, a.light_qps,
                                       upstream)
+                    if a.fresh_queries and size in a.light_sizes and mix != "mixed":
+                        names = ([n.fqdn for n in mesh] if mix == "owned"
+                                 else [f for f, _ in forwarded])
+                        self.fresh_cell(size, mix, started, names)
             finally:
                 for s in started:
                     for p in s.procs:

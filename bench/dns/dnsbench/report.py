@@ -79,7 +79,7 @@ def _spread(values):
     return f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else ""
 
 
-KINDS = ("max", "latency", "light")
+KINDS = ("max", "latency", "light", "fresh")
 
 
 def summarize(runs):
@@ -108,7 +108,8 @@ def targets(summary, runs, wasm_bytes):
             r = c["vmesh_over_native"]
             out.append((f"owned UDP throughput >= {TARGET_UDP_RATIO}x native, {c['size']} names",
                         f"{r:.2f}x", r >= TARGET_UDP_RATIO))
-    for kind, where in (("latency", "at 0.5x native max"), ("light", "at the light rate")):
+    for kind, where in (("latency", "at 0.5x native max"), ("light", "at the light rate"),
+                        ("fresh", "one query at a time, new source port each")):
         for c in summary.get(kind, []):
             if c["transport"] == "udp" and c["vmesh_over_native"]:
                 r = c["vmesh_over_native"]
@@ -116,7 +117,7 @@ def targets(summary, runs, wasm_bytes):
                             f"{c['size']} names, {where}", f"{r:.2f}x", r <= TARGET_P99_RATIO))
     vm = [r for r in _kept(runs) if r["server"] == "vmesh"]
     for kind, label in (("max", "at max load"), ("latency", "at 0.5x native max"),
-                        ("light", "at the light rate")):
+                        ("light", "at the light rate"), ("fresh", "from fresh source ports")):
         rs = [r for r in vm if r["kind"] == kind]
         if not rs:
             continue
@@ -245,6 +246,13 @@ def markdown(meta, summary, target_rows, runs=()):
                  f"{meta['latency_seconds']:g} s at {meta.get('light_qps')} q/s)")
         L.append("")
         L += latency_table(summary["light"])
+    if summary.get("fresh"):
+        L.append("")
+        L.append(f"### Latency of one query at a time, each from a new source port (µs, median "
+                 f"of {meta['reps']} runs of {meta.get('fresh_queries')} queries; like a glibc "
+                 "stub resolver)")
+        L.append("")
+        L += latency_table(summary["fresh"])
     L.append("")
     L.append("† the server answered under 95 % of the offered rate: its latency includes its own "
              "queue.  ")

@@ -1,13 +1,15 @@
 """Unit tests of the harness's pure parts. Run: python3 -m unittest discover -s bench/dns/tests"""
 
 import json
+import socket
 import sys
+import threading
 import unittest
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dnsbench import cpu, dnsperf, report, wire  # noqa: E402
+from dnsbench import cpu, dnsperf, fresh, report, wire  # noqa: E402
 from dnsbench import names as N  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
@@ -199,6 +201,42 @@ class Report(unittest.TestCase):
         self.assertIn("mixed: 10 %", report.markdown(meta, report.summarize(
             [dict(r, mix="mixed") for r in self.RUNS]), []))
         self.assertIn("| 10 | owned | UDP | 500 | 150 / 300 | 50 / 100 | 100 / 200 |", md)
+
+
+class FreshPortTest(unittest.TestCase):
+    """fresh.run against a tiny server on loopback that answers (or ignores) every query."""
+
+    def serve(self, answer: bool):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(0.2)
+        stop = threading.Event()
+        ports = set()
+
+        def loop():
+            while not stop.is_set():
+                try:
+                    msg, peer = sock.recvfrom(512)
+                except socket.timeout:
+                    continue
+                ports.add(peer[1])
+                if answer:  # QR set, same ID and question, no records: NOERROR
+                    sock.sendto(msg[:2] + bytes([msg[2] | 0x80]) + msg[3:], peer)
+        t = threading.Thread(target=loop, daemon=True)
+        t.start()
+        self.addCleanup(lambda: (stop.set(), t.join(), sock.close()))
+        return sock.getsockname()[1], ports
+
+    def test_every_query_comes_from_a_new_source_port_and_is_timed(self):
+        port, ports = self.serve(answer=True)
+        got = fresh.run(port, ["a.example", "b.example"], 20, seed=1)
+        self.assertEqual((len(got["latencies"]), got["lost"], got["wrong"]), (20, 0, 0))
+        self.assertEqual(len(ports), 20)
+
+    def test_unanswered_queries_count_as_lost(self):
+        port, _ = self.serve(answer=False)
+        got = fresh.run(port, ["a.example"], 3, seed=1, timeout=0.05)
+        self.assertEqual((got["latencies"], got["lost"]), ([], 3))
 
 
 if __name__ == "__main__":
