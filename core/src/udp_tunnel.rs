@@ -89,7 +89,9 @@ impl UdpTunnel {
         }
     }
 
-    /// Takes newly arrived connection bytes. Returns the queries to forward now.
+    /// Takes newly arrived connection bytes. Returns the queries to forward now. After an
+    /// error the tunnel is done: the caller refuses the connection (see [`Self::rejection`])
+    /// and forwards nothing from the failed read.
     pub fn feed(
         &mut self,
         mut bytes: &[u8],
