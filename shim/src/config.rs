@@ -66,6 +66,17 @@ pub struct Settings {
     pub upstreams: Vec<SocketAddr>,
     pub forward_timeout: Duration,
     pub names: Option<StaticNames>,
+    /// Set when the upstreams came from resolv.conf: the file to follow, and the addresses
+    /// that are this machine's own DNS front (never used as upstreams).
+    pub resolv_watch: Option<ResolvWatch>,
+}
+
+/// resolv.conf as the source of the upstreams, followed while the shim runs: DHCP clients,
+/// NetworkManager and cloud agents rewrite it, and the VM's DNS must follow.
+#[derive(Debug, Clone)]
+pub struct ResolvWatch {
+    pub path: PathBuf,
+    pub own: Vec<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,13 +161,7 @@ impl Cli {
         let mut upstreams = Vec::new();
         if let Some(candidates) = candidates {
             let before = candidates.len();
-            for addr in candidates {
-                match own.iter().find(|o| upstream::is_self(addr, **o)) {
-                    Some(o) => tracing::warn!(upstream = %addr, own = %o,
-                        "dropping upstream resolver: it is this shim or its Envoy DNS listener"),
-                    None => upstreams.push(addr),
-                }
-            }
+            upstreams = without_self(candidates, &own);
             if upstreams.is_empty() {
                 let detail = match before {
                     0 => format!(" (none {source})"),
@@ -172,19 +177,38 @@ impl Cli {
                 .ok()
         });
 
+        let resolv_watch = self.upstreams.is_empty().then(|| ResolvWatch {
+            path: self.resolv_conf.clone(),
+            own,
+        });
         match (listen, forward_timeout) {
             (Some(listen), Some(forward_timeout)) if errors.is_empty() => Ok(Settings {
                 listen,
                 upstreams,
                 forward_timeout,
                 names,
+                resolv_watch,
             }),
             _ => Err(ConfigErrors(errors)),
         }
     }
 }
 
-fn read_resolv_conf(path: &std::path::Path) -> std::io::Result<Vec<SocketAddr>> {
+/// `candidates` without the addresses that are this shim or its Envoy DNS listener (the shim
+/// must never forward to itself), each dropped one logged.
+pub fn without_self(candidates: Vec<SocketAddr>, own: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut upstreams = Vec::new();
+    for addr in candidates {
+        match own.iter().find(|o| upstream::is_self(addr, **o)) {
+            Some(o) => tracing::warn!(upstream = %addr, own = %o,
+                "dropping upstream resolver: it is this shim or its Envoy DNS listener"),
+            None => upstreams.push(addr),
+        }
+    }
+    upstreams
+}
+
+pub(crate) fn read_resolv_conf(path: &std::path::Path) -> std::io::Result<Vec<SocketAddr>> {
     let text = std::fs::read_to_string(path)?;
     let parsed = upstream::parse_resolv_conf(&text, upstream::interface_index);
     for skipped in &parsed.skipped {

@@ -8,7 +8,7 @@
 //! SERVFAIL that core builds for its query.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -89,7 +89,8 @@ pub struct Answer {
 
 #[derive(Debug)]
 pub struct Forwarder {
-    upstreams: Arc<[SocketAddr]>,
+    /// Replaced as a whole when resolv.conf changes; a query keeps the list it started with.
+    upstreams: RwLock<Arc<[SocketAddr]>>,
     budget: Duration,
     failures: FailureLog,
 }
@@ -98,14 +99,28 @@ impl Forwarder {
     /// `upstreams` in the order to try them; `budget` bounds one query's total time.
     pub fn new(upstreams: Vec<SocketAddr>, budget: Duration) -> Self {
         Forwarder {
-            upstreams: upstreams.into(),
+            upstreams: RwLock::new(upstreams.into()),
             budget,
             failures: FailureLog::default(),
         }
     }
 
-    pub fn upstreams(&self) -> &[SocketAddr] {
-        &self.upstreams
+    pub fn upstreams(&self) -> Arc<[SocketAddr]> {
+        // A poisoned lock still holds a whole list: writers only ever swap the Arc.
+        Arc::clone(
+            &self
+                .upstreams
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces the upstreams for the queries that start from now on.
+    pub fn set_upstreams(&self, upstreams: Vec<SocketAddr>) {
+        *self
+            .upstreams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = upstreams.into();
     }
 
     /// Relays `query`. Fails only when `query` is not a standard DNS query.
@@ -115,14 +130,15 @@ impl Forwarder {
         let deadline = Instant::now() + self.budget;
         let mut sent = query.to_vec();
         let mut fallback = None;
-        for (i, &addr) in self.upstreams.iter().enumerate() {
+        let upstreams = self.upstreams();
+        for (i, &addr) in upstreams.iter().enumerate() {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
             // An even share of what is left, so one silent upstream cannot use up the budget
             // of the ones after it, and a fast failure leaves more for the rest.
-            let left = u32::try_from(self.upstreams.len() - i).unwrap_or(u32::MAX);
+            let left = u32::try_from(upstreams.len() - i).unwrap_or(u32::MAX);
             let attempt_deadline = now + (deadline - now) / left;
             match self.attempt(addr, mode, &mut sent, attempt_deadline).await {
                 Ok(Attempt::Answer(mut message, protocol)) => {
@@ -146,7 +162,7 @@ impl Forwarder {
                 source: Source::TruncatedFallback { addr },
             });
         }
-        self.failures.record(self.upstreams.len());
+        self.failures.record(upstreams.len());
         let message = servfail(query, mode.transport()).ok_or(QueryError::ShortHeader)?;
         Ok(Answer {
             message,

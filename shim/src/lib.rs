@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 pub mod config;
 pub mod forwarder;
 pub mod names;
+pub mod resolv;
 pub mod server;
 pub mod upstream;
 
@@ -80,8 +81,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         version = env!("CARGO_PKG_VERSION"),
         "vmesh-shim serving"
     );
+    let forwarder = Arc::new(Forwarder::new(settings.upstreams, settings.forward_timeout));
+    if let Some(w) = settings.resolv_watch {
+        resolv::follow(w, Arc::clone(&forwarder), stopped.clone());
+    }
     let app = Arc::new(App {
-        forwarder: Forwarder::new(settings.upstreams, settings.forward_timeout),
+        forwarder,
         tables,
         stop: stopped.clone(),
     });

@@ -76,7 +76,7 @@ pub enum NamesError {
 
 /// What identifies a file's state cheaply; content is hashed only when this changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Fingerprint {
+pub(crate) struct Fingerprint {
     dev: u64,
     ino: u64,
     len: u64,
@@ -84,7 +84,7 @@ struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
         Fingerprint {
             dev: meta.dev(),
             ino: meta.ino(),
@@ -95,7 +95,7 @@ impl Fingerprint {
 
     /// Modified so recently that another write within the same timestamp tick could follow
     /// unseen (coarse file system clocks): re-read until it has settled.
-    fn is_recent(&self) -> bool {
+    pub(crate) fn is_recent(&self) -> bool {
         const SETTLE: Duration = Duration::from_secs(2);
         self.mtime
             .and_then(|m| SystemTime::now().duration_since(m).ok())

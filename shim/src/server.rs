@@ -38,7 +38,7 @@ type Body = Full<Bytes>;
 /// What requests are served from.
 #[derive(Debug)]
 pub struct App {
-    pub forwarder: Forwarder,
+    pub forwarder: Arc<Forwarder>,
     /// `None` when there is no name table source.
     pub tables: Option<watch::Receiver<Arc<Table>>>,
     /// Flips to `true` at shutdown so long-polls return instead of holding it up.

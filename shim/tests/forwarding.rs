@@ -515,3 +515,53 @@ async fn chunked_body_over_65535_bytes_is_413() {
     assert!(text.starts_with("HTTP/1.1 413"), "{text}");
     shim.stop().await;
 }
+
+#[tokio::test]
+async fn a_rewritten_resolv_conf_is_followed_without_a_restart() {
+    // resolv.conf has no port: the upstreams listen on port 53 of their own loopback addresses.
+    let (Some(first), Some(second)) = (
+        DnsServer::start_at(
+            "127.0.53.1:53".parse().unwrap(),
+            Behaviour::Answer,
+            marker(1),
+        )
+        .await,
+        DnsServer::start_at(
+            "127.0.53.2:53".parse().unwrap(),
+            Behaviour::Answer,
+            marker(2),
+        )
+        .await,
+    ) else {
+        eprintln!("skipped: cannot bind port 53 on 127.0.53.1 and 127.0.53.2 (needs root)");
+        return;
+    };
+    let dir = TempDir::new();
+    let conf = dir.file("resolv.conf", "nameserver 127.0.53.1\n");
+    let shim = start_shim(&["--resolv-conf", conf.to_str().unwrap()]).await;
+    let http = Http::h1(shim.local_addr());
+    let q = query(CLIENT_ID, "www.example.com", A, None);
+    assert_eq!(
+        first_a(&http.dns(&q, Some("udp")).await.body),
+        Some(first.marker)
+    );
+
+    // Rewritten the way resolvconf and DHCP clients do it: a new file renamed over the old.
+    dir.file("resolv.conf.new", "# new lease\nnameserver 127.0.53.2\n");
+    std::fs::rename(dir.path().join("resolv.conf.new"), &conf).unwrap();
+    assert_eventually(
+        "queries go to the resolver the new resolv.conf names",
+        || async { first_a(&http.dns(&q, Some("udp")).await.body) == Some(second.marker) },
+    )
+    .await;
+
+    // A resolv.conf without a usable resolver keeps the last good upstreams. Checking that
+    // nothing changes needs the shim to have looked: a few of its poll periods.
+    std::fs::write(&conf, "search example.com\n").unwrap();
+    tokio::time::sleep(vmesh_shim::resolv::POLL * 3).await;
+    assert_eq!(
+        first_a(&http.dns(&q, Some("udp")).await.body),
+        Some(second.marker)
+    );
+    shim.stop().await;
+}

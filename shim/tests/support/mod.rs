@@ -174,6 +174,22 @@ impl DnsServer {
                 break (udp, tcp);
             }
         };
+        Self::serve(udp, tcp, behaviour, marker)
+    }
+
+    /// On a fixed address (port 53 for resolv.conf); `None` when it cannot be bound (not
+    /// root, or taken).
+    pub async fn start_at(
+        addr: SocketAddr,
+        behaviour: Behaviour,
+        marker: Ipv4Addr,
+    ) -> Option<Self> {
+        let udp = UdpSocket::bind(addr).await.ok()?;
+        let tcp = TcpListener::bind(addr).await.ok()?;
+        Some(Self::serve(udp, tcp, behaviour, marker))
+    }
+
+    fn serve(udp: UdpSocket, tcp: TcpListener, behaviour: Behaviour, marker: Ipv4Addr) -> Self {
         let addr = udp.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let server = DnsServer {
