@@ -82,10 +82,6 @@ impl Tunnel {
         }
     }
 
-    pub fn framing(&self) -> Framing {
-        self.framing
-    }
-
     /// Takes newly arrived stream bytes. Returns the queries to forward now.
     pub fn feed(
         &mut self,

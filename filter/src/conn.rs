@@ -23,6 +23,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, StreamContext};
 use proxy_wasm::types::{Action, BufferType};
 use vmesh_core::framing::Framing;
+use vmesh_core::names::NameIndex;
 use vmesh_core::tunnel::{Counts, ForwardJob, Tunnel};
 use vmesh_core::udp_tunnel::UdpTunnel;
 
@@ -39,6 +40,54 @@ pub enum Carrier {
 enum Pipe {
     Udp(UdpTunnel),
     Tcp(Tunnel),
+}
+
+/// The same operations on either carrier.
+impl Pipe {
+    fn feed(
+        &mut self,
+        bytes: &[u8],
+        table: Option<&NameIndex>,
+        domain: &str,
+        rotation: &mut u32,
+    ) -> Result<Vec<ForwardJob>, String> {
+        match self {
+            Pipe::Udp(p) => p
+                .feed(bytes, table, domain, rotation)
+                .map_err(|e| e.to_string()),
+            Pipe::Tcp(p) => p
+                .feed(bytes, table, domain, rotation)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn complete(&mut self, slot: usize, answer: Option<&[u8]>) {
+        match self {
+            Pipe::Udp(p) => p.complete(slot, answer),
+            Pipe::Tcp(p) => p.complete(slot, answer),
+        }
+    }
+
+    fn is_waiting(&self) -> bool {
+        match self {
+            Pipe::Udp(p) => p.is_waiting(),
+            Pipe::Tcp(p) => p.is_waiting(),
+        }
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        match self {
+            Pipe::Udp(p) => p.take_output(),
+            Pipe::Tcp(p) => p.take_output(),
+        }
+    }
+
+    fn take_counts(&mut self) -> Counts {
+        match self {
+            Pipe::Udp(p) => p.take_counts(),
+            Pipe::Tcp(p) => p.take_counts(),
+        }
+    }
 }
 
 pub struct DnsConn {
@@ -70,27 +119,6 @@ impl DnsConn {
         }
     }
 
-    fn is_waiting(&self) -> bool {
-        match &self.pipe {
-            Pipe::Udp(p) => p.is_waiting(),
-            Pipe::Tcp(p) => p.is_waiting(),
-        }
-    }
-
-    fn complete(&mut self, slot: usize, answer: Option<&[u8]>) {
-        match &mut self.pipe {
-            Pipe::Udp(p) => p.complete(slot, answer),
-            Pipe::Tcp(p) => p.complete(slot, answer),
-        }
-    }
-
-    fn take_output(&mut self) -> Vec<u8> {
-        match &mut self.pipe {
-            Pipe::Udp(p) => p.take_output(),
-            Pipe::Tcp(p) => p.take_output(),
-        }
-    }
-
     /// Replaces the first `replaced` bytes of the read buffer with `out`.
     fn write(replaced: usize, out: &[u8]) {
         if let Err(e) = hostcalls::set_buffer(BufferType::DownstreamData, 0, replaced, out) {
@@ -107,10 +135,7 @@ impl DnsConn {
     }
 
     fn flush_counts(&mut self) {
-        let counts = match &mut self.pipe {
-            Pipe::Udp(p) => p.take_counts(),
-            Pipe::Tcp(p) => p.take_counts(),
-        };
+        let counts = self.pipe.take_counts();
         if counts != Counts::default() {
             self.worker.metrics.add_counts(&counts);
         }
@@ -153,8 +178,8 @@ impl Context for DnsConn {
         };
         let reply = callout::response(headers, body_size);
         let body = (reply.status == Some(200)).then_some(reply.body);
-        self.complete(slot, body.as_deref());
-        let out = self.take_output();
+        self.pipe.complete(slot, body.as_deref());
+        let out = self.pipe.take_output();
         if !out.is_empty() {
             // Every read since the forward left returned Pause after emptying the buffer.
             Self::write(0, &out);
@@ -178,14 +203,9 @@ impl StreamContext for DnsConn {
         let table = worker.table();
         let mut rotation = worker.rotation.get();
         let domain = &worker.config.cluster_domain;
-        let fed: Result<Vec<ForwardJob>, String> = match &mut self.pipe {
-            Pipe::Udp(p) => p
-                .feed(&bytes, table.as_deref(), domain, &mut rotation)
-                .map_err(|e| e.to_string()),
-            Pipe::Tcp(p) => p
-                .feed(&bytes, table.as_deref(), domain, &mut rotation)
-                .map_err(|e| e.to_string()),
-        };
+        let fed = self
+            .pipe
+            .feed(&bytes, table.as_deref(), domain, &mut rotation);
         worker.rotation.set(rotation);
         let jobs = match fed {
             Ok(jobs) => jobs,
@@ -197,13 +217,13 @@ impl StreamContext for DnsConn {
                 Some(token) => {
                     self.callouts.insert(token, job.slot);
                 }
-                None => self.complete(job.slot, None),
+                None => self.pipe.complete(job.slot, None),
             }
         }
-        let out = self.take_output();
+        let out = self.pipe.take_output();
         Self::write(data_size, &out);
         self.flush_counts();
-        if !self.is_waiting() {
+        if !self.pipe.is_waiting() {
             return Action::Continue;
         }
         // Keep the buffer handle for the callouts; what is ready goes out now all the same.
