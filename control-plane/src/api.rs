@@ -27,9 +27,11 @@ use crate::registry::{EntryRequest, HealthRequest, RegisterRequest, Registry, Re
 use crate::store::Store;
 use crate::tables::NameTables;
 
-pub const VERSION_HEADER: &str = "x-vmesh-table-version";
-pub const DEFAULT_WAIT_SECS: u64 = 30;
-pub const MAX_WAIT_SECS: u64 = 120;
+pub use vmesh_api::paths::header::TABLE_VERSION as VERSION_HEADER;
+use vmesh_api::paths::{
+    control as path, DEFAULT_TABLE_WAIT_SECS as DEFAULT_WAIT_SECS,
+    MAX_TABLE_WAIT_SECS as MAX_WAIT_SECS,
+};
 const MAX_VM_BODY: usize = 64 << 10;
 const MAX_ADMIN_BODY: usize = 16 << 20;
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
@@ -51,53 +53,18 @@ impl<S: Store> std::fmt::Debug for App<S> {
     }
 }
 
-/// A refusal, as the protocol shapes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApiError {
-    #[serde(skip)]
-    pub status: u16,
-    pub error: String,
-    pub message: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    /// For refused config: the document's source and 0-based index.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub index: Option<usize>,
+pub use vmesh_api::control::{ApiError, ErrorKind};
+
+fn unauthorized(e: &TokenError) -> ApiError {
+    ApiError::new(ErrorKind::Unauthorized, e.to_string())
 }
 
-impl ApiError {
-    fn new(status: StatusCode, error: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            status: status.as_u16(),
-            error: error.to_string(),
-            message: message.into(),
-            field: None,
-            source: None,
-            index: None,
-        }
-    }
+fn forbidden(m: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::Forbidden, m)
+}
 
-    fn bad(field: &str, message: impl Into<String>) -> Self {
-        ApiError {
-            field: Some(field.to_string()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-        }
-    }
-
-    fn unauthorized(e: &TokenError) -> Self {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
-    }
-
-    fn forbidden(m: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", m)
-    }
-
-    fn not_found(m: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", m)
-    }
+fn not_found(m: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorKind::NotFound, m)
 }
 
 impl From<ConfigError> for ApiError {
@@ -106,7 +73,7 @@ impl From<ConfigError> for ApiError {
             field: Some(e.field.clone()),
             source: Some(e.source_name.clone()),
             index: Some(e.index),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid", e.to_string())
+            ..ApiError::new(ErrorKind::Invalid, e.to_string())
         }
     }
 }
@@ -116,12 +83,10 @@ impl From<RegistryError> for ApiError {
         let m = e.to_string();
         match e {
             RegistryError::BadRequest { field, message } => ApiError::bad(&field, message),
-            RegistryError::Forbidden(_) => ApiError::forbidden(m),
-            RegistryError::NotFound(_) => ApiError::not_found(m),
-            RegistryError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            RegistryError::Unavailable(_) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
-            }
+            RegistryError::Forbidden(_) => forbidden(m),
+            RegistryError::NotFound(_) => not_found(m),
+            RegistryError::Conflict(_) => ApiError::new(ErrorKind::Conflict, m),
+            RegistryError::Unavailable(_) => ApiError::new(ErrorKind::Unavailable, m),
         }
     }
 }
@@ -132,8 +97,10 @@ fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(vmesh_api::paths::content_type::JSON),
+    );
     r
 }
 
@@ -219,7 +186,7 @@ impl<S: Store> App<S> {
         let refuse = |e: TokenError| {
             self.metrics.token_refusals.inc(e.reason());
             tracing::warn!(reason = e.reason(), error = %e, "token refused");
-            ApiError::unauthorized(&e)
+            unauthorized(&e)
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(refuse(TokenError::Missing));
@@ -233,9 +200,7 @@ impl<S: Store> App<S> {
     fn vm(&self, caller: Caller) -> Result<Identity, ApiError> {
         match caller {
             Caller::Vm(id) => Ok(id),
-            Caller::Admin => Err(ApiError::forbidden(
-                "this call needs a VM service-account token",
-            )),
+            Caller::Admin => Err(forbidden("this call needs a VM service-account token")),
         }
     }
 
@@ -244,7 +209,7 @@ impl<S: Store> App<S> {
             Caller::Admin => Ok(()),
             Caller::Vm(id) => {
                 tracing::warn!(namespace = %id.namespace, service_account = %id.service_account, "VM token used on an admin call");
-                Err(ApiError::forbidden(
+                Err(forbidden(
                     "only the admin credential may change config or mint tokens",
                 ))
             }
@@ -265,13 +230,13 @@ impl<S: Store> App<S> {
         let query = req.uri().query().unwrap_or_default().to_string();
         let method = req.method().clone();
         match (&method, path.as_str()) {
-            (&Method::GET, "/healthz") => {
+            (&Method::GET, path::HEALTHZ) => {
                 let mut r = Response::new(Full::new(Bytes::from_static(b"ok\n")));
                 r.headers_mut()
                     .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 return Ok(r);
             }
-            (&Method::GET, "/metrics") => {
+            (&Method::GET, path::METRICS) => {
                 let text = self.metrics.render(self.registry.gauges());
                 let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
@@ -280,39 +245,39 @@ impl<S: Store> App<S> {
                 );
                 return Ok(r);
             }
-            (&Method::GET, "/.well-known/jwks.json") => {
+            (&Method::GET, path::JWKS) => {
                 return Ok(json_response(StatusCode::OK, &self.signer.jwks()));
             }
             _ => {}
         }
         let caller = self.caller(&req)?;
         match (&method, path.as_str()) {
-            (&Method::POST, "/v1/register") => {
+            (&Method::POST, path::REGISTER) => {
                 let id = self.vm(caller)?;
                 let body: RegisterRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
                 let r = self.registry.register(&id, body).await?;
                 Ok(json_response(StatusCode::OK, &r))
             }
-            (&Method::POST, "/v1/heartbeat") => {
+            (&Method::POST, path::HEARTBEAT) => {
                 let id = self.vm(caller)?;
                 let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
                 self.registry.heartbeat(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &serde_json::json!({})))
             }
-            (&Method::POST, "/v1/health") => {
+            (&Method::POST, path::HEALTH) => {
                 let id = self.vm(caller)?;
                 let body: HealthRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
                 let r = self.registry.health(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &r))
             }
-            (&Method::POST, "/v1/deregister") => {
+            (&Method::POST, path::DEREGISTER) => {
                 let id = self.vm(caller)?;
                 let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
                 self.registry.deregister(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &serde_json::json!({})))
             }
-            (&Method::GET, "/v1/name-table") => self.name_table(caller, &query).await,
-            (&Method::POST, "/v1/admin/apply") => {
+            (&Method::GET, path::NAME_TABLE) => self.name_table(caller, &query).await,
+            (&Method::POST, path::ADMIN_APPLY) => {
                 self.admin(&caller)?;
                 let body: ApplyRequest = parse_json(&read_body(req, MAX_ADMIN_BODY).await?)?;
                 let ns = if body.namespace.is_empty() {
@@ -327,17 +292,17 @@ impl<S: Store> App<S> {
                     &serde_json::json!({ "results": results }),
                 ))
             }
-            (&Method::POST, "/v1/admin/tokens") => {
+            (&Method::POST, path::ADMIN_TOKENS) => {
                 self.admin(&caller)?;
                 let body: TokenRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
                 self.mint(&body)
             }
-            (m, p) if p.starts_with("/v1/admin/objects/") => {
+            (m, p) if p.starts_with(path::ADMIN_OBJECTS) => {
                 self.admin(&caller)?;
-                self.objects(m, p.trim_start_matches("/v1/admin/objects/"), &query)
+                self.objects(m, p.trim_start_matches(path::ADMIN_OBJECTS), &query)
                     .await
             }
-            _ => Err(ApiError::not_found(format!("no route for {method} {path}"))),
+            _ => Err(not_found(format!("no route for {method} {path}"))),
         }
     }
 
@@ -367,8 +332,10 @@ impl<S: Store> App<S> {
         {
             Some(t) => {
                 let mut r = Response::new(Full::new(t.body.clone()));
-                r.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static(vmesh_api::paths::content_type::JSON),
+                );
                 if let Ok(v) = HeaderValue::from_str(&t.version) {
                     r.headers_mut().insert(VERSION_HEADER, v);
                 }
@@ -410,13 +377,7 @@ impl<S: Store> App<S> {
         let token = self
             .signer
             .mint(&body.namespace, &body.service_account, now, ttl)
-            .map_err(|e| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    e.to_string(),
-                )
-            })?;
+            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
         let expires_at =
             vmesh_core::istio::time::format_rfc3339_secs(now + crate::clock::nanos(ttl));
         Ok(json_response(
@@ -429,7 +390,7 @@ impl<S: Store> App<S> {
         let mut parts = rest.split('/');
         let kind_s = parts.next().unwrap_or_default();
         let kind = Kind::from_cli(kind_s).ok_or_else(|| {
-            ApiError::not_found(format!(
+            not_found(format!(
                 "the server doesn't have a resource type {kind_s:?}"
             ))
         })?;
@@ -454,7 +415,7 @@ impl<S: Store> App<S> {
                 let ns = ns.unwrap_or_else(|| "default".into());
                 let c = cache
                     .get(&ObjectKey::new(kind, &ns, name))
-                    .ok_or_else(|| ApiError::not_found(format!("{kind} {ns}/{name} not found")))?;
+                    .ok_or_else(|| not_found(format!("{kind} {ns}/{name} not found")))?;
                 Ok(json_response(StatusCode::OK, &with_version(&c)))
             }
             (&Method::GET, None) => {
@@ -479,8 +440,7 @@ impl<S: Store> App<S> {
                 ))
             }
             _ => Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorKind::MethodNotAllowed,
                 "use GET or DELETE",
             )),
         }

@@ -10,7 +10,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::api::{ApiError, ApplyRequest, TokenRequest, TokenResponse};
+use crate::api::{ApiError, ApplyRequest, ErrorKind, TokenRequest, TokenResponse};
 use crate::config::Document;
 use crate::registry::ApplyOutcome;
 use crate::tls::{client_config, server_name, TlsError};
@@ -154,8 +154,12 @@ impl Client {
             service_account: service_account.to_string(),
             ttl_seconds: ttl.as_secs(),
         };
-        self.json(Method::POST, "/v1/admin/tokens", Some(&req))
-            .await
+        self.json(
+            Method::POST,
+            vmesh_api::paths::control::ADMIN_TOKENS,
+            Some(&req),
+        )
+        .await
     }
 
     /// `POST /v1/admin/apply` (admin credential).
@@ -173,7 +177,11 @@ impl Client {
             namespace: namespace.to_string(),
         };
         let r: Results = self
-            .json(Method::POST, "/v1/admin/apply", Some(&req))
+            .json(
+                Method::POST,
+                vmesh_api::paths::control::ADMIN_APPLY,
+                Some(&req),
+            )
             .await?;
         Ok(r.results)
     }
@@ -212,7 +220,7 @@ impl Connection {
             .header(HOST, &c.authority)
             .header(AUTHORIZATION, format!("Bearer {}", c.token));
         if body.is_some() {
-            b = b.header(CONTENT_TYPE, "application/json");
+            b = b.header(CONTENT_TYPE, vmesh_api::paths::content_type::JSON);
         }
         let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         self.sender.ready().await?;
@@ -221,15 +229,7 @@ impl Connection {
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
         if status.is_client_error() || status.is_server_error() {
-            let mut error: ApiError = serde_json::from_slice(&body).unwrap_or_else(|_| ApiError {
-                status: status.as_u16(),
-                error: "http".into(),
-                message: String::from_utf8_lossy(&body).into_owned(),
-                field: None,
-                source: None,
-                index: None,
-            });
-            error.status = status.as_u16();
+            let error = ApiError::from_response(status.as_u16(), &body);
             return Err(ClientError::Api {
                 status: status.as_u16(),
                 error,
@@ -254,11 +254,7 @@ impl Connection {
             status: r.status.as_u16(),
             error: ApiError {
                 status: r.status.as_u16(),
-                error: "decode".into(),
-                message: e.to_string(),
-                field: None,
-                source: None,
-                index: None,
+                ..ApiError::new(ErrorKind::Unknown, format!("response body: {e}"))
             },
         })
     }

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmesh_core::istio::model::{
-    Kind, Labels, ObjectKey, ReadinessProbe, Resource, WorkloadEntry, WorkloadGroup,
-};
+use vmesh_core::istio::model::{Kind, Labels, ObjectKey, Resource, WorkloadEntry, WorkloadGroup};
 use vmesh_core::istio::time::{format_rfc3339_secs, parse_rfc3339};
 use vmesh_core::istio::validate::validate_labels;
 use vmesh_core::istio::workload::{
@@ -89,65 +87,9 @@ fn bad(field: &str, message: impl Into<String>) -> RegistryError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RegisterRequest {
-    pub group: String,
-    /// The group's namespace; defaults to the token's.
-    #[serde(default)]
-    pub namespace: String,
-    pub address: String,
-    #[serde(default)]
-    pub network: String,
-    #[serde(default)]
-    pub locality: String,
-    #[serde(default)]
-    pub labels: Labels,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EntryRef {
-    pub namespace: String,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RegisterResponse {
-    pub workload_entry: EntryRef,
-    pub heartbeat_interval_seconds: u64,
-    pub liveness_timeout_seconds: u64,
-    /// The group's probe with Istio's defaults filled in; absent when the group has none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub probe: Option<ReadinessProbe>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EntryRequest {
-    pub namespace: String,
-    pub name: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct HealthRequest {
-    pub namespace: String,
-    pub name: String,
-    pub healthy: bool,
-    #[serde(default)]
-    pub message: String,
-    /// RFC 3339 time the probe ran; reports older than the recorded one are ignored.
-    pub probe_time: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HealthResponse {
-    /// False when an equal or newer probe result was already recorded.
-    pub applied: bool,
-}
+pub use vmesh_api::control::{
+    EntryRef, EntryRequest, HealthRequest, HealthResponse, RegisterRequest, RegisterResponse,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -359,7 +301,8 @@ impl<S: Store> Registry<S> {
                 ));
             }
         }
-        if let Some(e) = validate_labels(&req.labels, "labels").into_iter().next() {
+        let labels: Labels = req.labels.clone().into_iter().collect();
+        if let Some(e) = validate_labels(&labels, "labels").into_iter().next() {
             return Err(bad(&e.path, e.message));
         }
         if id.namespace != req.namespace {
@@ -376,7 +319,7 @@ impl<S: Store> Registry<S> {
             address: req.address.clone(),
             network: req.network.clone(),
             locality: req.locality.clone(),
-            labels: req.labels.clone(),
+            labels,
         };
         self.register_inner(reg, &id.service_account).await
     }

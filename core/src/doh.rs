@@ -6,8 +6,8 @@ use base64::Engine;
 use crate::dns::inspect::Response;
 use crate::dns::TCP_LIMIT;
 
-pub const PATH: &str = "/dns-query";
-pub const CONTENT_TYPE: &str = "application/dns-message";
+pub use vmesh_api::paths::content_type::DNS_MESSAGE as CONTENT_TYPE;
+pub use vmesh_api::paths::shim::DNS_QUERY as PATH;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DohError {

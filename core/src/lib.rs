@@ -23,7 +23,8 @@ pub mod dns;
 pub mod doh;
 pub mod framing;
 pub mod istio;
-pub mod json;
+/// The serde-free JSON reader, shared with the filter and the shim through `vmesh-api`.
+pub use vmesh_api::json;
 pub mod names;
 pub mod responder;
 pub mod tunnel;

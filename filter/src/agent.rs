@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
+use vmesh_api::paths::{content_type, query, shim};
 use vmesh_core::names::NameIndex;
 
 use crate::callout;
@@ -11,7 +12,6 @@ use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
 use crate::table;
 
-const TABLE_PATH: &str = "/v1/name-table";
 const TICK: Duration = Duration::from_millis(200);
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -48,16 +48,21 @@ impl Agent {
     }
 
     fn poll(&mut self) {
-        let mut path = format!("{TABLE_PATH}?wait={}", self.config.table_wait_s);
+        let mut path = format!(
+            "{}?{}={}",
+            shim::NAME_TABLE,
+            query::WAIT,
+            self.config.table_wait_s
+        );
         if let Some(v) = &self.version {
-            path.push_str("&version=");
+            path.push_str(&format!("&{}=", query::VERSION));
             path.push_str(&percent_encode(v));
         }
         let headers = vec![
             (":method", "GET"),
             (":path", path.as_str()),
             (":authority", self.config.shim_authority.as_str()),
-            ("accept", "application/json"),
+            ("accept", content_type::JSON),
         ];
         // The source answers 304 after `wait`; give it a margin before calling it dead.
         let timeout = Duration::from_secs(self.config.table_wait_s + 5);

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
-use vmesh_core::doh;
+use vmesh_api::paths::{content_type, header, shim};
 
 use crate::config::Config;
 
@@ -14,13 +14,13 @@ use crate::config::Config;
 pub fn forward(cfg: &Config, query: &[u8], transport: Option<&str>) -> Option<u32> {
     let mut headers = vec![
         (":method", "POST"),
-        (":path", doh::PATH),
+        (":path", shim::DNS_QUERY),
         (":authority", cfg.shim_authority.as_str()),
-        ("content-type", doh::CONTENT_TYPE),
-        ("accept", doh::CONTENT_TYPE),
+        ("content-type", content_type::DNS_MESSAGE),
+        ("accept", content_type::DNS_MESSAGE),
     ];
     if let Some(t) = transport {
-        headers.push(("x-vmesh-transport", t));
+        headers.push((header::TRANSPORT, t));
     }
     let timeout = Duration::from_millis(cfg.forward_timeout_ms);
     match hostcalls::dispatch_http_call(&cfg.shim_cluster, headers, Some(query), vec![], timeout) {

@@ -19,7 +19,7 @@ use vmesh_core::responder::{servfail, Transport};
 use crate::upstream::{exchange, ExchangeError, Protocol};
 
 /// The request header the filter uses to say how the client asked.
-pub const TRANSPORT_HEADER: &str = "x-vmesh-transport";
+pub use vmesh_api::paths::header::TRANSPORT as TRANSPORT_HEADER;
 
 /// How to ask upstream, from [`TRANSPORT_HEADER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -21,9 +21,9 @@ use vmesh_core::names::{NameIndex, TableError};
 /// How often the file is checked by default.
 pub const DEFAULT_POLL: Duration = Duration::from_millis(250);
 /// Long-poll wait when the client does not say.
-pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(vmesh_api::paths::DEFAULT_TABLE_WAIT_SECS);
 /// Longest long-poll wait a client can ask for.
-pub const MAX_WAIT: Duration = Duration::from_secs(120);
+pub const MAX_WAIT: Duration = Duration::from_secs(vmesh_api::paths::MAX_TABLE_WAIT_SECS);
 
 /// A table as served: its version and the JSON exactly as it was read (or, when its content
 /// changed under an unchanged version, with a derived version written in).

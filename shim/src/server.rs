@@ -26,8 +26,9 @@ use tokio::sync::watch;
 use crate::forwarder::{Forwarder, Mode, UnknownTransport, TRANSPORT_HEADER};
 use crate::names::{long_poll, Poll, Table, DEFAULT_WAIT, MAX_WAIT};
 
-pub const DNS_MESSAGE: &str = "application/dns-message";
-pub const TABLE_VERSION_HEADER: &str = "x-vmesh-table-version";
+use vmesh_api::paths::content_type::{DNS_MESSAGE, JSON};
+use vmesh_api::paths::header::TABLE_VERSION as TABLE_VERSION_HEADER;
+use vmesh_api::paths::shim as path;
 /// Largest DNS message (and so the largest request body) accepted.
 pub const MAX_DNS_MESSAGE: usize = 65535;
 /// How long open connections get to finish after shutdown starts.
@@ -98,12 +99,12 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     match (path.as_str(), req.method()) {
-        ("/dns-query", &Method::POST) => dns_post(app, req).await,
-        ("/dns-query", &Method::GET) => dns_get(app, &req).await,
-        ("/dns-query", _) => not_allowed("GET, POST"),
-        ("/v1/name-table", &Method::GET) => name_table(app, &req).await,
-        ("/healthz", &Method::GET) => text(StatusCode::OK, "ok"),
-        ("/v1/name-table" | "/healthz", _) => not_allowed("GET"),
+        (path::DNS_QUERY, &Method::POST) => dns_post(app, req).await,
+        (path::DNS_QUERY, &Method::GET) => dns_get(app, &req).await,
+        (path::DNS_QUERY, _) => not_allowed("GET, POST"),
+        (path::NAME_TABLE, &Method::GET) => name_table(app, &req).await,
+        (path::HEALTHZ, &Method::GET) => text(StatusCode::OK, "ok"),
+        (path::NAME_TABLE | path::HEALTHZ, _) => not_allowed("GET"),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -183,11 +184,11 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
         )));
         *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
         resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
         return resp;
     };
     let query = req.uri().query();
-    let wait = match query_param(query, "wait") {
+    let wait = match query_param(query, vmesh_api::paths::query::WAIT) {
         None => DEFAULT_WAIT,
         Some(s) => match s.parse::<u64>() {
             Ok(secs) => Duration::from_secs(secs).min(MAX_WAIT),
@@ -199,7 +200,7 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
             }
         },
     };
-    let known = query_param(query, "version");
+    let known = query_param(query, vmesh_api::paths::query::VERSION);
     let (status, table) =
         match long_poll(tables.clone(), known.as_deref(), wait, app.stop.clone()).await {
             Poll::Changed(t) => (StatusCode::OK, t),
@@ -214,7 +215,7 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
     *resp.status_mut() = status;
     if status == StatusCode::OK {
         resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
     }
     // Checked when the table was loaded; a version that is not a header value never gets here.
     if let Ok(v) = HeaderValue::from_str(&table.version) {

@@ -175,7 +175,7 @@ impl Server {
                     let t = Instant::now();
                     conn.json::<Value>(
                         Method::POST,
-                        "/v1/register",
+                        vmesh_api::paths::control::REGISTER,
                         Some(&json!({"group": "bench", "address": ip})),
                     )
                     .await?;
@@ -219,13 +219,16 @@ async fn current_version(vm: &Client) -> anyhow::Result<String> {
         let r = vm
             .call(
                 Method::GET,
-                &format!("/v1/name-table?version={version}&wait=1"),
+                &format!(
+                    "{}?version={version}&wait=1",
+                    vmesh_api::paths::control::NAME_TABLE
+                ),
                 None,
             )
             .await?;
         let v = r
             .headers
-            .get("x-vmesh-table-version")
+            .get(vmesh_api::paths::header::TABLE_VERSION)
             .context("no version")?
             .to_str()?
             .to_string();
@@ -252,7 +255,10 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
         for mut c in conns.drain(..) {
             let (tx, path) = (
                 tx.clone(),
-                format!("/v1/name-table?version={version}&wait=60"),
+                format!(
+                    "{}?version={version}&wait=60",
+                    vmesh_api::paths::control::NAME_TABLE
+                ),
             );
             handles.push(tokio::spawn(async move {
                 let r = c.call(Method::GET, &path, None).await;
@@ -262,7 +268,7 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
                         (
                             r.status.as_u16(),
                             r.headers
-                                .get("x-vmesh-table-version")
+                                .get(vmesh_api::paths::header::TABLE_VERSION)
                                 .map(|v| v.to_str().unwrap_or_default().to_string()),
                         )
                     }),
@@ -321,12 +327,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Memory { vms, concurrency } => {
             // Warm up: TLS, a table, a few registrations, so fixed costs are in the baseline.
             let vm = s.vm_client("bench", "bench-sa").await?;
-            vm.call(Method::GET, "/v1/name-table", None).await?;
+            vm.call(Method::GET, vmesh_api::paths::control::NAME_TABLE, None)
+                .await?;
             s.register(0, 1000, concurrency).await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
             let before = s.rss_kib()?;
             s.register(1000, vms, concurrency).await?;
-            vm.call(Method::GET, "/v1/name-table", None).await?;
+            vm.call(Method::GET, vmesh_api::paths::control::NAME_TABLE, None)
+                .await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = s.rss_kib()?;
             let per = (after.saturating_sub(before)) as f64 * 1024.0 / vms as f64;

@@ -149,7 +149,7 @@ impl NameIndex {
             })
         };
         let names_at = names_at.ok_or(missing("names"))?;
-        let domain = domain.unwrap_or_else(super::table::default_domain);
+        let domain = domain.unwrap_or_else(|| super::DEFAULT_DOMAIN.to_string());
         let meta = Meta {
             version: version.ok_or(missing("version"))?,
             namespace: namespace.ok_or(missing("namespace"))?,
@@ -983,5 +983,20 @@ mod tests {
         assert!(idx.lookup("svc12345.ns45").is_some());
         assert!(idx.lookup("svc1").is_some(), "own namespace short name");
         assert!(idx.lookup("svc2").is_none(), "other namespace");
+    }
+
+    #[test]
+    fn the_index_ignores_the_services_field() {
+        let json = br#"{"version":"1","namespace":"ns","names":{"a.example.com":{"ips":["240.240.0.1"],"registry":"External"}},
+            "services":{"a.example.com":{"namespace":"ns","registry":"External","vips":["240.240.0.1"],
+              "ports":[{"port":80,"name":"http","protocol":"HTTP","endpoints":[{"address":"10.0.0.5","port":9090,"weight":1}]}]}}}"#;
+        let t: NameTable = serde_json::from_slice(json).unwrap();
+        assert_eq!(t.services["a.example.com"].ports[0].endpoints[0].port, 9090);
+        let idx = NameIndex::from_json(json).unwrap();
+        assert_eq!(idx.len(), 1);
+        assert_eq!(
+            serde_json::from_slice::<NameTable>(&t.to_json()).unwrap(),
+            t
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! Mesh names: the JSON table ([`table`]) and its compiled, shareable form ([`index`]).
 
 pub mod index;
-pub mod table;
+/// The name table as it travels (defined once, in `vmesh-api`).
+pub use vmesh_api::names as table;
 
 pub use index::{canonical_host, Match, NameIndex, Record};
 pub use table::{

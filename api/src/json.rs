@@ -1,4 +1,5 @@
-//! A small pull reader for the JSON vmesh consumes inside Wasm (name tables, filter config).
+//! A small pull reader for the JSON vmesh consumes inside Wasm (name tables, filter config,
+//! the shim's replies to the agent), and a writer for what the agent sends.
 //!
 //! Why not serde_json here: inside the filter it costs about 60 KB of a 250 KB budget (most of
 //! it float formatting and per-type monomorphised visitors). Native code keeps using serde;
@@ -264,6 +265,23 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    pub fn bool(&mut self) -> Result<bool, JsonError> {
+        match self.peek()? {
+            b't' => self.literal(b"true").map(|()| true),
+            b'f' => self.literal(b"false").map(|()| false),
+            _ => Err(self.error(JsonErrorKind::Expected("true or false"))),
+        }
+    }
+
+    /// Consumes a `null` if one is next (an absent optional value), and says so.
+    pub fn null(&mut self) -> Result<bool, JsonError> {
+        if self.peek()? == b'n' {
+            self.literal(b"null")?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Skips any value (used for fields a newer producer added), to a bounded depth, in one
     /// forward pass.
     pub fn skip_value(&mut self) -> Result<(), JsonError> {
@@ -359,6 +377,93 @@ impl<'a> Reader<'a> {
         }
         Ok(())
     }
+}
+
+/// Writes one JSON object, member by member, into a `String`. Nested objects start with
+/// [`Writer::begin`] and end with [`Writer::end`]; the caller keeps them balanced.
+#[derive(Debug)]
+pub struct Writer {
+    out: String,
+    /// Whether the innermost open object has a member yet.
+    has_member: bool,
+}
+
+impl Writer {
+    pub fn new() -> Self {
+        Writer {
+            out: String::from("{"),
+            has_member: false,
+        }
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.has_member {
+            self.out.push(',');
+        }
+        self.has_member = true;
+        write_string(&mut self.out, key);
+        self.out.push(':');
+    }
+
+    pub fn string(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        write_string(&mut self.out, value);
+        self
+    }
+
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        use std::fmt::Write;
+        self.key(key);
+        let _ = write!(self.out, "{value}");
+        self
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        self.key(key);
+        self.out.push_str(if value { "true" } else { "false" });
+        self
+    }
+
+    /// Opens an object as the value of `key`.
+    pub fn begin(&mut self, key: &str) -> &mut Self {
+        self.key(key);
+        self.out.push('{');
+        self.has_member = false;
+        self
+    }
+
+    /// Closes the innermost object opened with [`Writer::begin`].
+    pub fn end(&mut self) -> &mut Self {
+        self.out.push('}');
+        self.has_member = true;
+        self
+    }
+
+    /// Closes the outer object and returns the document.
+    pub fn finish(mut self) -> String {
+        self.out.push('}');
+        self.out
+    }
+}
+
+/// Appends `s` as a JSON string (RFC 8259 §7: quote, backslash and control characters escaped).
+pub fn write_string(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
@@ -480,5 +585,41 @@ mod tests {
         assert_eq!(r.u64().unwrap(), 7);
         assert_eq!(r.next_key(&mut first).unwrap(), None);
         r.end().unwrap();
+    }
+
+    #[test]
+    fn rfc8259_7_written_strings_escape_what_must_be_escaped() {
+        let mut w = Writer::new();
+        w.string("k\"1", "a\"b\\c\n\u{1}é")
+            .u64("n", 18446744073709551615)
+            .bool("t", true)
+            .begin("o")
+            .bool("f", false)
+            .end()
+            .begin("empty")
+            .end();
+        let doc = w.finish();
+        let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
+        assert_eq!(v["k\"1"], "a\"b\\c\n\u{1}é");
+        assert_eq!(v["n"], 18446744073709551615u64);
+        assert_eq!(v["o"]["f"], false);
+        assert_eq!(v["empty"], serde_json::json!({}));
+        let mut r = Reader::new(doc.as_bytes());
+        r.begin_object().unwrap();
+        let mut first = true;
+        assert_eq!(r.next_key(&mut first).unwrap().as_deref(), Some("k\"1"));
+        assert_eq!(r.string().unwrap(), "a\"b\\c\n\u{1}é");
+    }
+
+    #[test]
+    fn booleans_and_null() {
+        assert_eq!(Reader::new(b" true").bool(), Ok(true));
+        assert_eq!(Reader::new(b"false").bool(), Ok(false));
+        assert!(Reader::new(b"1").bool().is_err());
+        assert!(Reader::new(b"tru").bool().is_err());
+        assert_eq!(Reader::new(b"null").null(), Ok(true));
+        let mut r = Reader::new(b"1");
+        assert_eq!(r.null(), Ok(false));
+        assert_eq!(r.u64(), Ok(1));
     }
 }

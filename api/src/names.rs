@@ -97,7 +97,7 @@ pub enum Registry {
     External,
 }
 
-pub(crate) fn default_domain() -> String {
+fn default_domain() -> String {
     DEFAULT_DOMAIN.to_string()
 }
 
@@ -111,7 +111,6 @@ impl NameTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::NameIndex;
 
     #[test]
     fn tables_without_services_parse_and_serialize_without_the_field() {
@@ -119,20 +118,5 @@ mod tests {
         let t: NameTable = serde_json::from_slice(old).unwrap();
         assert!(t.services.is_empty());
         assert!(!String::from_utf8(t.to_json()).unwrap().contains("services"));
-    }
-
-    #[test]
-    fn the_index_ignores_the_services_field() {
-        let json = br#"{"version":"1","namespace":"ns","names":{"a.example.com":{"ips":["240.240.0.1"],"registry":"External"}},
-            "services":{"a.example.com":{"namespace":"ns","registry":"External","vips":["240.240.0.1"],
-              "ports":[{"port":80,"name":"http","protocol":"HTTP","endpoints":[{"address":"10.0.0.5","port":9090,"weight":1}]}]}}}"#;
-        let t: NameTable = serde_json::from_slice(json).unwrap();
-        assert_eq!(t.services["a.example.com"].ports[0].endpoints[0].port, 9090);
-        let idx = NameIndex::from_json(json).unwrap();
-        assert_eq!(idx.len(), 1);
-        assert_eq!(
-            serde_json::from_slice::<NameTable>(&t.to_json()).unwrap(),
-            t
-        );
     }
 }

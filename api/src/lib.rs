@@ -1,0 +1,34 @@
+//! vmesh-api: the one definition of how vmesh's parts talk to each other.
+//!
+//! ```text
+//!  filter (in Envoy) ──HTTP/2──► shim (127.0.0.1:15020) ──HTTPS──► control plane (:15012)
+//!     /dns-query, /v1/name-table,        /v1/register, /v1/heartbeat, /v1/health,
+//!     /v1/agent/report                   /v1/deregister, /v1/name-table
+//! ```
+//!
+//! - [`paths`]: every path, header name and content type, used by all three parts;
+//! - [`names`]: the name table (what DNS answers and the data plane routes with);
+//! - [`control`]: the VM calls of the control plane's API (`docs/protocol.md`);
+//! - [`agent`]: the filter's agent talking to the shim (registration, liveness reports, probes);
+//! - [`probe`]: a WorkloadGroup's readiness probe;
+//! - [`json`]: the serde-free JSON reader (and a small writer) the filter uses, because serde_json
+//!   costs the `.wasm` too much; native code uses serde on the same types, and tests check both
+//!   agree.
+//!
+//! Nothing here does I/O; it runs inside Envoy's Wasm VMs too, so nothing panics on input.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod agent;
+pub mod control;
+pub mod json;
+pub mod names;
+pub mod paths;
+pub mod probe;
