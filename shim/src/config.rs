@@ -25,10 +25,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:15020";
 pub const DEFAULT_SELF_ADDR: &str = "127.0.0.1:15053";
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
-/// vmesh-shim: the VM-side helper of the vmesh filter in Envoy.
+/// The flags of `vmesh-shim` (running the shim, the default command).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "vmesh-shim", version, about)]
-pub struct Cli {
+pub struct RunArgs {
     /// Address of the local HTTP API (HTTP/1.1 and h2c with prior knowledge).
     #[arg(long, env = ENV_LISTEN, default_value = DEFAULT_LISTEN, value_name = "IP:PORT")]
     pub listen: String,
@@ -114,7 +114,7 @@ fn list(errors: &[ConfigError]) -> String {
     errors.iter().map(|e| format!("\n  - {e}")).collect()
 }
 
-impl Cli {
+impl RunArgs {
     /// Checks every flag, reads resolv.conf and the name table, and drops upstreams that are
     /// the shim itself. Warnings (skipped resolv.conf lines, dropped upstreams) are logged.
     pub fn validate(self) -> Result<Settings, ConfigErrors> {

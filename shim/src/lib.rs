@@ -14,11 +14,14 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod capture;
+pub mod cli;
 pub mod config;
 pub mod forwarder;
 pub mod names;
 pub mod resolv;
 pub mod server;
+pub mod status;
 pub mod upstream;
 
 use config::Settings;
@@ -129,7 +132,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Installs the log subscriber. An invalid filter falls back to `info`; [`config::Cli::validate`]
+/// Installs the log subscriber. An invalid filter falls back to `info`; [`config::RunArgs::validate`]
 /// reports it as an error right after, so the warnings it logs are not lost.
 pub fn init_logging(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)

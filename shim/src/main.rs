@@ -1,6 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use vmesh_shim::cli::{CaptureCommand, Cli, Command};
 
 fn main() -> ExitCode {
     match run() {
@@ -14,9 +15,22 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    let cli = vmesh_shim::config::Cli::parse();
-    vmesh_shim::init_logging(&cli.log_level);
-    let settings = cli.validate()?;
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.run),
+        Some(Command::Status(args)) => Ok(vmesh_shim::status::print(&args)?),
+        Some(Command::Capture(CaptureCommand::Install(args))) => {
+            Ok(vmesh_shim::capture::install(&args)?)
+        }
+        Some(Command::Capture(CaptureCommand::Remove(args))) => {
+            Ok(vmesh_shim::capture::remove(&args)?)
+        }
+    }
+}
+
+fn serve(args: vmesh_shim::config::RunArgs) -> anyhow::Result<()> {
+    vmesh_shim::init_logging(&args.log_level);
+    let settings = args.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -8,12 +8,12 @@ use std::process::{Command, Stdio};
 
 use clap::Parser;
 use support::*;
-use vmesh_shim::config::{Cli, ConfigError, Settings, ENV_LISTEN, ENV_UPSTREAMS};
+use vmesh_shim::config::{ConfigError, RunArgs, Settings, ENV_LISTEN, ENV_UPSTREAMS};
 
 fn validate(args: &[&str]) -> Result<Settings, Vec<ConfigError>> {
     let mut argv = vec!["vmesh-shim"];
     argv.extend_from_slice(args);
-    Cli::try_parse_from(argv)
+    RunArgs::try_parse_from(argv)
         .unwrap()
         .validate()
         .map_err(|e| e.0)

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use vmesh_core::dns::response::{set_id, Owner};
 use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
-use vmesh_shim::config::Cli;
+use vmesh_shim::config::RunArgs;
 use vmesh_shim::Running;
 
 /// How long `assert_eventually` waits; raise it on slow machines with VMESH_TEST_PATIENCE_MS.
@@ -363,7 +363,7 @@ pub async fn dead_port() -> SocketAddr {
 pub async fn start_shim(args: &[&str]) -> Running {
     let mut argv = vec!["vmesh-shim", "--listen", "127.0.0.1:0"];
     argv.extend_from_slice(args);
-    let mut settings = Cli::try_parse_from(argv).unwrap().validate().unwrap();
+    let mut settings = RunArgs::try_parse_from(argv).unwrap().validate().unwrap();
     settings.names = settings
         .names
         .map(|n| n.with_poll_interval(Duration::from_millis(50)));
