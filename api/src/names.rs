@@ -12,6 +12,26 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_DOMAIN: &str = "cluster.local";
 
+/// Istio's ranges for the VIPs it allocates to ServiceEntry hosts without addresses:
+/// 240.240.0.0/16 and 2001:2::/48. The control plane allocates from them; the shim drops the
+/// IPv6 ones for a VM without IPv6, as Istio gives the v6 VIP only to dual-stack proxies.
+pub const AUTO_VIP_V4_PREFIX: [u8; 2] = [240, 240];
+pub const AUTO_VIP_V6_PREFIX: [u16; 3] = [0x2001, 0x2, 0];
+
+/// Whether `ip` is in Istio's auto-allocation ranges.
+pub fn is_auto_allocated(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            [a, b] == AUTO_VIP_V4_PREFIX
+        }
+        IpAddr::V6(v6) => {
+            let [a, b, c, ..] = v6.segments();
+            [a, b, c] == AUTO_VIP_V6_PREFIX
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct NameTable {
@@ -111,6 +131,20 @@ impl NameTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_allocation_ranges() {
+        for (ip, auto) in [
+            ("240.240.37.12", true),
+            ("240.241.0.1", false),
+            ("2001:2::250c", true),
+            ("2001:2:1::1", false),
+            ("2001:db8::1", false),
+            ("10.96.0.10", false),
+        ] {
+            assert_eq!(is_auto_allocated(&ip.parse().unwrap()), auto, "{ip}");
+        }
+    }
 
     #[test]
     fn tables_without_services_parse_and_serialize_without_the_field() {

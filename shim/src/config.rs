@@ -69,6 +69,8 @@ pub struct Settings {
     /// Set when the upstreams came from resolv.conf: the file to follow, and the addresses
     /// that are this machine's own DNS front (never used as upstreams).
     pub resolv_watch: Option<ResolvWatch>,
+    /// Set in control-plane mode.
+    pub control: Option<crate::ControlPlaneMode>,
 }
 
 /// resolv.conf as the source of the upstreams, followed while the shim runs: DHCP clients,
@@ -188,6 +190,7 @@ impl RunArgs {
                 forward_timeout,
                 names,
                 resolv_watch,
+                control: None,
             }),
             _ => Err(ConfigErrors(errors)),
         }

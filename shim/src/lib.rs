@@ -14,15 +14,21 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod backoff;
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod dataplane;
 pub mod forwarder;
+pub mod metrics;
 pub mod names;
+pub mod probe;
 pub mod resolv;
 pub mod server;
 pub mod status;
 pub mod upstream;
+pub mod view;
 
 use config::Settings;
 use forwarder::Forwarder;
@@ -30,6 +36,8 @@ use server::App;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("control plane TLS: {0}")]
+    Tls(control::client::TlsSetupError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -38,12 +46,28 @@ pub enum StartError {
     },
 }
 
+/// What control-plane mode runs with: where the control plane is, who the VM is, and where
+/// its state lives. Built from the validated settings.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneMode {
+    pub endpoint: control::client::Endpoint,
+    pub token_file: std::path::PathBuf,
+    /// Registration as the bundle describes the VM.
+    pub request: vmesh_api::control::RegisterRequest,
+    /// Where the name table is cached.
+    pub state_dir: std::path::PathBuf,
+    pub deregister_timeout: std::time::Duration,
+    /// resolv.conf, for the VM's search domains.
+    pub resolv_conf: std::path::PathBuf,
+}
+
 /// A serving shim.
 #[derive(Debug)]
 pub struct Running {
     local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    session: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -52,9 +76,15 @@ impl Running {
         self.local_addr
     }
 
-    /// Stops accepting, ends waiting long-polls, and waits for open requests to finish.
+    /// Deregisters (bounded), stops accepting, ends waiting long-polls, and waits for open
+    /// requests to finish.
     pub async fn stop(self) {
         self.stop.send_replace(true);
+        if let Some(session) = self.session {
+            if let Err(error) = session.await {
+                tracing::error!(%error, "registration session failed");
+            }
+        }
         if let Err(error) = self.server.await {
             tracing::error!(%error, "server task failed");
         }
@@ -75,7 +105,35 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     })?;
     let (stop, stopped) = watch::channel(false);
     let names_version = settings.names.as_ref().map(|n| n.version().to_string());
-    let tables = settings.names.map(|n| n.watch(stopped.clone()));
+    let metrics = Arc::new(metrics::Metrics::default());
+    let tracker = dataplane::Tracker::new();
+    tokio::spawn(Arc::clone(&tracker).watch_deadline(stopped.clone()));
+    let (plan_tx, plan) = watch::channel(probe::ProbePlan::None);
+    let mode = if settings.control.is_some() {
+        "controlPlane"
+    } else if settings.names.is_some() {
+        "static"
+    } else {
+        "forwarder"
+    };
+    let board = Arc::new(status::Board::new(
+        mode,
+        settings
+            .control
+            .as_ref()
+            .map(|c| format!("{} ({})", c.endpoint.addr, c.endpoint.server_name)),
+    ));
+    let mut session = None;
+    let tables = match (settings.names, settings.control) {
+        (Some(names), _) => Some(names.watch(stopped.clone())),
+        (None, Some(c)) => {
+            let (tables, session_task) =
+                start_control_plane(c, &tracker, plan_tx, &board, &metrics, stopped.clone())?;
+            session = Some(session_task);
+            Some(tables)
+        }
+        (None, None) => None,
+    };
     tracing::info!(
         listen = %local_addr,
         upstreams = ?settings.upstreams,
@@ -92,13 +150,56 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         forwarder,
         tables,
         stop: stopped.clone(),
+        agent: server::Agent { tracker, plan },
+        board,
+        metrics,
     });
     let server = tokio::spawn(server::serve(listener, app, stopped));
     Ok(Running {
         local_addr,
         stop,
         server,
+        session,
     })
+}
+
+/// Starts the control-plane side: the cached table, the table long-poll, the VM's view of
+/// it, and the registration session.
+fn start_control_plane(
+    c: ControlPlaneMode,
+    tracker: &Arc<dataplane::Tracker>,
+    plan: watch::Sender<probe::ProbePlan>,
+    board: &Arc<status::Board>,
+    metrics: &Arc<metrics::Metrics>,
+    stopped: watch::Receiver<bool>,
+) -> Result<(names::Tables, JoinHandle<()>), StartError> {
+    let token = Arc::new(control::token::TokenSource::new(&c.token_file));
+    let cp =
+        control::client::ControlPlane::new(c.endpoint.clone(), token).map_err(StartError::Tls)?;
+    let cp = Arc::new(cp);
+    let view = view::follow(c.resolv_conf.clone(), stopped.clone());
+    let (tables_tx, tables) = watch::channel(None);
+    let source = control::tables::CpTables {
+        cp: Arc::clone(&cp),
+        cache: c.state_dir.join(control::tables::CACHE_FILE),
+        view,
+        tables: tables_tx,
+        board: Arc::clone(board),
+    };
+    let cached = source.load_cache();
+    tokio::spawn(source.run(cached, stopped.clone()));
+    let (_verdicts_tx, verdicts) = watch::channel(None);
+    let session = control::session::Session {
+        cp,
+        request: c.request,
+        dataplane: tracker.subscribe(),
+        verdicts,
+        plan,
+        board: Arc::clone(board),
+        metrics: Arc::clone(metrics),
+        deregister_timeout: c.deregister_timeout,
+    };
+    Ok((tables, tokio::spawn(session.run(stopped))))
 }
 
 /// Serves until `signal` completes, then shuts down gracefully.

@@ -150,8 +150,8 @@ impl StaticNames {
 
     /// Starts polling the file until `stop` changes or is dropped; returns the channel the
     /// current table is published on.
-    pub fn watch(mut self, mut stop: watch::Receiver<bool>) -> watch::Receiver<Arc<Table>> {
-        let (tx, rx) = watch::channel(self.table.clone());
+    pub fn watch(mut self, mut stop: watch::Receiver<bool>) -> watch::Receiver<Option<Arc<Table>>> {
+        let (tx, rx) = watch::channel(Some(self.table.clone()));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(self.poll);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -165,7 +165,7 @@ impl StaticNames {
         rx
     }
 
-    async fn check(&mut self, tx: &watch::Sender<Arc<Table>>) {
+    async fn check(&mut self, tx: &watch::Sender<Option<Arc<Table>>>) {
         let meta = match tokio::fs::metadata(&self.path).await {
             Ok(meta) => meta,
             Err(error) => {
@@ -219,7 +219,7 @@ impl StaticNames {
                         to = %table.version, "name table reloaded");
                 }
                 self.table = Arc::new(table);
-                tx.send_replace(self.table.clone());
+                tx.send_replace(Some(self.table.clone()));
             }
             Err(error) => {
                 tracing::warn!(%error, version = %self.table.version,
@@ -254,6 +254,9 @@ fn hash(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
+/// The table being served, as the server's long-polls follow it (`None` until there is one).
+pub type Tables = watch::Receiver<Option<Arc<Table>>>;
+
 /// The answer to a long-poll.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Poll {
@@ -261,12 +264,14 @@ pub enum Poll {
     Changed(Arc<Table>),
     /// The client's version is still current (at the deadline, or at shutdown).
     NotModified(Arc<Table>),
+    /// There is no table yet (the control plane has not answered and nothing is cached).
+    NoTable,
 }
 
-/// Waits until the current table's version differs from `known` (at once when it already
+/// Waits until there is a table whose version differs from `known` (at once when it already
 /// does, or when the client has none), `wait` passes, or `stop` fires.
 pub async fn long_poll(
-    mut tables: watch::Receiver<Arc<Table>>,
+    mut tables: watch::Receiver<Option<Arc<Table>>>,
     known: Option<&str>,
     wait: Duration,
     mut stop: watch::Receiver<bool>,
@@ -274,20 +279,25 @@ pub async fn long_poll(
     let deadline = Instant::now() + wait;
     loop {
         let current = tables.borrow_and_update().clone();
-        if known != Some(current.version.as_str()) {
-            return Poll::Changed(current);
+        let stopped = *stop.borrow();
+        match current {
+            Some(t) if known != Some(t.version.as_str()) => return Poll::Changed(t),
+            Some(t) if stopped => return Poll::NotModified(t),
+            None if stopped => return Poll::NoTable,
+            _ => {}
         }
-        if *stop.borrow() {
-            return Poll::NotModified(current);
-        }
+        let at_deadline = || match &current {
+            Some(t) => Poll::NotModified(t.clone()),
+            None => Poll::NoTable,
+        };
         tokio::select! {
             changed = tables.changed() => {
                 if changed.is_err() {
-                    return Poll::NotModified(current);
+                    return at_deadline();
                 }
             }
-            _ = tokio::time::sleep_until(deadline) => return Poll::NotModified(current),
-            _ = stop.changed() => return Poll::NotModified(current),
+            _ = tokio::time::sleep_until(deadline) => return at_deadline(),
+            _ = stop.changed() => return at_deadline(),
         }
     }
 }

@@ -23,8 +23,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use vmesh_api::agent::{AgentReply, AgentReport};
+
+use crate::dataplane::Tracker;
 use crate::forwarder::{Forwarder, Mode, UnknownTransport, TRANSPORT_HEADER};
-use crate::names::{long_poll, Poll, Table, DEFAULT_WAIT, MAX_WAIT};
+use crate::metrics::Metrics;
+use crate::names::{long_poll, Poll, Tables, DEFAULT_WAIT, MAX_WAIT};
+use crate::probe::ProbePlan;
+use crate::status::{Board, Status};
 
 use vmesh_api::paths::content_type::{DNS_MESSAGE, JSON};
 use vmesh_api::paths::header::TABLE_VERSION as TABLE_VERSION_HEADER;
@@ -41,10 +47,25 @@ type Body = Full<Bytes>;
 pub struct App {
     pub forwarder: Arc<Forwarder>,
     /// `None` when there is no name table source.
-    pub tables: Option<watch::Receiver<Arc<Table>>>,
+    pub tables: Option<Tables>,
     /// Flips to `true` at shutdown so long-polls return instead of holding it up.
     pub stop: watch::Receiver<bool>,
+    /// The data plane's reports, and what the shim tells the agent back.
+    pub agent: Agent,
+    pub board: Arc<Board>,
+    pub metrics: Arc<Metrics>,
 }
+
+/// What the report endpoint needs.
+#[derive(Debug)]
+pub struct Agent {
+    pub tracker: Arc<Tracker>,
+    /// The probe plan: a filter probe goes back to the agent in the reply.
+    pub plan: watch::Receiver<ProbePlan>,
+}
+
+/// Largest agent report accepted.
+pub const MAX_REPORT: usize = 64 << 10;
 
 /// Accepts connections until `stop` flips, then lets open ones finish (up to
 /// [`SHUTDOWN_GRACE`]).
@@ -104,7 +125,11 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         (path::DNS_QUERY, _) => not_allowed("GET, POST"),
         (path::NAME_TABLE, &Method::GET) => name_table(app, &req).await,
         (path::HEALTHZ, &Method::GET) => text(StatusCode::OK, "ok"),
-        (path::NAME_TABLE | path::HEALTHZ, _) => not_allowed("GET"),
+        (path::AGENT_REPORT, &Method::POST) => agent_report(app, req).await,
+        (path::STATUS, &Method::GET) => status(app),
+        (path::METRICS, &Method::GET) => metrics(app),
+        (path::AGENT_REPORT, _) => not_allowed("POST"),
+        (path::NAME_TABLE | path::HEALTHZ | path::STATUS | path::METRICS, _) => not_allowed("GET"),
         _ => text(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -179,13 +204,10 @@ async fn relay(app: &App, query: &[u8], mode: Mode) -> Response<Body> {
 
 async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
     let Some(tables) = &app.tables else {
-        let mut resp = Response::new(Full::new(Bytes::from_static(
-            br#"{"error":"no name table source"}"#,
-        )));
-        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        resp.headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
-        return resp;
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"error":"no name table source"}"#),
+        );
     };
     let query = req.uri().query();
     let wait = match query_param(query, vmesh_api::paths::query::WAIT) {
@@ -205,6 +227,12 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
         match long_poll(tables.clone(), known.as_deref(), wait, app.stop.clone()).await {
             Poll::Changed(t) => (StatusCode::OK, t),
             Poll::NotModified(t) => (StatusCode::NOT_MODIFIED, t),
+            Poll::NoTable => {
+                return json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Bytes::from_static(br#"{"error":"no name table yet"}"#),
+                )
+            }
         };
     let body = if status == StatusCode::OK {
         table.json.clone()
@@ -221,6 +249,64 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
     if let Ok(v) = HeaderValue::from_str(&table.version) {
         resp.headers_mut().insert(TABLE_VERSION_HEADER, v);
     }
+    resp
+}
+
+/// `POST /v1/agent/report`: the data plane's proof of life; the reply says the registration
+/// state and the probe the agent runs.
+async fn agent_report(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_REPORT).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            return text(StatusCode::PAYLOAD_TOO_LARGE, "a report is at most 64 KiB")
+        }
+        Err(e) => return text(StatusCode::BAD_REQUEST, &format!("cannot read body: {e}")),
+    };
+    let report: AgentReport = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("not an agent report: {e}"),
+            )
+        }
+    };
+    app.metrics.count_agent_report();
+    app.agent.tracker.report(report);
+    let probe = match &*app.agent.plan.borrow() {
+        ProbePlan::Filter(task) => Some(task.clone()),
+        ProbePlan::None | ProbePlan::Shim { .. } => None,
+    };
+    let reply = AgentReply {
+        state: app.board.registration_state(),
+        workload_entry: app.board.workload_entry(),
+        probe,
+    };
+    match serde_json::to_vec(&reply) {
+        Ok(b) => json(StatusCode::OK, Bytes::from(b)),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn snapshot(app: &App) -> Status {
+    app.board.snapshot(&app.agent.tracker.current())
+}
+
+/// `GET /v1/status`.
+fn status(app: &App) -> Response<Body> {
+    match serde_json::to_vec_pretty(&snapshot(app)) {
+        Ok(b) => json(StatusCode::OK, Bytes::from(b)),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+/// `GET /metrics`.
+fn metrics(app: &App) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render(&snapshot(app)))));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(vmesh_api::paths::content_type::PROMETHEUS),
+    );
     resp
 }
 
@@ -262,6 +348,14 @@ fn percent_decode(text: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

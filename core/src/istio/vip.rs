@@ -9,6 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use vmesh_api::names::{AUTO_VIP_V4_PREFIX, AUTO_VIP_V6_PREFIX};
+
 /// Slot number -> address: slot `n` is 240.240.(n>>8).(n&255) and 2001:2::n. Slots whose last
 /// octet is 0 or 255 are never used, to stay clear of tools that treat them specially.
 pub type VipTable = BTreeMap<String, u16>;
@@ -55,11 +57,13 @@ pub fn allocate(existing: &VipTable, wanted: &BTreeSet<String>) -> VipTable {
 
 pub fn slot_v4(slot: u16) -> Ipv4Addr {
     let [hi, lo] = slot.to_be_bytes();
-    Ipv4Addr::new(240, 240, hi, lo)
+    let [a, b] = AUTO_VIP_V4_PREFIX;
+    Ipv4Addr::new(a, b, hi, lo)
 }
 
 pub fn slot_v6(slot: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0x2001, 0x2, 0, 0, 0, 0, 0, slot)
+    let [a, b, c] = AUTO_VIP_V6_PREFIX;
+    Ipv6Addr::new(a, b, c, 0, 0, 0, 0, slot)
 }
 
 /// Both addresses of a slot, IPv4 first.
