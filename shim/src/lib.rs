@@ -14,10 +14,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub mod bundle;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod forwarder;
+pub mod interfaces;
 pub mod names;
 pub mod resolv;
 pub mod server;
