@@ -1,14 +1,17 @@
 //! Command-line flags (each with an environment variable fallback) and their validation into
 //! [`Settings`]. Every flag is checked and every problem reported together before the shim
-//! binds anything, including reading resolv.conf and the name table file.
+//! binds anything, including reading resolv.conf, the name table file and the VM bundle.
+//!
+//! The mode is decided here, once (see [`Mode`]): where the name table comes from.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use crate::bundle::{self, Bundle, BundleError, BundlePaths, Machine, Overrides};
 use crate::names::{NamesError, StaticNames};
 use crate::upstream::{self, AddrError};
 
@@ -19,11 +22,24 @@ pub const ENV_SELF_ADDRS: &str = "VMESH_SHIM_SELF_ADDRS";
 pub const ENV_FORWARD_TIMEOUT: &str = "VMESH_SHIM_FORWARD_TIMEOUT";
 pub const ENV_STATIC_NAMES: &str = "VMESH_SHIM_STATIC_NAMES";
 pub const ENV_LOG_LEVEL: &str = "VMESH_SHIM_LOG_LEVEL";
+pub const ENV_BUNDLE: &str = "VMESH_SHIM_BUNDLE";
+pub const ENV_CLUSTER_ENV: &str = "VMESH_SHIM_CLUSTER_ENV";
+pub const ENV_MESH_CONFIG: &str = "VMESH_SHIM_MESH_CONFIG";
+pub const ENV_TOKEN_FILE: &str = "VMESH_SHIM_TOKEN_FILE";
+pub const ENV_ROOT_CERT: &str = "VMESH_SHIM_ROOT_CERT";
+pub const ENV_HOSTS_FILE: &str = "VMESH_SHIM_HOSTS_FILE";
+pub const ENV_DISCOVERY_ADDRESS: &str = "VMESH_SHIM_DISCOVERY_ADDRESS";
+pub const ENV_STATE_DIR: &str = "VMESH_SHIM_STATE_DIR";
+pub const ENV_DEREGISTER_TIMEOUT: &str = "VMESH_SHIM_DEREGISTER_TIMEOUT";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15020";
 /// Envoy's DNS listener, where captured DNS traffic goes: never an upstream.
 pub const DEFAULT_SELF_ADDR: &str = "127.0.0.1:15053";
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmesh";
+pub const DEFAULT_DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CONTROL_PLANE: &str = "Control plane (any of these selects control-plane mode)";
 
 /// The flags of `vmesh-shim` (running the shim, the default command).
 #[derive(Debug, Clone, Parser)]
@@ -57,6 +73,65 @@ pub struct RunArgs {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, env = ENV_LOG_LEVEL, default_value = "info", value_name = "FILTER")]
     pub log_level: String,
+
+    // Control-plane mode. None of these has a clap default: "given" must be told from
+    // "defaulted" to pick the mode, so the defaults are applied in `validate`.
+    /// A directory written by `vmesh-control vm-bundle -o DIR`: all five files from there (a
+    /// file flag below still replaces its one file). Default: Istio's paths.
+    #[arg(long, env = ENV_BUNDLE, value_name = "DIR", help_heading = CONTROL_PLANE)]
+    pub bundle: Option<PathBuf>,
+
+    /// cluster.env [default: /var/lib/istio/envoy/cluster.env, or DIR/cluster.env]
+    #[arg(long, env = ENV_CLUSTER_ENV, value_name = "FILE", help_heading = CONTROL_PLANE)]
+    pub cluster_env: Option<PathBuf>,
+
+    /// Istio mesh config (YAML) [default: /etc/istio/config/mesh, or DIR/mesh.yaml]
+    #[arg(long, env = ENV_MESH_CONFIG, value_name = "FILE", help_heading = CONTROL_PLANE)]
+    pub mesh_config: Option<PathBuf>,
+
+    /// Service-account token, re-read when it changes
+    /// [default: /var/run/secrets/tokens/istio-token, or DIR/istio-token]
+    #[arg(long, env = ENV_TOKEN_FILE, value_name = "FILE", help_heading = CONTROL_PLANE)]
+    pub token_file: Option<PathBuf>,
+
+    /// The control plane's root certificate (PEM)
+    /// [default: /etc/certs/root-cert.pem, or DIR/root-cert.pem]
+    #[arg(long, env = ENV_ROOT_CERT, value_name = "FILE", help_heading = CONTROL_PLANE)]
+    pub root_cert: Option<PathBuf>,
+
+    /// Hosts file the discovery host is looked up in (never DNS)
+    /// [default: /etc/hosts, or DIR/hosts]
+    #[arg(long, env = ENV_HOSTS_FILE, value_name = "FILE", help_heading = CONTROL_PLANE)]
+    pub hosts_file: Option<PathBuf>,
+
+    /// The control plane, replacing the mesh config's defaultConfig.discoveryAddress.
+    #[arg(long, env = ENV_DISCOVERY_ADDRESS, value_name = "HOST:PORT", help_heading = CONTROL_PLANE)]
+    pub discovery_address: Option<String>,
+
+    /// The VM's address in the mesh. Default: ISTIO_SVC_IP, then INSTANCE_IP (environment over
+    /// cluster.env), else the machine's first address that is not loopback or link-local.
+    #[arg(long, value_name = "IP", help_heading = CONTROL_PLANE)]
+    pub address: Option<String>,
+
+    /// The WorkloadGroup. Default: ISTIO_META_AUTO_REGISTER_GROUP (environment over cluster.env).
+    #[arg(long, value_name = "NAME", help_heading = CONTROL_PLANE)]
+    pub group: Option<String>,
+
+    /// The WorkloadGroup's namespace. Default: POD_NAMESPACE (environment over cluster.env).
+    #[arg(long, value_name = "NAMESPACE", help_heading = CONTROL_PLANE)]
+    pub namespace: Option<String>,
+
+    /// The VM's network. Default: ISTIO_META_NETWORK (environment over cluster.env).
+    #[arg(long, value_name = "NETWORK", help_heading = CONTROL_PLANE)]
+    pub network: Option<String>,
+
+    /// Where the shim keeps its state (the last name table) [default: /var/lib/vmesh]
+    #[arg(long, env = ENV_STATE_DIR, value_name = "DIR", help_heading = CONTROL_PLANE)]
+    pub state_dir: Option<PathBuf>,
+
+    /// How long deregistering may take at shutdown [default: 5s]
+    #[arg(long, env = ENV_DEREGISTER_TIMEOUT, value_name = "DURATION", help_heading = CONTROL_PLANE)]
+    pub deregister_timeout: Option<String>,
 }
 
 /// Validated configuration: everything needed to start, nothing left to check.
@@ -65,12 +140,63 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub upstreams: Vec<SocketAddr>,
     pub forward_timeout: Duration,
+    /// Static mode: the name table file.
     pub names: Option<StaticNames>,
+    /// Control-plane mode: the bundle and what the control-plane client needs besides it.
+    pub control: Option<ControlSettings>,
     /// Set when the upstreams came from resolv.conf: the file to follow, and the addresses
     /// that are this machine's own DNS front (never used as upstreams).
     pub resolv_watch: Option<ResolvWatch>,
-    /// Set in control-plane mode.
-    pub control: Option<crate::ControlPlaneMode>,
+    /// The VM's search domains from resolv.conf at start (see
+    /// [`upstream::ResolvConf::search_domains`]); empty when resolv.conf is unreadable and
+    /// `--upstream` made it unnecessary.
+    pub search_domains: Vec<String>,
+    /// The resolv.conf the search domains come from (followed in control-plane mode).
+    pub resolv_conf: PathBuf,
+}
+
+impl Settings {
+    pub fn mode(&self) -> Mode {
+        match (&self.names, &self.control) {
+            (_, Some(_)) => Mode::ControlPlane,
+            (Some(_), None) => Mode::Static,
+            (None, None) => Mode::ForwarderOnly,
+        }
+    }
+}
+
+/// Where the name table comes from.
+///
+/// - **Control plane**: `--bundle` or any other control-plane flag is given, or Istio's
+///   cluster.env exists (a VM set up the Istio way). The shim registers and long-polls.
+/// - **Static**: `--static-names FILE`. Combined with a control-plane flag it is an error;
+///   an Istio cluster.env on the machine is then ignored (and that is logged).
+/// - **Forwarder only**: neither. DNS forwarding works; `/v1/name-table` answers 503.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    ControlPlane,
+    Static,
+    ForwarderOnly,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::ControlPlane => "control-plane",
+            Mode::Static => "static",
+            Mode::ForwarderOnly => "forwarder-only",
+        }
+    }
+}
+
+/// Control-plane mode's settings.
+#[derive(Debug, Clone)]
+pub struct ControlSettings {
+    pub bundle: Bundle,
+    /// Exists and is writable (checked by creating and removing a file).
+    pub state_dir: PathBuf,
+    /// The longest `POST /v1/deregister` may take at shutdown.
+    pub deregister_timeout: Duration,
 }
 
 /// resolv.conf as the source of the upstreams, followed while the shim runs: DHCP clients,
@@ -105,6 +231,29 @@ pub enum ConfigError {
     NoUpstreams { detail: String },
     #[error("--static-names: {0}")]
     Names(NamesError),
+    #[error(
+        "--static-names cannot be combined with {}: the name table comes either from a file or \
+         from the control plane",
+        .0.join(", ")
+    )]
+    ModeConflict(Vec<&'static str>),
+    #[error("--bundle {path}: {reason}")]
+    BundleDir { path: PathBuf, reason: String },
+    #[error("--address {text:?}: {reason}")]
+    Address { text: String, reason: &'static str },
+    #[error("{0}: must not be empty")]
+    Empty(&'static str),
+    #[error("--state-dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--deregister-timeout {0:?}: expected a positive duration such as 5s or 1500ms")]
+    DeregisterTimeout(String),
+    /// A problem in a bundle file or value; it names the file.
+    #[error("{0}")]
+    Bundle(BundleError),
 }
 
 /// All the problems found, reported together.
@@ -117,9 +266,20 @@ fn list(errors: &[ConfigError]) -> String {
 }
 
 impl RunArgs {
-    /// Checks every flag, reads resolv.conf and the name table, and drops upstreams that are
-    /// the shim itself. Warnings (skipped resolv.conf lines, dropped upstreams) are logged.
+    /// Checks every flag, reads resolv.conf, the name table or the bundle, and drops upstreams
+    /// that are the shim itself. Warnings (skipped resolv.conf lines, dropped upstreams, an
+    /// expired token) are logged, and so is the mode.
     pub fn validate(self) -> Result<Settings, ConfigErrors> {
+        self.validate_on(&Machine::real(), &BundlePaths::istio())
+    }
+
+    /// [`RunArgs::validate`] with the machine's facts (environment, addresses, clock) and
+    /// Istio's default paths given, so tests do not depend on the machine they run on.
+    pub fn validate_on(
+        self,
+        machine: &Machine<'_>,
+        istio: &BundlePaths,
+    ) -> Result<Settings, ConfigErrors> {
         let mut errors = Vec::new();
         if let Err(reason) = EnvFilter::try_new(&self.log_level) {
             errors.push(ConfigError::LogLevel {
@@ -142,14 +302,26 @@ impl RunArgs {
             .ok_or_else(|| errors.push(ConfigError::ForwardTimeout(self.forward_timeout.clone())))
             .ok();
 
+        let resolv = upstream::read_resolv(&self.resolv_conf);
+        let search_domains = resolv
+            .as_ref()
+            .map(|r| r.search_domains(&upstream::system_hostname()))
+            .unwrap_or_default();
         let (candidates, source) = if self.upstreams.is_empty() {
-            let found = read_resolv_conf(&self.resolv_conf).map_err(|source| {
-                errors.push(ConfigError::ResolvConf {
-                    path: self.resolv_conf.clone(),
-                    source,
-                })
-            });
-            (found.ok(), format!("in {}", self.resolv_conf.display()))
+            let found = match resolv {
+                Ok(parsed) => {
+                    log_skipped(&self.resolv_conf, &parsed);
+                    Some(parsed.nameservers)
+                }
+                Err(source) => {
+                    errors.push(ConfigError::ResolvConf {
+                        path: self.resolv_conf.clone(),
+                        source,
+                    });
+                    None
+                }
+            };
+            (found, format!("in {}", self.resolv_conf.display()))
         } else {
             let mut addrs = Vec::new();
             for text in &self.upstreams {
@@ -172,28 +344,218 @@ impl RunArgs {
                 errors.push(ConfigError::NoUpstreams { detail });
             }
         }
-
+        let mode = self.mode(istio, &mut errors);
         let names = self.static_names.as_ref().and_then(|path| {
             StaticNames::load(path)
                 .map_err(|e| errors.push(ConfigError::Names(e)))
                 .ok()
         });
+        let control = (mode == Mode::ControlPlane)
+            .then(|| self.control_settings(machine, istio, &mut errors))
+            .flatten();
 
         let resolv_watch = self.upstreams.is_empty().then(|| ResolvWatch {
             path: self.resolv_conf.clone(),
             own,
         });
         match (listen, forward_timeout) {
-            (Some(listen), Some(forward_timeout)) if errors.is_empty() => Ok(Settings {
-                listen,
-                upstreams,
-                forward_timeout,
-                names,
-                resolv_watch,
-                control: None,
-            }),
+            (Some(listen), Some(forward_timeout)) if errors.is_empty() => {
+                let settings = Settings {
+                    listen,
+                    upstreams,
+                    forward_timeout,
+                    names,
+                    control,
+                    resolv_watch,
+                    search_domains,
+                    resolv_conf: self.resolv_conf.clone(),
+                };
+                log_mode(&settings);
+                Ok(settings)
+            }
             _ => Err(ConfigErrors(errors)),
         }
+    }
+
+    /// The control-plane flags given (on the command line or through their variables).
+    pub fn control_plane_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--bundle", self.bundle.is_some()),
+            ("--cluster-env", self.cluster_env.is_some()),
+            ("--mesh-config", self.mesh_config.is_some()),
+            ("--token-file", self.token_file.is_some()),
+            ("--root-cert", self.root_cert.is_some()),
+            ("--hosts-file", self.hosts_file.is_some()),
+            ("--discovery-address", self.discovery_address.is_some()),
+            ("--address", self.address.is_some()),
+            ("--group", self.group.is_some()),
+            ("--namespace", self.namespace.is_some()),
+            ("--network", self.network.is_some()),
+            ("--state-dir", self.state_dir.is_some()),
+            ("--deregister-timeout", self.deregister_timeout.is_some()),
+        ];
+        given
+            .into_iter()
+            .filter_map(|(flag, on)| on.then_some(flag))
+            .collect()
+    }
+
+    fn mode(&self, istio: &BundlePaths, errors: &mut Vec<ConfigError>) -> Mode {
+        let flags = self.control_plane_flags();
+        // Unknown (say, a directory the shim may not look into) counts as present, so that
+        // reading it reports why rather than the shim quietly running without a table.
+        let istio_vm = istio.cluster_env.try_exists().unwrap_or(true);
+        match (&self.static_names, flags.is_empty()) {
+            (Some(_), false) => {
+                errors.push(ConfigError::ModeConflict(flags));
+                Mode::Static
+            }
+            (Some(_), true) => {
+                if istio_vm {
+                    tracing::info!(cluster_env = %istio.cluster_env.display(),
+                        "Istio's cluster.env is present but ignored: --static-names is given");
+                }
+                Mode::Static
+            }
+            (None, false) => Mode::ControlPlane,
+            (None, true) if istio_vm => Mode::ControlPlane,
+            (None, true) => Mode::ForwarderOnly,
+        }
+    }
+
+    fn control_settings(
+        &self,
+        machine: &Machine<'_>,
+        istio: &BundlePaths,
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<ControlSettings> {
+        let deregister_timeout = match &self.deregister_timeout {
+            None => Some(DEFAULT_DEREGISTER_TIMEOUT),
+            Some(text) => parse_duration(text).filter(|d| !d.is_zero()).or_else(|| {
+                errors.push(ConfigError::DeregisterTimeout(text.clone()));
+                None
+            }),
+        };
+        let state_dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let state_ok = check_writable_dir(&state_dir)
+            .map_err(|source| {
+                errors.push(ConfigError::StateDir {
+                    path: state_dir.clone(),
+                    source,
+                })
+            })
+            .is_ok();
+
+        let address = self.address.as_ref().and_then(|text| {
+            let reason = match text.trim().parse::<IpAddr>() {
+                Ok(ip) if !(ip.is_unspecified() || ip.is_multicast()) => return Some(ip),
+                Ok(_) => "not a unicast address",
+                Err(_) => "not an IP address",
+            };
+            errors.push(ConfigError::Address {
+                text: text.clone(),
+                reason,
+            });
+            None
+        });
+        let mut not_empty = |flag, value: &Option<String>| {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                errors.push(ConfigError::Empty(flag));
+            }
+            value.clone()
+        };
+        let overrides = Overrides {
+            group: not_empty("--group", &self.group),
+            namespace: not_empty("--namespace", &self.namespace),
+            network: self.network.clone(),
+            address,
+            discovery_address: not_empty("--discovery-address", &self.discovery_address),
+        };
+
+        let mut paths = match &self.bundle {
+            Some(dir) => {
+                if !dir.is_dir() {
+                    let reason = match std::fs::metadata(dir) {
+                        Ok(_) => "not a directory".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    errors.push(ConfigError::BundleDir {
+                        path: dir.clone(),
+                        reason,
+                    });
+                    // Each of its five files would only repeat that.
+                    return None;
+                }
+                BundlePaths::in_dir(dir)
+            }
+            None => istio.clone(),
+        };
+        let set = |path: &mut PathBuf, flag: &Option<PathBuf>| {
+            if let Some(p) = flag {
+                path.clone_from(p);
+            }
+        };
+        set(&mut paths.cluster_env, &self.cluster_env);
+        set(&mut paths.mesh_config, &self.mesh_config);
+        set(&mut paths.token, &self.token_file);
+        set(&mut paths.root_cert, &self.root_cert);
+        set(&mut paths.hosts, &self.hosts_file);
+        paths.mesh_config_named |= self.mesh_config.is_some();
+        paths.hosts_named |= self.hosts_file.is_some();
+
+        let loaded = bundle::load(&paths, &overrides, machine)
+            .map_err(|e| errors.extend(e.into_iter().map(ConfigError::Bundle)))
+            .ok()?;
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        Some(ControlSettings {
+            bundle: loaded.bundle,
+            state_dir,
+            deregister_timeout: deregister_timeout.filter(|_| state_ok)?,
+        })
+    }
+}
+
+/// Creates `dir` if needed and proves it writable by creating and removing a file in it.
+fn check_writable_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".vmesh-shim-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+fn log_mode(s: &Settings) {
+    let mode = s.mode().as_str();
+    match (&s.control, &s.names) {
+        (Some(c), _) => {
+            let b = &c.bundle;
+            tracing::info!(
+                mode,
+                group = %b.group,
+                namespace = %b.namespace,
+                network = %b.network,
+                address = %b.address,
+                address_from = %b.address_source,
+                discovery = %b.discovery.address,
+                connect = %b.discovery.connect,
+                cluster_env = %b.paths.cluster_env.display(),
+                token = %b.token_path.display(),
+                state_dir = %c.state_dir.display(),
+                "mode selected: names from the control plane"
+            );
+        }
+        (None, Some(n)) => {
+            tracing::info!(
+                mode,
+                version = n.version(),
+                "mode selected: names from a file"
+            )
+        }
+        (None, None) => tracing::info!(mode, "mode selected: no name table, DNS forwarding only"),
     }
 }
 
@@ -211,13 +573,16 @@ pub fn without_self(candidates: Vec<SocketAddr>, own: &[SocketAddr]) -> Vec<Sock
     upstreams
 }
 
-pub(crate) fn read_resolv_conf(path: &std::path::Path) -> std::io::Result<Vec<SocketAddr>> {
-    let text = std::fs::read_to_string(path)?;
-    let parsed = upstream::parse_resolv_conf(&text, upstream::interface_index);
+pub(crate) fn read_resolv_conf(path: &Path) -> std::io::Result<Vec<SocketAddr>> {
+    let parsed = upstream::read_resolv(path)?;
+    log_skipped(path, &parsed);
+    Ok(parsed.nameservers)
+}
+
+fn log_skipped(path: &Path, parsed: &upstream::ResolvConf) {
     for skipped in &parsed.skipped {
         tracing::warn!(path = %path.display(), %skipped, "resolv.conf line not used");
     }
-    Ok(parsed.nameservers)
 }
 
 /// `1500ms`, `5s`, `2m`, or a bare number of seconds.

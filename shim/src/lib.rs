@@ -15,12 +15,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod backoff;
+pub mod bundle;
 pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod forwarder;
+pub mod interfaces;
 pub mod metrics;
 pub mod names;
 pub mod probe;
@@ -44,21 +46,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// What control-plane mode runs with: where the control plane is, who the VM is, and where
-/// its state lives. Built from the validated settings.
-#[derive(Debug, Clone)]
-pub struct ControlPlaneMode {
-    pub endpoint: control::client::Endpoint,
-    pub token_file: std::path::PathBuf,
-    /// Registration as the bundle describes the VM.
-    pub request: vmesh_api::control::RegisterRequest,
-    /// Where the name table is cached.
-    pub state_dir: std::path::PathBuf,
-    pub deregister_timeout: std::time::Duration,
-    /// resolv.conf, for the VM's search domains.
-    pub resolv_conf: std::path::PathBuf,
 }
 
 /// A serving shim.
@@ -118,17 +105,26 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     };
     let board = Arc::new(status::Board::new(
         mode,
-        settings
-            .control
-            .as_ref()
-            .map(|c| format!("{} ({})", c.endpoint.addr, c.endpoint.server_name)),
+        settings.control.as_ref().map(|c| {
+            format!(
+                "{} ({})",
+                c.bundle.discovery.connect, c.bundle.discovery.server_name
+            )
+        }),
     ));
     let mut session = None;
     let tables = match (settings.names, settings.control) {
         (Some(names), _) => Some(names.watch(stopped.clone())),
         (None, Some(c)) => {
-            let (tables, session_task) =
-                start_control_plane(c, &tracker, plan_tx, &board, &metrics, stopped.clone())?;
+            let (tables, session_task) = start_control_plane(
+                c,
+                settings.resolv_conf.clone(),
+                &tracker,
+                plan_tx,
+                &board,
+                &metrics,
+                stopped.clone(),
+            )?;
             session = Some(session_task);
             Some(tables)
         }
@@ -166,18 +162,25 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 /// Starts the control-plane side: the cached table, the table long-poll, the VM's view of
 /// it, and the registration session.
 fn start_control_plane(
-    c: ControlPlaneMode,
+    c: config::ControlSettings,
+    resolv_conf: std::path::PathBuf,
     tracker: &Arc<dataplane::Tracker>,
     plan: watch::Sender<probe::ProbePlan>,
     board: &Arc<status::Board>,
     metrics: &Arc<metrics::Metrics>,
     stopped: watch::Receiver<bool>,
 ) -> Result<(names::Tables, JoinHandle<()>), StartError> {
-    let token = Arc::new(control::token::TokenSource::new(&c.token_file));
-    let cp =
-        control::client::ControlPlane::new(c.endpoint.clone(), token).map_err(StartError::Tls)?;
+    let b = &c.bundle;
+    let endpoint = control::client::Endpoint {
+        addr: b.discovery.connect,
+        server_name: b.discovery.server_name.clone(),
+        authority: b.discovery.address.clone(),
+        root_pem: b.root_cert_pem.clone(),
+    };
+    let token = Arc::new(control::token::TokenSource::new(&b.token_path));
+    let cp = control::client::ControlPlane::new(endpoint, token).map_err(StartError::Tls)?;
     let cp = Arc::new(cp);
-    let view = view::follow(c.resolv_conf.clone(), stopped.clone());
+    let view = view::follow(resolv_conf, stopped.clone());
     let (tables_tx, tables) = watch::channel(None);
     let source = control::tables::CpTables {
         cp: Arc::clone(&cp),
@@ -191,7 +194,7 @@ fn start_control_plane(
     let (_verdicts_tx, verdicts) = watch::channel(None);
     let session = control::session::Session {
         cp,
-        request: c.request,
+        request: c.bundle.register_request(),
         dataplane: tracker.subscribe(),
         verdicts,
         plan,
@@ -214,22 +217,28 @@ pub async fn run(
     Ok(())
 }
 
-/// Completes on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called (inside the
+/// runtime), not when it is first awaited, so a signal that arrives while the shim is still
+/// starting is not lost (the default action would kill it without deregistering).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>, name: &'static str| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot watch {name}");
+                    std::future::pending::<()>().await;
+                }
             }
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch SIGTERM");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            () = wait(term, "SIGTERM") => {},
+            () = wait(int, "SIGINT") => {},
         }
-    };
-    tokio::select! {
-        _ = term => {},
-        _ = tokio::signal::ctrl_c() => {},
     }
 }
 

@@ -34,6 +34,10 @@ fn serve(args: vmesh_shim::config::RunArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(vmesh_shim::run(settings, vmesh_shim::shutdown_signal()))?;
+    runtime.block_on(async {
+        // Before anything binds: a SIGTERM during start-up still ends in a clean stop.
+        let signal = vmesh_shim::shutdown_signal();
+        vmesh_shim::run(settings, signal).await
+    })?;
     Ok(())
 }

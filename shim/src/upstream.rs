@@ -1,7 +1,7 @@
 //! The system resolvers the shim forwards to, and one query/answer exchange with one of them.
 //!
-//! Which resolvers: the `nameserver` lines of resolv.conf (parsed here, as glibc reads them),
-//! or addresses given on the command line, minus any address that is the shim itself or the
+//! Which resolvers: the `nameserver` lines of resolv.conf (parsed here, as glibc reads them,
+//! with its `search` list), or addresses given on the command line, minus any address that is the shim itself or the
 //! Envoy DNS listener in front of it (forwarding there would loop). How: UDP from a fresh
 //! connected socket with a random source port, or TCP with the RFC 1035 §4.2.2 length prefix.
 //! An answer is only taken when [`vmesh_core::dns::inspect::answers`] says it answers the query
@@ -24,11 +24,38 @@ pub const DNS_PORT: u16 = 53;
 /// so they are ignored here too.
 pub const MAX_RESOLV_NAMESERVERS: usize = 3;
 
-/// What resolv.conf yielded: the nameservers to use, and the lines that were not used.
+/// What resolv.conf yielded: the nameservers to use, the search list, and the lines that were
+/// not used.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ResolvConf {
     pub nameservers: Vec<SocketAddr>,
+    /// The `search` (or `domain`) list as written: lower-cased, trailing dots removed, the
+    /// root (`.`) left out. `None` when there is no such line; [`ResolvConf::search_domains`]
+    /// applies glibc's fallback then.
+    pub search: Option<Vec<String>>,
     pub skipped: Vec<SkippedLine>,
+}
+
+impl ResolvConf {
+    /// The domains a short name is tried in, as glibc's resolver uses them: the `search` or
+    /// `domain` line, whichever comes last; without either, the domain part of the host name
+    /// (`vm1.corp.example` -> `corp.example`), or none.
+    pub fn search_domains(&self, hostname: &str) -> Vec<String> {
+        match &self.search {
+            Some(list) => list.clone(),
+            None => hostname
+                .split_once('.')
+                .and_then(|(_, domain)| normalize_domain(domain))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// Lower-cased, without trailing dots; `None` for the root or an empty word.
+fn normalize_domain(word: &str) -> Option<String> {
+    let d = word.trim_end_matches('.');
+    (!d.is_empty()).then(|| d.to_ascii_lowercase())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,9 +85,20 @@ pub fn parse_resolv_conf(text: &str, interface_index: impl Fn(&str) -> Option<u3
     for (i, raw) in text.lines().enumerate() {
         let line = i + 1;
         let mut words = raw.split_whitespace();
-        if words.next() != Some("nameserver") {
-            // Comments (# or ;), blank lines and the other keywords (search, options, ...).
-            continue;
+        match words.next() {
+            Some("nameserver") => {}
+            // glibc: `domain` and `search` replace each other, the last line wins; `domain`
+            // names one domain. A word starting a comment ends the list.
+            Some(keyword @ ("search" | "domain")) => {
+                let domains = words
+                    .take_while(|w| !w.starts_with(['#', ';']))
+                    .take(if keyword == "domain" { 1 } else { usize::MAX })
+                    .filter_map(normalize_domain);
+                out.search = Some(domains.collect());
+                continue;
+            }
+            // Comments (# or ;), blank lines and the other keywords (options, sortlist, ...).
+            _ => continue,
         }
         let skip = |reason| SkippedLine { line, reason };
         // A comment may follow the address without a space, as glibc allows.
@@ -86,6 +124,22 @@ pub fn parse_resolv_conf(text: &str, interface_index: impl Fn(&str) -> Option<u3
         out.nameservers.push(with_port(ip, DNS_PORT));
     }
     out
+}
+
+/// Reads and parses a resolv.conf file (see [`parse_resolv_conf`]), with the real interface
+/// indexes.
+pub fn read_resolv(path: &Path) -> io::Result<ResolvConf> {
+    Ok(parse_resolv_conf(
+        &std::fs::read_to_string(path)?,
+        interface_index,
+    ))
+}
+
+/// This machine's host name (for [`ResolvConf::search_domains`]); empty if unreadable.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// An IP address with an optional IPv6 zone (`fe80::1%eth0` or `fe80::1%2`).
@@ -351,6 +405,52 @@ nameservers 10.9.9.9
                 (12, SkipReason::BeyondMaximum),
             ]
         );
+    }
+
+    #[test]
+    fn resolv_conf_search_list_table() {
+        let cases: &[(&str, Option<&[&str]>)] = &[
+            ("nameserver 10.0.0.2\n", None),
+            (
+                "search Corp.Example. svc.cluster.local\n",
+                Some(&["corp.example", "svc.cluster.local"]),
+            ),
+            (
+                "search\tA.example  b.example\t\n",
+                Some(&["a.example", "b.example"]),
+            ),
+            // The last of `domain` and `search` wins; `domain` takes one name.
+            (
+                "search a.example\ndomain b.example c.example\n",
+                Some(&["b.example"]),
+            ),
+            (
+                "domain b.example\nsearch a.example x.example\n",
+                Some(&["a.example", "x.example"]),
+            ),
+            ("search a.example # trailing\n", Some(&["a.example"])),
+            ("search a.example ;also\n", Some(&["a.example"])),
+            ("search . a.example..\n", Some(&["a.example"])),
+            ("search\n", Some(&[])),
+            ("# search a.example\n; domain b.example\n", None),
+            ("searches a.example\n", None),
+        ];
+        for (text, want) in cases {
+            let got = parse_resolv_conf(text, ifindex).search;
+            let want = want.map(|w| w.iter().map(|d| d.to_string()).collect::<Vec<_>>());
+            assert_eq!(got, want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn search_domains_fall_back_to_the_host_name_domain() {
+        let none = parse_resolv_conf("nameserver 10.0.0.2\n", ifindex);
+        assert_eq!(none.search_domains("vm1.Corp.Example."), ["corp.example"]);
+        assert!(none.search_domains("vm1").is_empty());
+        let empty = parse_resolv_conf("search\n", ifindex);
+        assert!(empty.search_domains("vm1.corp.example").is_empty());
+        let listed = parse_resolv_conf("domain a.example\n", ifindex);
+        assert_eq!(listed.search_domains("vm1.corp.example"), ["a.example"]);
     }
 
     #[test]

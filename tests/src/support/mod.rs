@@ -1,5 +1,6 @@
 //! Fixtures and helpers shared by the end-to-end tests.
 
+pub mod control_plane;
 pub mod dig;
 pub mod dnsmasq;
 pub mod doh;
