@@ -320,11 +320,17 @@ fn inside_loopback_stub_resolver() {
     netns::assert_inside();
     let peer = std::env::var("VMESH_TEST_PEER").unwrap();
     let dir = TempDir::new();
-    let variant = if capture::host::find_program("iptables-legacy-restore").is_some() {
+    // The legacy backend when this kernel and system have it (it needs the ip_tables modules).
+    let legacy_works = Command::new("iptables-legacy")
+        .args(["-w", "-t", "nat", "-S"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let variant = if legacy_works {
         "iptables-legacy"
     } else {
         "iptables"
     };
+    eprintln!("using {variant}");
     let ipt = Iptables::new(variant);
     ipt.restore(V4, FIREWALL_V4);
     let before = ipt.snapshot();
