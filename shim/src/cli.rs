@@ -45,8 +45,8 @@ pub struct StatusArgs {
 
 #[derive(Debug, Clone, Subcommand)]
 pub enum CaptureCommand {
-    /// Install the capture rules (idempotent).
-    Install(crate::capture::CaptureArgs),
-    /// Remove exactly what `install` added.
-    Remove(crate::capture::CaptureArgs),
+    /// Install the capture rules, or replace them with the current settings' (idempotent).
+    Install(Box<crate::capture::CaptureArgs>),
+    /// Remove every vmesh chain and jump, and nothing else.
+    Remove(crate::capture::RemoveArgs),
 }

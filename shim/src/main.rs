@@ -20,9 +20,11 @@ fn run() -> anyhow::Result<()> {
         None => serve(cli.run),
         Some(Command::Status(args)) => Ok(vmesh_shim::status::print(&args)?),
         Some(Command::Capture(CaptureCommand::Install(args))) => {
+            vmesh_shim::init_logging("info");
             Ok(vmesh_shim::capture::install(&args)?)
         }
         Some(Command::Capture(CaptureCommand::Remove(args))) => {
+            vmesh_shim::init_logging("info");
             Ok(vmesh_shim::capture::remove(&args)?)
         }
     }

@@ -1,6 +1,18 @@
 //! Test support: an in-test authoritative DNS server on real sockets, an HTTP client for
-//! HTTP/1.1 and h2c, temp dirs, the shim started in-process, and `assert_eventually`.
+//! HTTP/1.1 and h2c, temp dirs, the shim started in-process, and `assert_eventually`;
+//! network namespaces for tests that change the firewall ([`netns`]).
+//!
+//! `process`, `dig` and `eventually` are the end-to-end tests' helpers (`tests/src/support`),
+//! shared by source: depending on that crate would build its Wasm host for every shim test.
 #![allow(dead_code)]
+
+#[path = "../../../tests/src/support/dig.rs"]
+pub mod dig;
+#[path = "../../../tests/src/support/eventually.rs"]
+pub mod eventually;
+pub mod netns;
+#[path = "../../../tests/src/support/process.rs"]
+pub mod process;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};

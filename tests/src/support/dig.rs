@@ -38,10 +38,15 @@ impl Dig {
 
 /// `dig @127.0.0.1 -p PORT <args> +tries=1 +time=T`, parsed. `Err` if dig got no answer.
 pub fn dig(port: u16, args: &[&str]) -> Result<Dig, String> {
-    let out = Command::new("dig")
-        .arg("@127.0.0.1")
-        .arg("-p")
-        .arg(port.to_string())
+    let mut cmd = Command::new("dig");
+    cmd.arg("@127.0.0.1").arg("-p").arg(port.to_string());
+    run(cmd, args)
+}
+
+/// `cmd` (dig with its server, possibly behind `setpriv` or `ip netns exec`) with
+/// `+tries=1 +time=T <args>`, parsed. `Err` if dig got no answer.
+pub fn run(mut cmd: Command, args: &[&str]) -> Result<Dig, String> {
+    let out = cmd
         .args(["+tries=1", "+time=3"])
         .args(args)
         .output()

@@ -1,0 +1,213 @@
+//! Network namespaces for tests that need real iptables and real traffic.
+//!
+//! [`Namespaces`] is a "VM" namespace joined by a veth pair to a "peer" namespace (the network
+//! outside the VM, where its resolver lives), with addresses from 198.18.0.0/15 and
+//! 2001:db8::/32 only; both are deleted on drop, also when the test failed.
+//!
+//! A test cannot move itself into a namespace (that takes `setns`, which is unsafe code), so
+//! [`run_inside`] runs one ignored test of the same test binary under `ip netns exec`: the
+//! outer test owns the namespaces, the inner one does the work. The inner process dies with
+//! the outer test (parent-death signal), and the processes it starts die with it.
+
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::eventually::patience;
+
+pub const VM_V4: &str = "198.18.0.1";
+pub const PEER_V4: &str = "198.18.0.2";
+/// The VM's resolver, in the peer namespace.
+pub const RESOLVER_V4: &str = "198.18.0.53";
+pub const VM_V6: &str = "2001:db8:0:1::1";
+pub const PEER_V6: &str = "2001:db8:0:1::2";
+pub const RESOLVER_V6: &str = "2001:db8:0:1::53";
+
+/// Set in the inner test's environment; an inner test refuses to run without it (it would
+/// change the host's firewall).
+pub const INNER_ENV: &str = "VMESH_TEST_IN_NAMESPACE";
+
+/// Why a namespace test cannot run here, if it cannot: it needs root with CAP_NET_ADMIN and
+/// iptables. Anything else missing is a failure, not a skip.
+pub fn unavailable() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if uid != "0" || !vmesh_shim::capture::host::may_admin_network(&status) {
+        return Some(format!(
+            "needs root with CAP_NET_ADMIN (effective uid {uid})"
+        ));
+    }
+    for program in ["iptables-save", "iptables-restore"] {
+        if vmesh_shim::capture::host::find_program(program).is_none() {
+            return Some(format!("{program} is not installed"));
+        }
+    }
+    None
+}
+
+/// Runs `program args`, panicking with its error output when it fails; returns stdout.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}\n{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The VM and peer namespaces; deleted on drop.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub vm: String,
+    pub peer: String,
+}
+
+impl Namespaces {
+    /// `vmesh-t-<pid>-<tag>-vm` and `-peer` (tag: one short word per test, so tests of one
+    /// binary can run side by side), joined by a veth pair. The VM gets 198.18.0.1/24; the
+    /// peer 198.18.0.2/24 and the resolver's 198.18.0.53/24; with `ipv6`, the same in
+    /// 2001:db8:0:1::/64.
+    pub fn create(tag: &str, ipv6: bool) -> Namespaces {
+        let pid = std::process::id();
+        let ns = Namespaces {
+            vm: format!("vmesh-t-{pid}-{tag}-vm"),
+            peer: format!("vmesh-t-{pid}-{tag}-peer"),
+        };
+        ns.delete();
+        // Interface names are at most 15 bytes.
+        let (vm_if, peer_if) = (format!("vt{pid}{tag}v"), format!("vt{pid}{tag}p"));
+        assert!(vm_if.len() <= 15, "tag {tag:?} too long");
+        for name in [&ns.vm, &ns.peer] {
+            run("ip", &["netns", "add", name]);
+            if ipv6 {
+                // No duplicate address detection: addresses (link-local ones too) are usable
+                // at once instead of a second or two later.
+                let no_dad = "net.ipv6.conf.default.accept_dad=0";
+                run("ip", &["netns", "exec", name, "sysctl", "-qw", no_dad]);
+            }
+        }
+        run(
+            "ip",
+            &[
+                "-n", &ns.vm, "link", "add", &vm_if, "type", "veth", "peer", "name", &peer_if,
+                "netns", &ns.peer,
+            ],
+        );
+        let mut v4 = vec![(&ns.vm, &vm_if, VM_V4), (&ns.peer, &peer_if, PEER_V4)];
+        v4.push((&ns.peer, &peer_if, RESOLVER_V4));
+        for (name, link, addr) in &v4 {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    name,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    link,
+                ],
+            );
+        }
+        if ipv6 {
+            let v6 = [
+                (&ns.vm, &vm_if, VM_V6),
+                (&ns.peer, &peer_if, PEER_V6),
+                (&ns.peer, &peer_if, RESOLVER_V6),
+            ];
+            for (name, link, addr) in v6 {
+                let cidr = format!("{addr}/64");
+                run(
+                    "ip",
+                    &["-n", name, "-6", "addr", "add", &cidr, "dev", link, "nodad"],
+                );
+            }
+        }
+        for (name, link) in [(&ns.vm, &vm_if), (&ns.peer, &peer_if)] {
+            run("ip", &["-n", name, "link", "set", "lo", "up"]);
+            run("ip", &["-n", name, "link", "set", link, "up"]);
+        }
+        ns
+    }
+
+    fn delete(&self) {
+        for name in [&self.vm, &self.peer] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+/// Runs the ignored test `test` of this test binary inside namespace `ns` with `env` added
+/// (and [`INNER_ENV`] set), and fails when it fails, with its output.
+pub fn run_inside(ns: &str, test: &str, env: &[(&str, &str)], log_dir: &Path) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let log = log_dir.join(format!("{test}.log"));
+    let out = File::create(&log).expect("create log file");
+    let err = out.try_clone().expect("clone log file");
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--", "ip", "netns", "exec", ns])
+        .arg(&exe)
+        .args([
+            test,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(INNER_ENV, "1")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    let mut child = cmd.spawn().expect("start the inner test");
+    // The inner test waits on many things, each within `patience`.
+    let deadline = Instant::now() + patience() * 8;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the inner test") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // Shown with --nocapture (libtest keeps a passing test's output to itself otherwise).
+    eprintln!("---- {test} inside {ns} ----\n{text}");
+    match status {
+        Some(s) if s.success() && text.contains("1 passed") => {}
+        Some(s) => panic!("{test} inside {ns} failed ({s}):\n{text}"),
+        None => panic!("{test} inside {ns} did not finish in time:\n{text}"),
+    }
+}
+
+/// Panics unless this process is an inner test started by [`run_inside`].
+pub fn assert_inside() {
+    assert!(
+        std::env::var_os(INNER_ENV).is_some(),
+        "this test changes the firewall of the namespace it runs in: it only runs inside one \
+         (started by its outer test), never on its own"
+    );
+}
