@@ -42,18 +42,41 @@ pub fn render_config(admin: u16, dns: u16, doh: u16, shim: u16) -> String {
     out
 }
 
+/// Where an Envoy listens, so a restarted one can listen there again.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub admin: u16,
+    pub dns: u16,
+    pub doh: u16,
+}
+
+impl Ports {
+    pub fn free() -> Ports {
+        Ports {
+            admin: free_port(),
+            dns: free_port(),
+            doh: free_port(),
+        }
+    }
+}
+
 impl Envoy {
     /// Starts Envoy (two workers, so the table must reach more than one VM) and waits until
     /// its admin endpoint says it is live.
     pub fn start(dir: &Path, shim_port: u16) -> Envoy {
-        let (admin, dns, doh) = (free_port(), free_port(), free_port());
+        Envoy::start_on(dir, shim_port, Ports::free(), 2)
+    }
+
+    /// Starts Envoy on `ports` with `concurrency` worker threads.
+    pub fn start_on(dir: &Path, shim_port: u16, ports: Ports, concurrency: u32) -> Envoy {
+        let Ports { admin, dns, doh } = ports;
         let config = dir.join(format!("envoy-{dns}.yaml"));
         std::fs::write(&config, render_config(admin, dns, doh, shim_port)).expect("write config");
         let args = vec![
             "-c".to_string(),
             config.display().to_string(),
             "--concurrency".into(),
-            "2".into(),
+            concurrency.to_string(),
             "--disable-hot-restart".into(),
             "-l".into(),
             "info".into(),
@@ -100,6 +123,19 @@ impl Envoy {
 
     pub fn is_running(&mut self) -> bool {
         !self.proc.exited()
+    }
+
+    pub fn ports(&self) -> Ports {
+        Ports {
+            admin: self.admin,
+            dns: self.dns,
+            doh: self.doh,
+        }
+    }
+
+    /// The running process (for signals).
+    pub fn process(&mut self) -> &mut Proc {
+        &mut self.proc
     }
 }
 

@@ -12,14 +12,23 @@ pub fn patience() -> Duration {
 }
 
 /// Polls `check` until it returns `Ok`, or panics with its last error after `patience()`.
-pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + patience();
+pub fn eventually<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T {
+    eventually_within(what, patience(), check)
+}
+
+/// [`eventually`] for conditions that take longer by design than the usual patience.
+pub fn eventually_within<T>(
+    what: &str,
+    patience: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + patience;
     let mut pause = Duration::from_millis(10);
     loop {
         match check() {
             Ok(v) => return v,
             Err(e) if Instant::now() >= deadline => {
-                panic!("{what}: still failing after {:?}: {e}", patience())
+                panic!("{what}: still failing after {patience:?}: {e}")
             }
             Err(_) => {
                 std::thread::sleep(pause);

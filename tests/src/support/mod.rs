@@ -1,5 +1,6 @@
 //! Fixtures and helpers shared by the end-to-end tests.
 
+pub mod app;
 pub mod control_plane;
 pub mod dig;
 pub mod dnsmasq;
@@ -9,6 +10,7 @@ pub mod eventually;
 pub mod process;
 pub mod shim;
 pub mod sidecar;
+pub mod vm;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;

@@ -5,7 +5,6 @@
 //! its credentials (dnsmasq drops capabilities) loses that setting, so such programs run under
 //! a small shell guard that keeps it and passes a TERM on to them.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -25,16 +24,39 @@ const GUARD: &str =
 impl Proc {
     /// Starts `program args` with stdout and stderr in `log`.
     pub fn spawn(name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
-        Self::start(name, program, args, log, false)
+        Self::start(name, program, args, &[], log, false)
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+    ) -> Proc {
+        Self::start(name, program, args, env, log, false)
     }
 
     /// Like [`Proc::spawn`], for programs that change their credentials (see the module doc).
     pub fn spawn_guarded(name: &str, program: &Path, args: &[String], log: &Path) -> Proc {
-        Self::start(name, program, args, log, true)
+        Self::start(name, program, args, &[], log, true)
     }
 
-    fn start(name: &str, program: &Path, args: &[String], log: &Path, guarded: bool) -> Proc {
-        let out = File::create(log).expect("create log file");
+    fn start(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(String, String)],
+        log: &Path,
+        guarded: bool,
+    ) -> Proc {
+        // Appended to, so a restarted program's log follows the first run's.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("create log file");
         let err = out.try_clone().expect("clone log file");
         let mut cmd = Command::new("setpriv");
         if guarded {
@@ -45,6 +67,7 @@ impl Proc {
         let child = cmd
             .arg(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -68,6 +91,33 @@ impl Proc {
             self.child.as_mut().map(|c| c.try_wait()),
             Some(Ok(Some(_))) | None
         )
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, `KILL`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+
+    /// Waits up to `patience` for the process to exit; its status, or `None` if it is still
+    /// running.
+    pub fn wait_exit(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return Some(status);
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {

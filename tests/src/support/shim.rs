@@ -22,6 +22,9 @@ pub struct ShimOptions {
     /// The Envoy DNS listener, which the shim must never forward to.
     pub self_addr: Option<String>,
     pub forward_timeout: Option<String>,
+    /// More flags, and environment variables (e.g. `ISTIO_SVC_IP`).
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 pub fn binary() -> PathBuf {
@@ -56,10 +59,12 @@ impl Shim {
             args.push("--forward-timeout".into());
             args.push(t.clone());
         }
-        let proc = Proc::spawn(
+        args.extend(opts.args.iter().cloned());
+        let proc = Proc::spawn_env(
             "vmesh-shim",
             &binary(),
             &args,
+            &opts.env,
             &dir.join(format!("shim-{port}.log")),
         );
         let shim = Shim { port, proc };
@@ -89,6 +94,25 @@ impl Shim {
 
     pub fn stop(&mut self) {
         self.proc.kill();
+    }
+
+    /// The running process (for signals and its exit status).
+    pub fn process(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    /// `GET path` on the shim's local API: (status, body).
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        super::envoy::http_get(self.port, path)
+    }
+
+    /// `/v1/status` as JSON.
+    pub fn status(&self) -> Result<serde_json::Value, String> {
+        let (code, body) = self.get("/v1/status")?;
+        if code != 200 {
+            return Err(format!("status {code}: {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
     }
 
     pub fn log(&self) -> String {

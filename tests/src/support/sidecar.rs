@@ -99,6 +99,7 @@ impl Sidecar {
                         .unwrap_or_else(|| vec![dnsmasq.addr()]),
                     self_addr: Some(format!("127.0.0.1:{}", envoy.dns)),
                     forward_timeout: opts.forward_timeout.clone(),
+                    ..ShimOptions::default()
                 },
             )
         });
