@@ -388,6 +388,12 @@ pub struct Writer {
     has_member: bool,
 }
 
+impl Default for Writer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Writer {
     pub fn new() -> Self {
         Writer {
