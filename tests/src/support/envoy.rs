@@ -101,6 +101,17 @@ impl Envoy {
     pub fn is_running(&mut self) -> bool {
         !self.proc.exited()
     }
+
+    /// Sends Envoy a signal by name (`STOP` hangs it, `CONT` resumes it), with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.proc.pid().expect("Envoy was started");
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
 }
 
 pub fn which(program: &str) -> PathBuf {
