@@ -11,6 +11,7 @@
 //! filter, which cannot afford serde_json, uses [`AgentReport::to_json`] and
 //! [`AgentReply::from_json`]. Tests check the two agree.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -52,10 +53,75 @@ pub struct AgentReport {
     pub worker_idle_ms: Option<u64>,
     /// Data-path counters by name ([`counter`]); names this side does not know are kept.
     #[serde(default)]
-    pub counters: BTreeMap<String, u64>,
+    pub counters: Counters,
     /// The result of the probe the shim gave the agent to run, once it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ProbeResult>,
+}
+
+/// A report's counters: name -> cumulative count, in name order; in JSON an object.
+///
+/// A sorted list rather than a `BTreeMap`: the filter builds one per report, and a map's code
+/// would cost its `.wasm` (budgeted at 250 KB) about 5 KB.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Counters(Vec<(String, u64)>);
+
+impl Counters {
+    pub fn new() -> Self {
+        Counters(Vec::new())
+    }
+
+    /// Sets a counter (adding it in name order if new).
+    pub fn set(&mut self, name: &str, value: u64) {
+        match self.0.binary_search_by(|(k, _)| k.as_str().cmp(name)) {
+            Ok(i) => {
+                if let Some(slot) = self.0.get_mut(i) {
+                    slot.1 = value;
+                }
+            }
+            Err(i) => self.0.insert(i, (name.to_string(), value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.iter().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// (name, value), in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64)> + '_ {
+        self.0.iter().map(|(k, v)| (k.as_str(), *v))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<(S, u64)> for Counters {
+    fn from_iter<I: IntoIterator<Item = (S, u64)>>(iter: I) -> Self {
+        let mut c = Counters::new();
+        for (name, value) in iter {
+            c.set(name.as_ref(), value);
+        }
+        c
+    }
+}
+
+impl Serialize for Counters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Counters {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::<String, u64>::deserialize(deserializer)
+            .map(|m| Counters(m.into_iter().collect()))
+    }
 }
 
 /// A probe's current verdict, after its success and failure thresholds.
@@ -173,8 +239,8 @@ impl AgentReport {
             w.u64("workerIdleMs", idle);
         }
         w.begin("counters");
-        for (name, value) in &self.counters {
-            w.u64(name, *value);
+        for (name, value) in self.counters.iter() {
+            w.u64(name, value);
         }
         w.end();
         if let Some(p) = &self.probe {
@@ -191,6 +257,9 @@ impl AgentReport {
 impl AgentReply {
     /// Reads a reply without serde (for the filter). Unknown fields are skipped, so a newer
     /// shim can add some; an unknown state or probe kind is an error.
+    ///
+    /// Written for size as much as for reading: this is linked into the filter, whose `.wasm`
+    /// is budgeted, so errors are built in one place and strings copied by one helper.
     pub fn from_json(json: &[u8]) -> Result<AgentReply, JsonError> {
         let mut r = Reader::new(json);
         let mut reply = AgentReply::default();
@@ -201,20 +270,42 @@ impl AgentReply {
             match key.as_ref() {
                 "state" => {
                     let s = r.string()?;
-                    state = Some(RegistrationState::from_str(&s).ok_or_else(|| {
-                        r.error(JsonErrorKind::Invalid(format!("unknown state {s:?}")))
-                    })?);
+                    state = Some(
+                        RegistrationState::from_str(&s)
+                            .ok_or_else(|| invalid(&r, "unknown state", &s))?,
+                    );
                 }
-                "workloadEntry" if !r.null()? => reply.workload_entry = Some(entry(&mut r)?),
-                "probe" if !r.null()? => reply.probe = Some(task(&mut r)?),
-                "workloadEntry" | "probe" => {}
+                "workloadEntry" => reply.workload_entry = optional(&mut r, entry)?,
+                "probe" => reply.probe = optional(&mut r, task)?,
                 _ => r.skip_value()?,
             }
         }
         r.end()?;
-        reply.state = state.ok_or(r.error(JsonErrorKind::MissingField("state")))?;
+        match state {
+            Some(state) => reply.state = state,
+            None => return Err(r.error(JsonErrorKind::MissingField("state"))),
+        }
         Ok(reply)
     }
+}
+
+/// `null` (or absent) is `None`.
+fn optional<T>(
+    r: &mut Reader<'_>,
+    read: fn(&mut Reader<'_>) -> Result<T, JsonError>,
+) -> Result<Option<T>, JsonError> {
+    if r.null()? {
+        return Ok(None);
+    }
+    read(r).map(Some)
+}
+
+fn invalid(r: &Reader<'_>, what: &str, value: &str) -> JsonError {
+    r.error(JsonErrorKind::Invalid(format!("{what} {value:?}")))
+}
+
+fn text(r: &mut Reader<'_>) -> Result<String, JsonError> {
+    r.string().map(Cow::into_owned)
 }
 
 fn entry(r: &mut Reader<'_>) -> Result<EntryRef, JsonError> {
@@ -223,8 +314,8 @@ fn entry(r: &mut Reader<'_>) -> Result<EntryRef, JsonError> {
     let mut first = true;
     while let Some(key) = r.next_key(&mut first)? {
         match key.as_ref() {
-            "namespace" => e.namespace = r.string()?.into_owned(),
-            "name" => e.name = r.string()?.into_owned(),
+            "namespace" => e.namespace = text(r)?,
+            "name" => e.name = text(r)?,
             _ => r.skip_value()?,
         }
     }
@@ -233,7 +324,6 @@ fn entry(r: &mut Reader<'_>) -> Result<EntryRef, JsonError> {
 
 fn task(r: &mut Reader<'_>) -> Result<ProbeTask, JsonError> {
     let mut t = ProbeTask::default();
-    let mut port = None;
     r.begin_object()?;
     let mut first = true;
     while let Some(key) = r.next_key(&mut first)? {
@@ -241,41 +331,40 @@ fn task(r: &mut Reader<'_>) -> Result<ProbeTask, JsonError> {
             "id" => t.id = r.u64()?,
             "kind" => {
                 let k = r.string()?;
-                t.kind = match k.as_ref() {
-                    "httpGet" => ProbeKind::HttpGet,
-                    other => {
-                        return Err(r.error(JsonErrorKind::Invalid(format!(
-                            "unknown probe kind {other:?}"
-                        ))))
-                    }
-                };
+                if k != "httpGet" {
+                    return Err(invalid(r, "unknown probe kind", &k));
+                }
+                t.kind = ProbeKind::HttpGet;
             }
-            "host" => t.host = r.string()?.into_owned(),
+            "host" => t.host = text(r)?,
             "port" => {
                 let p = r.u64()?;
-                port = Some(u16::try_from(p).map_err(|_| {
-                    r.error(JsonErrorKind::Invalid(format!("port {p} is not 1-65535")))
-                })?);
+                t.port = match u16::try_from(p) {
+                    Ok(p) if p != 0 => p,
+                    _ => return Err(invalid(r, "port not 1-65535:", &p.to_string())),
+                };
             }
-            "path" => t.path = r.string()?.into_owned(),
+            "path" => t.path = text(r)?,
             "headers" => {
                 r.begin_array()?;
                 let mut first = true;
                 while r.next_element(&mut first)? {
                     r.begin_array()?;
                     let mut inner = true;
-                    let mut pair = Vec::with_capacity(2);
+                    let mut pair: [String; 2] = Default::default();
+                    let mut n = 0;
                     while r.next_element(&mut inner)? {
-                        pair.push(r.string()?.into_owned());
-                    }
-                    match <[String; 2]>::try_from(pair) {
-                        Ok([name, value]) => t.headers.push((name, value)),
-                        Err(_) => {
-                            return Err(
-                                r.error(JsonErrorKind::Expected("a header as [name, value]"))
-                            )
+                        let s = text(r)?;
+                        if let Some(slot) = pair.get_mut(n) {
+                            *slot = s;
                         }
+                        n += 1;
                     }
+                    if n != 2 {
+                        return Err(r.error(JsonErrorKind::Expected("a header as [name, value]")));
+                    }
+                    let [name, value] = pair;
+                    t.headers.push((name, value));
                 }
             }
             "initialDelayMs" => t.initial_delay_ms = r.u64()?,
@@ -286,9 +375,9 @@ fn task(r: &mut Reader<'_>) -> Result<ProbeTask, JsonError> {
             _ => r.skip_value()?,
         }
     }
-    t.port = port
-        .filter(|p| *p != 0)
-        .ok_or(r.error(JsonErrorKind::MissingField("port")))?;
+    if t.port == 0 {
+        return Err(r.error(JsonErrorKind::MissingField("port")));
+    }
     Ok(t)
 }
 
@@ -310,7 +399,6 @@ mod tests {
             worker_idle_ms: Some(120),
             counters: [(counter::DNS_QUERIES, 10), (counter::DNS_ANSWERED, 7)]
                 .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             probe: Some(ProbeResult {
                 id: 3,
@@ -326,6 +414,24 @@ mod tests {
             let parsed: AgentReport = serde_json::from_str(&r.to_json()).unwrap();
             assert_eq!(parsed, r);
         }
+    }
+
+    #[test]
+    fn counters_are_a_json_object_in_name_order_whatever_the_insertion_order() {
+        let mut c = Counters::new();
+        c.set("b", 2);
+        c.set("a", 1);
+        c.set("c", 3);
+        c.set("b", 20);
+        assert_eq!(
+            c.iter().collect::<Vec<_>>(),
+            [("a", 1), ("b", 20), ("c", 3)]
+        );
+        assert_eq!((c.get("b"), c.get("z"), c.len()), (Some(20), None, 3));
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(json, r#"{"a":1,"b":20,"c":3}"#);
+        let back: Counters = serde_json::from_str(r#"{"c":3,"a":1,"b":20}"#).unwrap();
+        assert_eq!(back, c);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! [`names::NameIndex`] and either builds the answer with [`dns::ResponseBuilder`] or says the
 //! query must be forwarded; [`framing`] splits and joins the capsule and TCP streams the
 //! queries arrive in. The name table arrives as JSON ([`names::NameTable`]) and is compiled once
-//! into a flat, position-independent byte image that worker threads share.
+//! into a flat, position-independent byte image that worker threads share. The agent's
+//! readiness probe (schedule, thresholds, what an answer means) is [`probe`].
 //!
 //! Nothing here does I/O, allocates per byte, or panics on input: it runs inside Envoy's Wasm
 //! VMs, where a panic takes down every plugin on the worker.
@@ -26,6 +27,7 @@ pub mod istio;
 /// The serde-free JSON reader, shared with the filter and the shim through `vmesh-api`.
 pub use vmesh_api::json;
 pub mod names;
+pub mod probe;
 pub mod responder;
 pub mod tunnel;
 pub mod udp_tunnel;

@@ -45,6 +45,12 @@ pub struct CalloutResponse {
 /// BadArgument, on which the SDK panics and takes the whole VM down. So the header count is
 /// checked first.
 pub fn response(num_headers: usize, body_size: usize) -> CalloutResponse {
+    response_head(num_headers, body_size, body_size)
+}
+
+/// [`response`] reading at most `max_body` bytes of the body.
+pub fn response_head(num_headers: usize, body_size: usize, max_body: usize) -> CalloutResponse {
+    let body_size = body_size.min(max_body);
     if num_headers == 0 {
         return CalloutResponse {
             status: None,

@@ -47,6 +47,12 @@ pub struct Config {
     pub table_wait_s: u64,
     /// How often workers look for a newly published table.
     pub table_check_ms: u64,
+    /// Envoy cluster of Envoy's own admin endpoint: the agent asks its `/ready`.
+    pub admin_cluster: String,
+    /// ORIGINAL_DST cluster (`use_http_header`) the agent's httpGet probes go through.
+    pub probe_cluster: String,
+    /// How often the agent reports to the shim.
+    pub report_period_ms: u64,
     pub log_level: LogLevel,
 }
 
@@ -78,6 +84,9 @@ impl Default for Config {
             forward_timeout_ms: 6000,
             table_wait_s: 30,
             table_check_ms: 250,
+            admin_cluster: "vmesh_admin".into(),
+            probe_cluster: "vmesh_probe".into(),
+            report_period_ms: 1000,
             log_level: LogLevel::Info,
         }
     }
@@ -109,6 +118,9 @@ impl Config {
                 "forward_timeout_ms" => cfg.forward_timeout_ms = r.u64().map_err(json)?,
                 "table_wait_s" => cfg.table_wait_s = r.u64().map_err(json)?,
                 "table_check_ms" => cfg.table_check_ms = r.u64().map_err(json)?,
+                "admin_cluster" => cfg.admin_cluster = r.string().map_err(json)?.into_owned(),
+                "probe_cluster" => cfg.probe_cluster = r.string().map_err(json)?.into_owned(),
+                "report_period_ms" => cfg.report_period_ms = r.u64().map_err(json)?,
                 "log_level" => {
                     cfg.log_level = match r.string().map_err(json)?.as_ref() {
                         "trace" => LogLevel::Trace,
@@ -158,9 +170,12 @@ impl Config {
         range("forward_timeout_ms", cfg.forward_timeout_ms, 100, 60_000)?;
         range("table_wait_s", cfg.table_wait_s, 1, 120)?;
         range("table_check_ms", cfg.table_check_ms, 10, 60_000)?;
+        range("report_period_ms", cfg.report_period_ms, 100, 60_000)?;
         for (field, v) in [
             ("shim_cluster", &cfg.shim_cluster),
             ("shim_authority", &cfg.shim_authority),
+            ("admin_cluster", &cfg.admin_cluster),
+            ("probe_cluster", &cfg.probe_cluster),
         ] {
             if v.is_empty() {
                 return Err(ConfigError::Invalid {
@@ -182,6 +197,11 @@ mod tests {
         let cfg = Config::parse(b"").unwrap();
         assert_eq!(cfg.shim_cluster, "vmesh_shim");
         assert_eq!(cfg.cluster_domain, "cluster.local");
+        assert_eq!(
+            (cfg.admin_cluster.as_str(), cfg.probe_cluster.as_str()),
+            ("vmesh_admin", "vmesh_probe")
+        );
+        assert_eq!(cfg.report_period_ms, 1000);
         assert_eq!(Config::parse(b"{}").unwrap(), cfg);
     }
 
@@ -195,6 +215,10 @@ mod tests {
             (r#"{"table_wait_s":1.5}"#, "integer"),
             (r#"{"table_wait_s":5,"table_wait_s":6}"#, "duplicate"),
             (r#"{"shim_cluster":""}"#, "shim_cluster"),
+            (r#"{"admin_cluster":""}"#, "admin_cluster"),
+            (r#"{"probe_cluster":""}"#, "probe_cluster"),
+            (r#"{"report_period_ms":99}"#, "report_period_ms"),
+            (r#"{"report_period_ms":60001}"#, "report_period_ms"),
             ("not json", "not valid JSON"),
         ];
         for (json, want) in cases {

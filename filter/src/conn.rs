@@ -16,7 +16,6 @@
 //! for later callouts: the handle stays until a read returns Continue, which the filter does
 //! only when nothing is in flight.
 
-use std::collections::HashMap;
 use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
@@ -93,8 +92,9 @@ impl Pipe {
 pub struct DnsConn {
     worker: Rc<Worker>,
     pipe: Pipe,
-    /// Callout token -> slot of the query it answers.
-    callouts: HashMap<u32, usize>,
+    /// (callout token, slot of the query it answers). A few at a time, so a list: a hash map
+    /// here linked a second hash table implementation (and SipHash) into the module.
+    callouts: Vec<(u32, usize)>,
     /// Set once the connection was refused; later bytes are ignored.
     closed: bool,
 }
@@ -107,7 +107,7 @@ impl DnsConn {
                 Carrier::UdpTunnel => Pipe::Udp(UdpTunnel::new()),
                 Carrier::Tcp => Pipe::Tcp(Tunnel::new(Framing::Tcp)),
             },
-            callouts: HashMap::new(),
+            callouts: Vec::new(),
             closed: false,
         }
     }
@@ -173,9 +173,10 @@ impl Context for DnsConn {
         body_size: usize,
         _trailers: usize,
     ) {
-        let Some(slot) = self.callouts.remove(&token) else {
+        let Some(at) = self.callouts.iter().position(|(t, _)| *t == token) else {
             return;
         };
+        let (_, slot) = self.callouts.swap_remove(at);
         let reply = callout::response(headers, body_size);
         let body = (reply.status == Some(200)).then_some(reply.body);
         self.pipe.complete(slot, body.as_deref());
@@ -214,9 +215,7 @@ impl StreamContext for DnsConn {
         let transport = self.transport();
         for job in jobs {
             match callout::forward(&worker.config, &job.query, Some(transport)) {
-                Some(token) => {
-                    self.callouts.insert(token, job.slot);
-                }
+                Some(token) => self.callouts.push((token, job.slot)),
                 None => self.pipe.complete(job.slot, None),
             }
         }

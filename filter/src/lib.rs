@@ -2,7 +2,9 @@
 //!
 //! One module, several roots, chosen by the plugin's `root_id`:
 //! - `vmesh_agent` (bootstrap singleton, `envoy.bootstrap.wasm`): fetches the name table from
-//!   the shim and publishes it to every worker ([`agent`], [`table`]);
+//!   the shim and publishes it to every worker ([`agent`], [`table`]); reports Envoy's
+//!   readiness, the data path's counters and worker liveness ([`liveness`]) to the shim, and
+//!   runs the probe the shim names through Envoy;
 //! - `vmesh_dns_udp` / `vmesh_dns_tcp` (network filters in front of echo): answer UDP (through
 //!   udp_proxy's tunnel) and TCP DNS from the table and forward the rest through the shim
 //!   ([`conn`]);
@@ -26,6 +28,7 @@ pub mod callout;
 pub mod config;
 pub mod conn;
 pub mod dns;
+pub mod liveness;
 pub mod metrics;
 pub mod table;
 
@@ -144,7 +147,10 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         match self {
             Root::Agent(agent) => agent.on_tick(),
-            Root::Dns(worker) | Root::Conn(worker, _) => worker.table.borrow_mut().refresh(),
+            Root::Dns(worker) | Root::Conn(worker, _) => {
+                worker.table.borrow_mut().refresh();
+                liveness::record_worker_tick();
+            }
             Root::Unconfigured => {}
         }
     }

@@ -1,8 +1,11 @@
 //! Envoy stats the filter keeps (shown by the admin endpoint as `wasmcustom.vmesh_*`).
-//! Stats are process-wide, so every worker VM defining the same name adds to one number.
+//! Stats are process-wide, so every worker VM defining the same name adds to one number, and
+//! the agent, defining the same names on the main thread, reads those sums for its reports
+//! ([`report_counters`]).
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
+use vmesh_api::agent::{counter, Counters};
 use vmesh_core::tunnel::Counts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +107,14 @@ impl Metrics {
         }
     }
 
+    /// The stat's current value (the sum over every VM that adds to it); 0 when the host has
+    /// no such metric.
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.id(counter)
+            .and_then(|id| hostcalls::get_metric(id).ok())
+            .unwrap_or(0)
+    }
+
     pub fn set(&self, counter: Counter, value: u64) {
         if let Some(id) = self.id(counter) {
             let _ = hostcalls::record_metric(id, value);
@@ -129,9 +140,83 @@ impl Metrics {
     }
 }
 
+/// The DNS counters of an agent report ([`counter`]), from the filter's stats:
+/// - queries: every DNS message received, malformed ones included: each gets exactly one of
+///   answered, NODATA, forwarded, not-ready SERVFAIL, FORMERR, NOTIMP, REFUSED, BADVERS,
+///   dropped, or (DoH) a refused request;
+/// - answered: answered from the table (addresses or NODATA);
+/// - forwarded: sent to the shim's forwarder (failed forwards included);
+/// - errors: what the filter answered with an error code or did not answer: FORMERR, NOTIMP,
+///   REFUSED, BADVERS, SERVFAIL for a failed forward or before the first table, dropped
+///   messages and refused DoH requests.
+pub fn report_counters(get: impl Fn(Counter) -> u64) -> Counters {
+    let sum = |counters: &[Counter]| {
+        counters
+            .iter()
+            .fold(0u64, |total, c| total.saturating_add(get(*c)))
+    };
+    use Counter::*;
+    let answered = sum(&[Answered, NoData]);
+    let rejected = sum(&[
+        NotReady,
+        FormErr,
+        NotImp,
+        Refused,
+        BadVers,
+        Dropped,
+        DohRejected,
+    ]);
+    let forwarded = get(Forwarded);
+    let mut counters = Counters::new();
+    for (name, value) in [
+        (
+            counter::DNS_QUERIES,
+            forwarded.saturating_add(answered).saturating_add(rejected),
+        ),
+        (counter::DNS_ANSWERED, answered),
+        (counter::DNS_FORWARDED, forwarded),
+        (
+            counter::DNS_ERRORS,
+            rejected.saturating_add(get(ForwardFailed)),
+        ),
+    ] {
+        counters.set(name, value);
+    }
+    counters
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_counters_sum_the_dns_stats() {
+        // A distinct power of two per stat shows which ones each sum took.
+        let get = |c: Counter| 1u64 << (c as u32);
+        let r = report_counters(get);
+        assert_eq!(r.len(), 4);
+        let bits = |cs: &[Counter]| cs.iter().map(|c| get(*c)).sum::<u64>();
+        use Counter::*;
+        let answered = bits(&[Answered, NoData]);
+        let other = bits(&[
+            NotReady,
+            FormErr,
+            NotImp,
+            Refused,
+            BadVers,
+            Dropped,
+            DohRejected,
+        ]);
+        let r = |name| r.get(name).unwrap();
+        assert_eq!(r(counter::DNS_ANSWERED), answered);
+        assert_eq!(r(counter::DNS_FORWARDED), get(Forwarded));
+        assert_eq!(r(counter::DNS_QUERIES), answered + get(Forwarded) + other);
+        assert_eq!(r(counter::DNS_ERRORS), other + get(ForwardFailed));
+        // Truncation and table stats are no queries of their own.
+        for c in [Truncated, TableUpdates, TableRejected, TableNames] {
+            assert_eq!(r(counter::DNS_QUERIES) & get(c), 0, "{c:?}");
+        }
+    }
 
     #[test]
     fn metric_table_is_in_counter_order() {

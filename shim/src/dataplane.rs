@@ -151,7 +151,7 @@ impl Tracker {
             state,
             boot: Some(r.boot),
             probe: r.probe,
-            counters: r.counters,
+            counters: r.counters.iter().map(|(k, v)| (k.to_string(), v)).collect(),
             last_report: Some(now),
             reports: current.reports + 1,
         });

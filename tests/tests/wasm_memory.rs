@@ -94,7 +94,7 @@ fn a_100k_name_table_fits_in_32_mib_per_vm() -> Result<(), VmError> {
     let agent_empty = agent.memory_bytes();
 
     agent.tick()?;
-    let token = agent.pending_callouts()[0];
+    let token = vmesh::table_poll(&agent);
     let started = Instant::now();
     agent.http_call_response(token, HttpResponse::status(200).body(json.clone()))?;
     let publish_time = started.elapsed();

@@ -99,6 +99,8 @@ fn bad_plugin_configurations_make_on_configure_return_false() -> Result<(), VmEr
         r#"{"cluster_domain":"a..b"}"#,
         r#"{"log_level":"loud"}"#,
         r#"{"shim_cluster":""}"#,
+        r#"{"admin_cluster":""}"#,
+        r#"{"report_period_ms":50}"#,
         "not json",
         "\u{0}\u{1}binary",
     ];

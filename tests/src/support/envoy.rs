@@ -137,6 +137,11 @@ impl Envoy {
     pub fn process(&mut self) -> &mut Proc {
         &mut self.proc
     }
+
+    /// Sends Envoy a signal by name (`STOP` hangs it, `CONT` resumes it).
+    pub fn signal(&self, signal: &str) {
+        self.proc.signal(signal);
+    }
 }
 
 pub fn which(program: &str) -> PathBuf {

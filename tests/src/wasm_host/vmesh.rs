@@ -25,6 +25,12 @@ pub const DNS_UDP_ROOT_ID: &str = "vmesh_dns_udp";
 pub const DNS_TCP_ROOT_ID: &str = "vmesh_dns_tcp";
 pub const SHIM_CLUSTER: &str = "vmesh_shim";
 pub const SHIM_AUTHORITY: &str = "vmesh-shim";
+/// Envoy's admin endpoint, where the agent asks `/ready`.
+pub const ADMIN_CLUSTER: &str = "vmesh_admin";
+/// The ORIGINAL_DST cluster the agent's probes go through.
+pub const PROBE_CLUSTER: &str = "vmesh_probe";
+/// Shared data key where worker ticks leave their time (filter `liveness.rs`).
+pub const WORKER_TICK_KEY: &str = "vmesh.worker.tick";
 /// Shared data keys the agent publishes under (filter `table.rs`).
 pub const IMAGE_KEY: &str = "vmesh.names.image";
 pub const VERSION_KEY: &str = "vmesh.names.version";
@@ -32,10 +38,13 @@ pub const VERSION_KEY: &str = "vmesh.names.version";
 pub const A: u16 = 1;
 pub const AAAA: u16 = 28;
 
-/// An Envoy process whose cluster manager knows the shim.
+/// An Envoy process whose cluster manager has vm-sidecar.yaml's clusters for the filter: the
+/// shim, Envoy's admin and the probe cluster.
 pub fn host() -> Host {
     let host = Host::new();
-    host.add_cluster(SHIM_CLUSTER);
+    for cluster in [SHIM_CLUSTER, ADMIN_CLUSTER, PROBE_CLUSTER] {
+        host.add_cluster(cluster);
+    }
     host
 }
 
@@ -147,16 +156,60 @@ pub fn single_callout(vm: &Vm, mark: usize) -> HttpCallRequest {
     calls.into_iter().next().unwrap_or_else(|| unreachable!())
 }
 
-/// Runs an agent until it has published `table`: a tick sends the poll, which gets a 200.
+/// Callouts dispatched after `mark` (accepted or not) whose `:path` starts with `path`.
+pub fn calls_to(vm: &Vm, mark: usize, path: &str) -> Vec<(HttpCallRequest, Status)> {
+    vm.http_calls_since(mark)
+        .into_iter()
+        .filter(|(req, _)| req.header(":path").is_some_and(|p| p.starts_with(path)))
+        .collect()
+}
+
+/// The one callout to `path` accepted after `mark`; panics if there is not exactly one.
+pub fn single_callout_to(vm: &Vm, mark: usize, path: &str) -> HttpCallRequest {
+    let calls: Vec<_> = calls_to(vm, mark, path)
+        .into_iter()
+        .filter(|(_, status)| *status == Status::Ok)
+        .map(|(req, _)| req)
+        .collect();
+    assert_eq!(
+        calls.len(),
+        1,
+        "expected one callout to {path}, got {calls:?}"
+    );
+    calls.into_iter().next().unwrap_or_else(|| unreachable!())
+}
+
+/// Callouts to `path` the module made and the test has not answered yet, oldest first.
+pub fn pending_to(vm: &Vm, path: &str) -> Vec<HttpCallRequest> {
+    let pending = vm.pending_callouts();
+    calls_to(vm, 0, path)
+        .into_iter()
+        .filter(|(req, status)| *status == Status::Ok && pending.contains(&req.token))
+        .map(|(req, _)| req)
+        .collect()
+}
+
+/// The agent's name-table poll in flight; panics unless there is exactly one.
+pub fn table_poll(vm: &Vm) -> u32 {
+    match pending_to(vm, NAME_TABLE_PATH).as_slice() {
+        [poll] => poll.token,
+        other => panic!(
+            "agent has {} polls in flight, not one: {other:?}",
+            other.len()
+        ),
+    }
+}
+
+/// Path of the shim's name table long-poll.
+pub const NAME_TABLE_PATH: &str = vmesh_api::paths::shim::NAME_TABLE;
+
+/// Runs an agent until it has published `table`: a tick sends the poll (unless one is in
+/// flight), which gets a 200.
 pub fn publish(host: &Host, agent_vm: &mut Vm, table: &NameTable) -> Result<(), VmError> {
-    let mark = agent_vm.mark();
-    if agent_vm.pending_callouts().is_empty() {
+    if pending_to(agent_vm, NAME_TABLE_PATH).is_empty() {
         agent_vm.tick()?;
     }
-    let token = match agent_vm.pending_callouts().as_slice() {
-        [token] => *token,
-        other => panic!("agent has {other:?} polls in flight, not one (calls {mark}..)"),
-    };
+    let token = table_poll(agent_vm);
     agent_vm.http_call_response(token, HttpResponse::status(200).body(table.to_json()))?;
     let published = host.shared_data(VM_ID, VERSION_KEY).map(|(v, _)| v);
     assert_eq!(

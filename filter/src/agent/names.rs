@@ -1,5 +1,5 @@
-//! The agent root (bootstrap singleton): long-polls the name table from the shim and
-//! publishes it to the workers. The table is compiled here once, not on every worker.
+//! The agent's name-table sync: long-polls the table from the shim and publishes it to the
+//! workers. The table is compiled here once, not on every worker.
 
 use std::time::{Duration, SystemTime};
 
@@ -12,11 +12,10 @@ use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
 use crate::table;
 
-const TICK: Duration = Duration::from_millis(200);
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-pub struct Agent {
+pub struct NamePoll {
     config: Config,
     metrics: Metrics,
     /// Version of the table last published (sent back so the source can long-poll).
@@ -26,12 +25,9 @@ pub struct Agent {
     failures: u32,
 }
 
-impl Agent {
+impl NamePoll {
     pub fn new(config: Config, metrics: Metrics) -> Self {
-        if let Err(e) = hostcalls::set_tick_period(TICK) {
-            log::error!("cannot start the agent tick: {e:?}");
-        }
-        Agent {
+        NamePoll {
             config,
             metrics,
             version: None,
@@ -41,10 +37,15 @@ impl Agent {
         }
     }
 
-    pub fn on_tick(&mut self) {
-        if self.in_flight.is_none() && now() >= self.next_attempt {
+    pub fn on_tick(&mut self, now: SystemTime) {
+        if self.in_flight.is_none() && now >= self.next_attempt {
             self.poll();
         }
+    }
+
+    /// Whether a callout is this part's.
+    pub fn owns(&self, token: u32) -> bool {
+        self.in_flight == Some(token)
     }
 
     fn poll(&mut self) {
@@ -141,7 +142,7 @@ impl Agent {
 }
 
 fn now() -> SystemTime {
-    hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+    super::now()
 }
 
 /// Percent-encodes a version for a query string (versions are opaque strings).
