@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --target wasm32-wasip1 -p vmesh-filter
-cargo build --release -p vmesh-shim
+cargo build --release -p vmesh-shim -p vmesh-control

@@ -69,6 +69,14 @@ impl Envoy {
 
     /// Starts Envoy on `ports` with `concurrency` worker threads.
     pub fn start_on(dir: &Path, shim_port: u16, ports: Ports, concurrency: u32) -> Envoy {
+        let envoy = Envoy::spawn(dir, shim_port, ports, concurrency);
+        envoy.wait_live();
+        envoy
+    }
+
+    /// Starts Envoy without waiting for it to be live ([`Envoy::wait_live`]); see
+    /// `Shim::spawn` for why.
+    pub fn spawn(dir: &Path, shim_port: u16, ports: Ports, concurrency: u32) -> Envoy {
         let Ports { admin, dns, doh } = ports;
         let config = dir.join(format!("envoy-{dns}.yaml"));
         std::fs::write(&config, render_config(admin, dns, doh, shim_port)).expect("write config");
@@ -88,17 +96,19 @@ impl Envoy {
             &args,
             &dir.join(format!("envoy-{dns}.log")),
         );
-        let envoy = Envoy {
+        Envoy {
             admin,
             dns,
             doh,
             proc,
-        };
-        eventually("envoy is live", || match envoy.admin_get("/ready") {
+        }
+    }
+
+    pub fn wait_live(&self) {
+        eventually("envoy is live", || match self.admin_get("/ready") {
             Ok((200, body)) if body.trim() == "LIVE" => Ok(()),
             other => Err(format!("{other:?}")),
         });
-        envoy
     }
 
     /// GET on the admin endpoint: (status, body).

@@ -37,6 +37,15 @@ pub fn binary() -> PathBuf {
 
 impl Shim {
     pub fn start(dir: &Path, port: u16, opts: &ShimOptions) -> Shim {
+        let shim = Shim::spawn(dir, port, opts);
+        shim.wait_serving();
+        shim
+    }
+
+    /// Starts the shim without waiting for it to serve ([`Shim::wait_serving`]). Processes
+    /// die with the thread that started them, so tests that start many at once start them
+    /// all from their own thread this way, then wait.
+    pub fn spawn(dir: &Path, port: u16, opts: &ShimOptions) -> Shim {
         let mut args = vec![
             "--listen".to_string(),
             format!("127.0.0.1:{port}"),
@@ -67,9 +76,11 @@ impl Shim {
             &opts.env,
             &dir.join(format!("shim-{port}.log")),
         );
-        let shim = Shim { port, proc };
-        eventually("shim /healthz", || shim.healthz());
-        shim
+        Shim { port, proc }
+    }
+
+    pub fn wait_serving(&self) {
+        eventually("shim /healthz", || self.healthz());
     }
 
     /// A port for a shim that is not started yet (Envoy is configured with it first).

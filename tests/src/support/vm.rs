@@ -55,6 +55,14 @@ impl Vm {
     /// Starts the shim from `bundle`, then Envoy; returns once both run (registration is the
     /// caller's to wait for).
     pub fn start(dir: &Path, bundle: &Path, options: VmOptions) -> Vm {
+        let vm = Vm::spawn(dir, bundle, options);
+        vm.wait_running();
+        vm
+    }
+
+    /// Starts both without waiting ([`Vm::wait_running`]): processes die with the thread that
+    /// started them, so many VMs starting at once are spawned from the test's own thread.
+    pub fn spawn(dir: &Path, bundle: &Path, options: VmOptions) -> Vm {
         let dir = dir.join(format!("vm-{}", options.address));
         std::fs::create_dir_all(&dir).expect("vm dir");
         let mut vm = Vm {
@@ -67,9 +75,23 @@ impl Vm {
             options,
             dir,
         };
-        vm.start_shim();
-        vm.start_envoy();
+        vm.shim = Some(Shim::spawn(&vm.dir, vm.shim_port, &vm.shim_options()));
+        vm.envoy = Some(Envoy::spawn(
+            &vm.dir,
+            vm.shim_port,
+            vm.ports,
+            vm.options.concurrency,
+        ));
         vm
+    }
+
+    pub fn wait_running(&self) {
+        if let Some(s) = &self.shim {
+            s.wait_serving();
+        }
+        if let Some(e) = &self.envoy {
+            e.wait_live();
+        }
     }
 
     fn resolv_conf(&self) -> PathBuf {
@@ -84,6 +106,10 @@ impl Vm {
     }
 
     pub fn start_shim(&mut self) {
+        self.shim = Some(Shim::start(&self.dir, self.shim_port, &self.shim_options()));
+    }
+
+    fn shim_options(&self) -> ShimOptions {
         let mut args = vec![
             "--bundle".to_string(),
             self.bundle.display().to_string(),
@@ -93,18 +119,13 @@ impl Vm {
             self.resolv_conf().display().to_string(),
         ];
         args.extend(self.options.shim_args.iter().cloned());
-        let shim = Shim::start(
-            &self.dir,
-            self.shim_port,
-            &ShimOptions {
-                upstreams: vec![self.options.upstream.clone()],
-                self_addr: Some(format!("127.0.0.1:{}", self.ports.dns)),
-                args,
-                env: vec![("ISTIO_SVC_IP".into(), self.options.address.clone())],
-                ..ShimOptions::default()
-            },
-        );
-        self.shim = Some(shim);
+        ShimOptions {
+            upstreams: vec![self.options.upstream.clone()],
+            self_addr: Some(format!("127.0.0.1:{}", self.ports.dns)),
+            args,
+            env: vec![("ISTIO_SVC_IP".into(), self.options.address.clone())],
+            ..ShimOptions::default()
+        }
     }
 
     pub fn start_envoy(&mut self) {
