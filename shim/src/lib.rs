@@ -26,6 +26,7 @@ pub mod interfaces;
 pub mod metrics;
 pub mod names;
 pub mod probe;
+pub mod prober;
 pub mod resolv;
 pub mod server;
 pub mod status;
@@ -191,7 +192,8 @@ fn start_control_plane(
     };
     let cached = source.load_cache();
     tokio::spawn(source.run(cached, stopped.clone()));
-    let (_verdicts_tx, verdicts) = watch::channel(None);
+    let (verdicts_tx, verdicts) = watch::channel(None);
+    tokio::spawn(prober::run(plan.subscribe(), verdicts_tx, stopped.clone()));
     let session = control::session::Session {
         cp,
         request: c.bundle.register_request(),

@@ -30,6 +30,13 @@ struct Mesh {
 /// The seed's config: a WorkloadGroup with a readiness probe on the app, a ServiceEntry that
 /// selects its VMs, and a Kubernetes Service with a ClusterIP.
 fn config(app_port: u16, probe_period: u32) -> String {
+    config_with_probe(&format!(
+        "periodSeconds: {probe_period}\n    httpGet: {{port: {app_port}, path: /ready}}"
+    ))
+}
+
+/// The same config with another probe (YAML under `probe:`, indented by four).
+fn config_with_probe(probe: &str) -> String {
     format!(
         r#"
 apiVersion: networking.istio.io/v1
@@ -44,10 +51,7 @@ spec:
   template:
     serviceAccount: vm-sa
   probe:
-    periodSeconds: {probe_period}
-    httpGet:
-      port: {app_port}
-      path: /ready
+    {probe}
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -85,11 +89,15 @@ impl Mesh {
     }
 
     fn with(options: CpOptions, probe_period: u32) -> Mesh {
+        Mesh::configured(options, |app| config(app.port, probe_period))
+    }
+
+    fn configured(options: CpOptions, yaml: impl FnOnce(&App) -> String) -> Mesh {
         let dir = tempfile::tempdir().expect("temp dir");
         let dnsmasq = Dnsmasq::start(dir.path());
         let app = App::start();
         let cp = ControlPlane::start(dir.path(), options);
-        cp.apply(dir.path(), &config(app.port, probe_period));
+        cp.apply(dir.path(), &yaml(&app));
         let bundle = dir.path().join("bundle");
         cp.bundle(GROUP, NS, &bundle);
         Mesh {
@@ -460,4 +468,24 @@ fn ten_vms_starting_at_once_are_registered_once_each() {
     for vm in &vms {
         assert_eq!(vm.registration().unwrap(), "registered");
     }
+}
+
+#[test]
+fn an_exec_probe_runs_in_the_shim() {
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let path = marker.path().display().to_string();
+    let mesh = Mesh::configured(CpOptions::default(), |_| {
+        config_with_probe(&format!(
+            "periodSeconds: 1\n    exec: {{command: [test, -f, \"{path}\"]}}"
+        ))
+    });
+    let vm = mesh.vm("198.18.0.91");
+    let message = mesh.wait_health("198.18.0.91", "True");
+    assert!(message.contains("exit status 0"), "{message}");
+    let status = vm.status().unwrap();
+    let probe = status["health"]["probe"].as_str().unwrap_or_default();
+    assert!(probe.contains("by the shim"), "{probe}");
+    drop(marker);
+    let message = mesh.wait_health("198.18.0.91", "False");
+    assert!(message.contains("exit status 1"), "{message}");
 }
