@@ -39,12 +39,90 @@ pub mod header {
     pub const TABLE_VERSION: &str = "x-vmesh-table-version";
 }
 
-/// Query parameters of the name-table long-poll.
+/// Query parameters of the name-table long-poll, and reading and writing query strings.
 pub mod query {
     pub const VERSION: &str = "version";
     pub const WAIT: &str = "wait";
     /// The admin credential's choice of namespace.
     pub const NAMESPACE: &str = "namespace";
+
+    /// `s` percent-encoded for a query value (RFC 3986 unreserved characters stay as they are;
+    /// versions are opaque strings).
+    pub fn encode(s: &str) -> String {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = String::with_capacity(s.len());
+        for b in s.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                out.push(char::from(b));
+            } else {
+                out.push('%');
+                for nibble in [b >> 4, b & 0xF] {
+                    out.push(char::from(
+                        HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// The first value of `name` in a query string, percent-decoded (`+` is a space, as in
+    /// forms); `None` when absent or not decodable.
+    pub fn param(query: Option<&str>, name: &str) -> Option<String> {
+        query?.split('&').find_map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key).as_deref() == Some(name)).then(|| decode(value))?
+        })
+    }
+
+    fn decode(text: &str) -> Option<String> {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'%' => {
+                    let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 3;
+                }
+                b'+' => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                _ => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8(out).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn rfc3986_values_round_trip_and_first_wins() {
+            assert_eq!(encode("v1-a.b_c~"), "v1-a.b_c~");
+            assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+            for v in ["a b&c=d", "68083db4~e77b6f16", "é%"] {
+                let q = format!("x=1&version={}", encode(v));
+                assert_eq!(param(Some(&q), VERSION).as_deref(), Some(v));
+            }
+            let q = Some("version=v%201&wait=5&dns=AAAB-_&version=other&flag");
+            assert_eq!(param(q, VERSION).as_deref(), Some("v 1"));
+            assert_eq!(param(q, WAIT).as_deref(), Some("5"));
+            assert_eq!(param(q, "dns").as_deref(), Some("AAAB-_"));
+            assert_eq!(param(q, "flag").as_deref(), Some(""));
+            assert_eq!(param(q, "missing"), None);
+            assert_eq!(param(None, "dns"), None);
+            assert_eq!(param(Some("v=%zz"), "v"), None);
+            assert_eq!(param(Some("v=%4"), "v"), None);
+            assert_eq!(param(Some("v=a+b"), "v").as_deref(), Some("a b"));
+        }
+    }
 }
 
 /// Content types.

@@ -116,12 +116,9 @@ enum Caller {
     Vm(Identity),
 }
 
-fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+/// A query parameter, percent-decoded; empty counts as absent.
+fn query_param(query: &str, name: &str) -> Option<String> {
+    vmesh_api::paths::query::param(Some(query), name).filter(|v| !v.is_empty())
 }
 
 async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
@@ -310,16 +307,16 @@ impl<S: Store> App<S> {
         let ns = match caller {
             Caller::Vm(id) => id.namespace,
             // The admin may read any namespace's table (debugging, benchmarks).
-            Caller::Admin => query_param(query, "namespace")
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| {
+            Caller::Admin => {
+                query_param(query, vmesh_api::paths::query::NAMESPACE).ok_or_else(|| {
                     ApiError::bad("namespace", "Required value for the admin credential")
                 })?
-                .to_string(),
+            }
         };
-        let known = query_param(query, "version").filter(|v| !v.is_empty());
-        let wait = match query_param(query, "wait") {
-            None | Some("") => DEFAULT_WAIT_SECS,
+        let known = query_param(query, vmesh_api::paths::query::VERSION);
+        let known = known.as_deref();
+        let wait = match query_param(query, vmesh_api::paths::query::WAIT) {
+            None => DEFAULT_WAIT_SECS,
             Some(w) => w
                 .parse::<u64>()
                 .map_err(|_| ApiError::bad("wait", "Invalid value: seconds as an integer"))?
@@ -398,11 +395,7 @@ impl<S: Store> App<S> {
             .next()
             .filter(|s| !s.is_empty())
             .map(str::to_string)
-            .or_else(|| {
-                query_param(query, "namespace")
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-            });
+            .or_else(|| query_param(query, vmesh_api::paths::query::NAMESPACE));
         let name = parts.next().filter(|s| !s.is_empty());
         let cache = self.registry.cache();
         let with_version = |c: &crate::cache::Cached| {

@@ -34,6 +34,7 @@ use crate::status::{Board, Status};
 
 use vmesh_api::paths::content_type::{DNS_MESSAGE, JSON};
 use vmesh_api::paths::header::TABLE_VERSION as TABLE_VERSION_HEADER;
+use vmesh_api::paths::query;
 use vmesh_api::paths::shim as path;
 /// Largest DNS message (and so the largest request body) accepted.
 pub const MAX_DNS_MESSAGE: usize = 65535;
@@ -210,7 +211,7 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
         );
     };
     let query = req.uri().query();
-    let wait = match query_param(query, vmesh_api::paths::query::WAIT) {
+    let wait = match query::param(query, query::WAIT) {
         None => DEFAULT_WAIT,
         Some(s) => match s.parse::<u64>() {
             Ok(secs) => Duration::from_secs(secs).min(MAX_WAIT),
@@ -222,7 +223,7 @@ async fn name_table(app: &App, req: &Request<Incoming>) -> Response<Body> {
             }
         },
     };
-    let known = query_param(query, vmesh_api::paths::query::VERSION);
+    let known = query::param(query, query::VERSION);
     let (status, table) =
         match long_poll(tables.clone(), known.as_deref(), wait, app.stop.clone()).await {
             Poll::Changed(t) => (StatusCode::OK, t),
@@ -317,39 +318,6 @@ fn is_dns_message(value: &[u8]) -> bool {
         .eq_ignore_ascii_case(DNS_MESSAGE.as_bytes())
 }
 
-/// The first value of `name` in a query string, percent-decoded (`+` is a space, as in forms).
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key).as_deref() == Some(name)).then(|| percent_decode(value))?
-    })
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            _ => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
@@ -385,19 +353,6 @@ fn not_allowed(allow: &'static str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn query_params_are_percent_decoded_and_first_wins() {
-        let q = Some("version=v%201&wait=5&dns=AAAB-_&version=other&flag");
-        assert_eq!(query_param(q, "version").as_deref(), Some("v 1"));
-        assert_eq!(query_param(q, "wait").as_deref(), Some("5"));
-        assert_eq!(query_param(q, "dns").as_deref(), Some("AAAB-_"));
-        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
-        assert_eq!(query_param(q, "missing"), None);
-        assert_eq!(query_param(None, "dns"), None);
-        assert_eq!(query_param(Some("v=%zz"), "v"), None);
-        assert_eq!(query_param(Some("v=a+b"), "v").as_deref(), Some("a b"));
-    }
 
     #[test]
     fn dns_message_content_type_ignores_case_and_parameters() {

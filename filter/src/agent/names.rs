@@ -57,7 +57,7 @@ impl NamePoll {
         );
         if let Some(v) = &self.version {
             path.push_str(&format!("&{}=", query::VERSION));
-            path.push_str(&percent_encode(v));
+            path.push_str(&query::encode(v));
         }
         let headers = vec![
             (":method", "GET"),
@@ -143,26 +143,4 @@ impl NamePoll {
 
 fn now() -> SystemTime {
     super::now()
-}
-
-/// Percent-encodes a version for a query string (versions are opaque strings).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn versions_are_percent_encoded_for_the_query_string() {
-        assert_eq!(super::percent_encode("v1-a.b_c~"), "v1-a.b_c~");
-        assert_eq!(super::percent_encode("a b&c=d"), "a%20b%26c%3Dd");
-    }
 }

@@ -7,7 +7,6 @@
 //! `iptables-restore --noflush` input that gets there; [`host`] runs the two commands. Only
 //! the last step touches the system, and nothing is touched unless every check passed.
 
-pub mod cluster_env;
 pub mod host;
 pub mod plan;
 pub mod rules;
@@ -264,7 +263,7 @@ pub enum Problem {
     #[error("--cluster-env {path}: {error}")]
     ClusterEnvLine {
         path: PathBuf,
-        error: cluster_env::EnvLineError,
+        error: crate::bundle::EnvLineError,
     },
     #[error("--resolv-conf {path}: {source}")]
     ResolvConf {
@@ -407,12 +406,19 @@ impl CaptureArgs {
         if let Some(path) = &self.cluster_env {
             match std::fs::read_to_string(path) {
                 Ok(text) => {
-                    let keys: Vec<&str> = FILE_SETTINGS.iter().map(|s| s.env).collect();
-                    let (values, errors) = cluster_env::parse(&text, &keys);
-                    sources.file = values;
-                    problems.extend(errors.into_iter().map(|error| Problem::ClusterEnvLine {
-                        path: path.clone(),
-                        error,
+                    // The same reader as the shim's bundle: a file the shim would refuse is
+                    // refused here too.
+                    let parsed = crate::bundle::parse_cluster_env(&text);
+                    sources.file = parsed
+                        .vars
+                        .into_iter()
+                        .filter(|(k, _)| FILE_SETTINGS.iter().any(|s| s.env == k))
+                        .collect();
+                    problems.extend(parsed.errors.into_iter().map(|error| {
+                        Problem::ClusterEnvLine {
+                            path: path.clone(),
+                            error,
+                        }
                     }));
                 }
                 Err(source) => problems.push(Problem::ClusterEnvRead {
@@ -1028,7 +1034,12 @@ mod tests {
         );
         let got = problems(&["--cluster-env", bad.to_str().unwrap()]);
         assert_eq!(got.len(), 1, "{got:?}");
-        assert!(got[0].ends_with("line 2: ENVOY_PORT: shell expansion ($ or `) is not supported: quote it with '...'"), "{got:?}");
+        assert!(
+            got[0].ends_with(
+                "line 2: unquoted `$` would be expanded by a shell; put the value in single quotes"
+            ),
+            "{got:?}"
+        );
 
         let (_bad_dir, bad) =
             temp_file("cluster-value.env", "ISTIO_LOCAL_EXCLUDE_PORTS='22,ssh'\n");

@@ -306,7 +306,7 @@ impl ControlPlane {
     ) -> Result<TablePoll, CallError> {
         let mut target = format!("{}?{}={}", path::NAME_TABLE, query::WAIT, wait.as_secs());
         if let Some(v) = known {
-            target.push_str(&format!("&{}={}", query::VERSION, percent_encode(v)));
+            target.push_str(&format!("&{}={}", query::VERSION, query::encode(v)));
         }
         let (status, headers, body) = self
             .call(Method::GET, &target, None, wait + POLL_MARGIN)
@@ -324,17 +324,4 @@ impl ControlPlane {
             json: body,
         })
     }
-}
-
-/// Percent-encodes a query value (versions are opaque strings).
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
