@@ -430,4 +430,23 @@ docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0
             assert!(!a.ip.is_loopback());
         }
     }
+
+    #[test]
+    fn global_ipv6_table() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n";
+        let ula = "fd000000000000000000000000000002 04 40 00 82     eth0\n";
+        let global = "20010db8000000000000000000000001 02 40 00 80     eth0\n";
+        let cases = [
+            ("", false),
+            (lo, false),
+            (&*format!("{lo}{link}"), false),
+            (&*format!("{lo}{link}{ula}"), true),
+            (&*format!("{lo}{global}"), true),
+            ("garbage\n", false),
+        ];
+        for (text, want) in cases {
+            assert_eq!(has_global_ipv6_in(&parse_if_inet6(text)), want, "{text}");
+        }
+    }
 }

@@ -4,7 +4,6 @@
 //! tested here; the functions that read the real files or run commands are thin wrappers.
 
 use std::io::Write;
-use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -47,24 +46,6 @@ pub const GROUP: &str = "/etc/group";
 
 pub fn read_db(path: &str) -> Option<String> {
     std::fs::read_to_string(path).ok()
-}
-
-/// Whether `/proc/net/if_inet6` text lists an address of global scope (scope field `00`),
-/// which includes unique local addresses (fc00::/7), on any interface.
-pub fn has_global_ipv6(if_inet6: &str) -> bool {
-    if_inet6.lines().any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let addr = fields
-            .first()
-            .and_then(|hex| u128::from_str_radix(hex, 16).ok());
-        let global = fields.get(3).is_some_and(|scope| *scope == "00");
-        matches!(addr, Some(a) if global && !Ipv6Addr::from(a).is_loopback())
-    })
-}
-
-/// Whether this machine has a global IPv6 address (false when IPv6 is off in the kernel).
-pub fn machine_has_global_ipv6() -> bool {
-    std::fs::read_to_string("/proc/net/if_inet6").is_ok_and(|text| has_global_ipv6(&text))
 }
 
 /// Whether a `/proc/self/status` text says the process may change firewall rules: root, or
@@ -210,25 +191,6 @@ broken:x:notanumber:1::/:/bin/sh
         ];
         for (text, db, want) in cases {
             assert_eq!(resolve_id(text, *db), *want, "{text}");
-        }
-    }
-
-    #[test]
-    fn global_ipv6_table() {
-        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
-        let link = "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n";
-        let ula = "fd000000000000000000000000000002 04 40 00 82     eth0\n";
-        let global = "20010db8000000000000000000000001 02 40 00 80     eth0\n";
-        let cases = [
-            ("", false),
-            (lo, false),
-            (&*format!("{lo}{link}"), false),
-            (&*format!("{lo}{link}{ula}"), true),
-            (&*format!("{lo}{global}"), true),
-            ("garbage\n", false),
-        ];
-        for (text, want) in cases {
-            assert_eq!(has_global_ipv6(text), want, "{text}");
         }
     }
 

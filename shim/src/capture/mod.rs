@@ -336,7 +336,7 @@ impl Machine {
         Machine {
             passwd: host::read_db(host::PASSWD),
             group: host::read_db(host::GROUP),
-            has_global_ipv6: host::machine_has_global_ipv6(),
+            has_global_ipv6: crate::interfaces::has_global_ipv6(),
         }
     }
 }
