@@ -47,6 +47,10 @@ pub struct Config {
     pub table_wait_s: u64,
     /// How often workers look for a newly published table.
     pub table_check_ms: u64,
+    /// How often a UDP tunnel with a forward in flight gets a keepalive, so that udp_proxy's
+    /// session idle timeout (1 s in vm-sidecar.yaml) cannot end it before the answer arrives.
+    /// Must stay well under that timeout.
+    pub udp_keepalive_ms: u64,
     pub log_level: LogLevel,
 }
 
@@ -78,6 +82,7 @@ impl Default for Config {
             forward_timeout_ms: 6000,
             table_wait_s: 30,
             table_check_ms: 250,
+            udp_keepalive_ms: 250,
             log_level: LogLevel::Info,
         }
     }
@@ -109,6 +114,7 @@ impl Config {
                 "forward_timeout_ms" => cfg.forward_timeout_ms = r.u64().map_err(json)?,
                 "table_wait_s" => cfg.table_wait_s = r.u64().map_err(json)?,
                 "table_check_ms" => cfg.table_check_ms = r.u64().map_err(json)?,
+                "udp_keepalive_ms" => cfg.udp_keepalive_ms = r.u64().map_err(json)?,
                 "log_level" => {
                     cfg.log_level = match r.string().map_err(json)?.as_ref() {
                         "trace" => LogLevel::Trace,
@@ -158,6 +164,7 @@ impl Config {
         range("forward_timeout_ms", cfg.forward_timeout_ms, 100, 60_000)?;
         range("table_wait_s", cfg.table_wait_s, 1, 120)?;
         range("table_check_ms", cfg.table_check_ms, 10, 60_000)?;
+        range("udp_keepalive_ms", cfg.udp_keepalive_ms, 10, 10_000)?;
         for (field, v) in [
             ("shim_cluster", &cfg.shim_cluster),
             ("shim_authority", &cfg.shim_authority),
@@ -193,6 +200,7 @@ mod tests {
             (r#"{"cluster_domain":"a..b"}"#, "cluster_domain"),
             (r#"{"log_level":"loud"}"#, "log_level"),
             (r#"{"table_wait_s":1.5}"#, "integer"),
+            (r#"{"udp_keepalive_ms":0}"#, "udp_keepalive_ms"),
             (r#"{"table_wait_s":5,"table_wait_s":6}"#, "duplicate"),
             (r#"{"shim_cluster":""}"#, "shim_cluster"),
             ("not json", "not valid JSON"),

@@ -8,6 +8,7 @@ pub mod eventually;
 pub mod process;
 pub mod shim;
 pub mod sidecar;
+pub mod slow_upstream;
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::PathBuf;
