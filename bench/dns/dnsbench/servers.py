@@ -127,13 +127,16 @@ def start_vmesh(procs: Procs, ports: Ports, work: Path, repo: Path, mesh, upstre
     _wait_live(admin, envoy)
     s = Server(name, dns, ("udp", "tcp"), [envoy, shim], admin)
 
-    # The table reaches each worker VM separately: ask from many source ports, since the
-    # kernel spreads UDP clients over the workers' sockets by address hash.
+    # The table reaches each worker VM separately, and each DNS root of a VM takes it on its
+    # own tick (the UDP root may tick faster than the TCP root): ask over both transports from
+    # many source ports, since the kernel spreads clients over the workers' sockets by
+    # address hash.
     probe = mesh[len(mesh) // 2]
 
     def every_worker():
         for i in range(4 * max(concurrency, 1)):
-            _expect(dns, probe.fqdn, set(probe.ips), False, qid=i + 1)
+            for tcp in (False, True):
+                _expect(dns, probe.fqdn, set(probe.ips), tcp, qid=i + 1)
     eventually("the name table reaches every vmesh worker", every_worker, 60.0, envoy)
     return s
 
