@@ -3,6 +3,7 @@
 # persistent clients get in throughput, for one or more sidecar variants side by side.
 # See docs/benchmarks.md ("UDP sessions").
 #   bench/dns/sessions.sh [--no-build] [--variant NAME=SIDECAR[,WASM]]... [more: --help]
+#   bench/dns/sessions.sh --no-build --report FILE.json   # an earlier run's tables again
 # Results: bench/dns/results/sessions-<time>-c<N>.{json,md}; the markdown also goes to stdout.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

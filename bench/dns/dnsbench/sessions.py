@@ -73,7 +73,7 @@ def parse_args(argv, repo: Path, default_wasm: Path):
     p.add_argument("--seconds", type=float, default=60.0, help="length of a fresh-port run")
     p.add_argument("--mixes", default="owned,forwarded",
                    help="fresh-port runs for mesh names (owned) and/or upstream names "
-                        "(forwarded)")
+                        "(forwarded); empty for none (only the persistent-client runs)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dnsperf-runs", type=int, default=2,
                    help="persistent-client dnsperf runs per variant per repetition")
@@ -94,7 +94,9 @@ def parse_args(argv, repo: Path, default_wasm: Path):
                         "it measures anyway (each run records how busy the machine was)")
     p.add_argument("--out", default=None, help="results directory (default bench/dns/results)")
     a = p.parse_args(argv)
-    a.mixes = a.mixes.split(",")
+    a.mixes = [m for m in a.mixes.split(",") if m]
+    if any(m not in ("owned", "forwarded") for m in a.mixes):
+        p.error(f"--mixes {a.mixes}: owned and/or forwarded (empty: persistent runs only)")
     specs = a.variant or [f"current=envoy-configs/vm-sidecar.yaml,{default_wasm}"]
     a.variants = [parse_variant(v, repo, default_wasm) for v in specs]
     if len({v.name for v in a.variants}) != len(a.variants):
@@ -326,18 +328,42 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
 
 
 def markdown(meta: dict, summary: dict, variants: list[str]) -> str:
-    mb = lambda b: "–" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
-    us = lambda s: "–" if s is None else f"{s * 1e6:.0f}"  # noqa: E731
     out = [f"### Fresh-port sessions ({meta['date']}, git {meta['git']})", "",
            f"`{meta['command']}`; {meta['nproc']} CPUs ({meta['cpu_model']}), "
            f"{meta['versions']}; Envoy --concurrency {meta['concurrency']}. "
-           f"Fresh-port runs: {meta['rate']:g} lookups/s for {meta['seconds']:g} s, each from "
-           f"a new UDP socket; {meta['reps']} repetitions per cell, variants interleaved. "
-           f"Other processes used a median of {meta.get('other_cpu_median', '?')} of the CPU "
+           + (f"Fresh-port runs: {meta['rate']:g} lookups/s for {meta['seconds']:g} s, each "
+              f"from a new UDP socket. " if summary["fresh"] else "")
+           + f"{meta['reps']} repetitions, variants interleaved. Other processes used a median of {meta.get('other_cpu_median', '?')} of the CPU "
            f"(max {meta.get('other_cpu_max', '?')}).", ""]
     for v in variants:
         out.append(f"- **{v}**: {meta['variants'][v]}")
-    out += ["", "| variant | names | heap before MB | peak MB | growth MB (max) | after − "
+    if summary["fresh"]:
+        out += fresh_table(summary)
+    out += ["", f"Persistent clients (dnsperf -c {meta['clients']} -q {meta['outstanding']}, "
+            f"{meta['dnsperf_seconds']:g} s runs without a rate limit, mesh names, UDP):", "",
+            f"| variant | q/s (median) | vs {variants[0]} (range over paired runs) | runs | "
+            "lost | new sessions per run |", "|---|---:|---:|---:|---:|---:|"]
+    for v, c in summary["persistent"].items():
+        ratio = (f"{c['ratio']:.2f}x ({c['ratio_range'][0]:.2f}–{c['ratio_range'][1]:.2f})"
+                 if c.get("ratio") and c.get("ratio_range") else "–")
+        out.append(f"| {v} | {c['qps']:,.0f} | {ratio} | {c['runs']} | {c['lost']} | "
+                   f"{c['sessions_created']:g} |")
+    if summary["fresh"]:
+        out += ["", "| target | variant | measured | met |", "|---|---|---|---|"]
+        for (v, mix), c in summary["fresh"].items():
+            out.append(f"| heap growth <= 64 MB at {meta['rate']:g} fresh ports/s for "
+                       f"{meta['seconds']:g} s, {mix} | {v} | {c['growth_max'] / 1e6:.1f} MB "
+                       f"(worst run) | "
+                       f"{'yes' if c['growth_max'] <= TARGET_GROWTH_BYTES else '**no**'} |")
+    if meta.get("failed"):
+        out += ["", f"**The run failed**: {meta['failed']}"]
+    return "\n".join(out) + "\n"
+
+
+def fresh_table(summary: dict) -> list[str]:
+    mb = lambda b: "–" if b is None else f"{b / 1e6:.1f}"  # noqa: E731
+    us = lambda s: "–" if s is None else f"{s * 1e6:.0f}"  # noqa: E731
+    out = ["", "| variant | names | heap before MB | peak MB | growth MB (max) | after − "
             "before MB | peak sessions | bytes/session | sessions created | p50 / p99 µs | "
             "lost / sent | Envoy CPU µs/lookup |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -350,26 +376,22 @@ def markdown(meta: dict, summary: dict, variants: list[str]) -> str:
             f"{c['lost']} / {c['sent']:,} | {c['envoy_cpu_us'] or '–'} |")
     out += ["", "Medians over the repetitions. Heap is `/memory` \"allocated\" (bytes Envoy's "
             "code holds), read twice a second; \"after\" is read once the run's sessions have "
-            "expired.", "",
-            f"Persistent clients (dnsperf -c {meta['clients']} -q {meta['outstanding']}, "
-            f"{meta['dnsperf_seconds']:g} s runs without a rate limit, mesh names, UDP):", "",
-            f"| variant | q/s (median) | vs {variants[0]} (range over paired runs) | runs | "
-            "lost | new sessions per run |", "|---|---:|---:|---:|---:|---:|"]
-    for v, c in summary["persistent"].items():
-        ratio = (f"{c['ratio']:.2f}x ({c['ratio_range'][0]:.2f}–{c['ratio_range'][1]:.2f})"
-                 if c.get("ratio") and c.get("ratio_range") else "–")
-        out.append(f"| {v} | {c['qps']:,.0f} | {ratio} | {c['runs']} | {c['lost']} | "
-                   f"{c['sessions_created']:g} |")
-    out += ["", "| target | variant | measured | met |", "|---|---|---|---|"]
-    for (v, mix), c in summary["fresh"].items():
-        out.append(f"| heap growth <= 64 MB at {meta['rate']:g} fresh ports/s for "
-                   f"{meta['seconds']:g} s, {mix} | {v} | {mb(c['growth_max'])} MB (worst "
-                   f"run) | {'yes' if c['growth_max'] <= TARGET_GROWTH_BYTES else '**no**'} |")
-    return "\n".join(out) + "\n"
+            "expired."]
+    return out
+
+
+def rerender(path: Path) -> int:
+    """Prints the markdown of an earlier results file again (after a report change)."""
+    data = json.loads(path.read_text())
+    variants = list(data["meta"]["variants"])
+    print(markdown(data["meta"], summarize(data["runs"], variants), variants), end="")
+    return 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--report":
+        return rerender(Path(argv[1]))
     here = Path(__file__).resolve().parent.parent
     repo = here.parent.parent
     wasm = repo / "target/wasm32-wasip1/release/vmesh_filter.wasm"
