@@ -11,6 +11,11 @@
 //! Only what udp_proxy sends is accepted: a POST with `transfer-encoding: chunked`. Anything
 //! else is an error the filter answers with [`REJECTION`] and a closed connection. After a
 //! request ends the connection may carry the next one (Envoy's HTTP/1.1 pool reuses it).
+//!
+//! udp_proxy ends a session (and this connection) once it has been idle for its
+//! `idle_timeout`, counting bytes both ways. That timeout is kept short so that a client asking
+//! from a fresh port per lookup does not leave a session behind for long; a forward slower than
+//! the timeout is kept alive with [`KEEPALIVE`] chunks instead (see [`UdpTunnel::keepalive`]).
 
 use crate::framing::{Framing, FramingError};
 use crate::names::NameIndex;
@@ -23,6 +28,12 @@ const MAX_LINE: usize = 1024;
 
 const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
 const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// One chunk holding an empty capsule of type 0x17, a type RFC 9297 §5.4 reserves
+/// (0x29 * N + 0x17, N = 0) to exercise the rule that receivers ignore capsule types they do
+/// not know. udp_proxy restarts a session's idle timer on every response byte, and its
+/// `http_capsule` filter drops capsules that are not DATAGRAM, so the client never sees it.
+pub const KEEPALIVE: &[u8] = b"2\r\n\x17\x00\r\n";
 
 /// The answer to a request that is not a udp_proxy tunnel (see [`UdpTunnel::rejection`]).
 pub const REJECTION: &[u8] =
@@ -226,6 +237,15 @@ impl UdpTunnel {
         self.tunnel.is_waiting()
     }
 
+    /// What to send, from time to time, so that udp_proxy does not end the session under a
+    /// client that is still owed an answer: [`KEEPALIVE`] while a forward is in flight, `None`
+    /// otherwise (a session with nothing owed may expire: that is the point of a short idle
+    /// timeout). It may be sent between any two outputs: a forward only starts from a capsule
+    /// in the request body, so the `200` head has gone out, and the last chunk waits for it.
+    pub fn keepalive(&self) -> Option<&'static [u8]> {
+        self.tunnel.is_waiting().then_some(KEEPALIVE)
+    }
+
     /// The response bytes to send now: the head, ready answers as one chunk, and the last
     /// chunk once the request has ended and no forward is in flight.
     pub fn take_output(&mut self) -> Vec<u8> {
@@ -330,9 +350,11 @@ mod tests {
             }
         }
         let ended = body.starts_with(b"0\r\n");
+        // Capsules that carry no datagram (keepalives) are skipped, as udp_proxy does.
         let ids = Frames::new(Framing::Capsule, &capsules)
-            .map(|f| {
-                let r = Response::parse(f.unwrap().unwrap()).unwrap();
+            .filter_map(|f| f.unwrap())
+            .map(|m| {
+                let r = Response::parse(m).unwrap();
                 (r.header.id, r.rcode())
             })
             .collect();
@@ -387,6 +409,68 @@ mod tests {
         assert!(t.is_waiting());
         t.complete(jobs[0].slot, None);
         assert_eq!(answers(&t.take_output()), (vec![(7, 2)], true));
+    }
+
+    #[test]
+    fn rfc9297_5_4_keepalive_is_one_chunk_with_a_reserved_capsule_type_receivers_skip() {
+        let size_line = KEEPALIVE.iter().position(|&b| b == b'\n').unwrap();
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&KEEPALIVE[..size_line - 1]).unwrap(),
+            16,
+        )
+        .unwrap();
+        let capsule = &KEEPALIVE[size_line + 1..];
+        assert_eq!(capsule.len(), size + 2, "the chunk's data, then CRLF");
+        assert!(capsule.ends_with(b"\r\n"));
+        let capsule = &capsule[..size];
+        // Capsule type 0x29 * N + 0x17 (a one-byte varint here), no value.
+        assert_eq!((capsule[0] - 0x17) % 0x29, 0);
+        assert_eq!(capsule[1], 0);
+        let frames: Vec<_> = Frames::new(Framing::Capsule, capsule).collect();
+        assert_eq!(frames, vec![Ok(None)], "skipped, not a datagram");
+    }
+
+    #[test]
+    fn keepalives_are_owed_only_while_a_forward_is_in_flight_and_keep_the_body_parseable() {
+        let table = index();
+        let mut t = UdpTunnel::new();
+        t.feed(HEAD, Some(&table), "cluster.local", &mut 0).unwrap();
+        assert_eq!(t.keepalive(), None, "nothing owed: the session may expire");
+        let mut out = t.take_output();
+        let jobs = t
+            .feed(
+                &chunk("example.org", 5),
+                Some(&table),
+                "cluster.local",
+                &mut 0,
+            )
+            .unwrap();
+        out.extend(t.take_output());
+        assert_eq!(t.keepalive(), Some(KEEPALIVE));
+        out.extend(KEEPALIVE);
+        t.feed(
+            &chunk("mesh.example.com", 6),
+            Some(&table),
+            "cluster.local",
+            &mut 0,
+        )
+        .unwrap();
+        out.extend(t.take_output());
+        out.extend(KEEPALIVE);
+        t.feed(b"0\r\n\r\n", Some(&table), "cluster.local", &mut 0)
+            .unwrap();
+        assert_eq!(
+            t.keepalive(),
+            Some(KEEPALIVE),
+            "the request ended, the answer is owed"
+        );
+        out.extend(t.take_output());
+        out.extend(KEEPALIVE);
+        t.complete(jobs[0].slot, None);
+        assert_eq!(t.keepalive(), None);
+        out.extend(t.take_output());
+        let body = out.strip_prefix(RESPONSE_HEAD).unwrap();
+        assert_eq!(answers(body), (vec![(6, 0), (5, 2)], true));
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct Config {
     pub probe_cluster: String,
     /// How often the agent reports to the shim.
     pub report_period_ms: u64,
+    /// How often a UDP tunnel with a forward in flight gets a keepalive, so that udp_proxy's
+    /// session idle timeout (1 s in vm-sidecar.yaml) cannot end it before the answer arrives.
+    /// Must stay well under that timeout.
+    pub udp_keepalive_ms: u64,
     pub log_level: LogLevel,
 }
 
@@ -87,6 +91,7 @@ impl Default for Config {
             admin_cluster: "vmesh_admin".into(),
             probe_cluster: "vmesh_probe".into(),
             report_period_ms: 1000,
+            udp_keepalive_ms: 250,
             log_level: LogLevel::Info,
         }
     }
@@ -121,6 +126,7 @@ impl Config {
                 "admin_cluster" => cfg.admin_cluster = r.string().map_err(json)?.into_owned(),
                 "probe_cluster" => cfg.probe_cluster = r.string().map_err(json)?.into_owned(),
                 "report_period_ms" => cfg.report_period_ms = r.u64().map_err(json)?,
+                "udp_keepalive_ms" => cfg.udp_keepalive_ms = r.u64().map_err(json)?,
                 "log_level" => {
                     cfg.log_level = match r.string().map_err(json)?.as_ref() {
                         "trace" => LogLevel::Trace,
@@ -171,6 +177,7 @@ impl Config {
         range("table_wait_s", cfg.table_wait_s, 1, 120)?;
         range("table_check_ms", cfg.table_check_ms, 10, 60_000)?;
         range("report_period_ms", cfg.report_period_ms, 100, 60_000)?;
+        range("udp_keepalive_ms", cfg.udp_keepalive_ms, 10, 10_000)?;
         for (field, v) in [
             ("shim_cluster", &cfg.shim_cluster),
             ("shim_authority", &cfg.shim_authority),
@@ -213,6 +220,7 @@ mod tests {
             (r#"{"cluster_domain":"a..b"}"#, "cluster_domain"),
             (r#"{"log_level":"loud"}"#, "log_level"),
             (r#"{"table_wait_s":1.5}"#, "integer"),
+            (r#"{"udp_keepalive_ms":0}"#, "udp_keepalive_ms"),
             (r#"{"table_wait_s":5,"table_wait_s":6}"#, "duplicate"),
             (r#"{"shim_cluster":""}"#, "shim_cluster"),
             (r#"{"admin_cluster":""}"#, "admin_cluster"),

@@ -15,6 +15,12 @@
 //! written into the (empty) read buffer and sent the same way. Resuming does not end the pause
 //! for later callouts: the handle stays until a read returns Continue, which the filter does
 //! only when nothing is in flight.
+//!
+//! udp_proxy ends a tunnel after a short idle time (vm-sidecar.yaml), so that clients asking
+//! from a fresh port per lookup do not hold sessions for long. A forward can take longer than
+//! that, so while one is in flight the tunnel is listed in [`Worker::keepalive`] and the UDP
+//! root's tick writes a [`udp_tunnel::KEEPALIVE`] into it ([`send_keepalives`]), which restarts
+//! udp_proxy's idle timer and is dropped by its capsule filter.
 
 use std::rc::Rc;
 
@@ -24,7 +30,7 @@ use proxy_wasm::types::{Action, BufferType};
 use vmesh_core::framing::Framing;
 use vmesh_core::names::NameIndex;
 use vmesh_core::tunnel::{Counts, ForwardJob, Tunnel};
-use vmesh_core::udp_tunnel::UdpTunnel;
+use vmesh_core::udp_tunnel::{self, UdpTunnel};
 
 use crate::callout;
 use crate::dns::Worker;
@@ -87,10 +93,22 @@ impl Pipe {
             Pipe::Tcp(p) => p.take_counts(),
         }
     }
+
+    /// Only udp_proxy's tunnels expire when idle; TCP connections do not.
+    fn needs_keepalive(&self) -> bool {
+        match self {
+            Pipe::Udp(p) => p.keepalive().is_some(),
+            Pipe::Tcp(_) => false,
+        }
+    }
 }
 
 pub struct DnsConn {
     worker: Rc<Worker>,
+    /// This connection's context id, the one the root's tick makes effective to write to it.
+    id: u32,
+    /// Whether `id` is in the worker's keepalive list.
+    listed: bool,
     pipe: Pipe,
     /// (callout token, slot of the query it answers). A few at a time, so a list: a hash map
     /// here linked a second hash table implementation (and SipHash) into the module.
@@ -100,9 +118,11 @@ pub struct DnsConn {
 }
 
 impl DnsConn {
-    pub fn new(worker: Rc<Worker>, carrier: Carrier) -> Self {
+    pub fn new(worker: Rc<Worker>, id: u32, carrier: Carrier) -> Self {
         DnsConn {
             worker,
+            id,
+            listed: false,
             pipe: match carrier {
                 Carrier::UdpTunnel => Pipe::Udp(UdpTunnel::new()),
                 Carrier::Tcp => Pipe::Tcp(Tunnel::new(Framing::Tcp)),
@@ -134,6 +154,21 @@ impl DnsConn {
         let _ = hostcalls::resume_downstream();
     }
 
+    /// Lists or unlists the connection for keepalives after anything changed what it owes.
+    fn sync_keepalive(&mut self) {
+        let wanted = !self.closed && self.pipe.needs_keepalive();
+        if wanted == self.listed {
+            return;
+        }
+        let mut list = self.worker.keepalive.borrow_mut();
+        if wanted {
+            list.push(self.id);
+        } else if let Some(at) = list.iter().position(|&id| id == self.id) {
+            list.swap_remove(at);
+        }
+        self.listed = wanted;
+    }
+
     fn flush_counts(&mut self) {
         let counts = self.pipe.take_counts();
         if counts != Counts::default() {
@@ -161,7 +196,47 @@ impl DnsConn {
                 let _ = hostcalls::close_downstream();
             }
         }
+        self.sync_keepalive();
         Action::Continue
+    }
+}
+
+impl Drop for DnsConn {
+    /// A closed connection's context goes away; the tick must not write to its id again.
+    fn drop(&mut self) {
+        self.closed = true;
+        self.sync_keepalive();
+    }
+}
+
+/// Writes a keepalive into every UDP tunnel of `worker` that has a forward in flight, then
+/// makes the root (`root_id`) the effective context again. Called from the UDP root's tick.
+///
+/// Each listed connection's last read returned Pause (it is listed only while a forward is in
+/// flight, and then every read pauses), so Envoy still holds its read buffer for the filter, as
+/// for a callout answer: the keepalive goes into that buffer and resuming hands it to echo.
+/// That invariant is load-bearing: the SDK's `set_buffer` panics on any status but Ok, and
+/// Envoy answers BadArgument for a connection whose buffer it no longer holds. The context must
+/// be made effective first, since hostcalls act on the effective context; a connection that is
+/// gone (Envoy refuses its id) is skipped, though its context unlists itself when dropped.
+pub fn send_keepalives(worker: &Worker, root_id: u32) {
+    // A copy: no borrow may be held across host calls.
+    let ids = worker.keepalive.borrow().clone();
+    if ids.is_empty() {
+        return;
+    }
+    for id in ids {
+        if hostcalls::set_effective_context(id).is_err() {
+            log::debug!("keepalive: connection {id} is gone");
+            continue;
+        }
+        match hostcalls::set_buffer(BufferType::DownstreamData, 0, 0, udp_tunnel::KEEPALIVE) {
+            Ok(()) => DnsConn::push(),
+            Err(e) => log::warn!("keepalive not written to connection {id}: {e:?}"),
+        }
+    }
+    if let Err(e) = hostcalls::set_effective_context(root_id) {
+        log::warn!("keepalive: root context {root_id} not restored: {e:?}");
     }
 }
 
@@ -187,6 +262,7 @@ impl Context for DnsConn {
             Self::push();
         }
         self.flush_counts();
+        self.sync_keepalive();
     }
 }
 
@@ -222,6 +298,7 @@ impl StreamContext for DnsConn {
         let out = self.pipe.take_output();
         Self::write(data_size, &out);
         self.flush_counts();
+        self.sync_keepalive();
         if !self.pipe.is_waiting() {
             return Action::Continue;
         }

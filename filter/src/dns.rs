@@ -27,6 +27,10 @@ pub struct Worker {
     pub table: RefCell<WorkerTable>,
     /// Leading address of the next answer; advancing it spreads clients over addresses.
     pub rotation: Cell<u32>,
+    /// Context ids of this root's UDP tunnels that are owed keepalives (a forward in flight).
+    /// Stream contexts list and unlist themselves; the root's tick sends the keepalives,
+    /// since proxy-wasm gives timers to root contexts only.
+    pub keepalive: RefCell<Vec<u32>>,
 }
 
 impl Worker {

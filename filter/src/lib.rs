@@ -51,10 +51,19 @@ const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("VMESH_GIT_HASH
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::Unconfigured) });
+    proxy_wasm::set_root_context(|id| -> Box<dyn RootContext> {
+        Box::new(Root { id, role: RootRole::Unconfigured })
+    });
 }}
 
-enum Root {
+/// A root context: its own context id (the UDP root acts on its connections' contexts from
+/// its tick and must return to its own afterwards) and what it runs.
+struct Root {
+    id: u32,
+    role: RootRole,
+}
+
+enum RootRole {
     Unconfigured,
     Agent(Box<Agent>),
     /// DNS over HTTPS (an HTTP filter).
@@ -88,25 +97,31 @@ impl Root {
             config::LogLevel::Error => LogLevel::Error,
         });
         let metrics = Metrics::define();
-        *self = match role {
-            Role::Agent => Root::Agent(Box::new(Agent::new(config, metrics))),
+        self.role = match role {
+            Role::Agent => RootRole::Agent(Box::new(Agent::new(config, metrics))),
             Role::Dns | Role::DnsUdp | Role::DnsTcp => {
-                let check = Duration::from_millis(config.table_check_ms);
+                // The UDP root's tick also sends the tunnels' keepalives; the table check
+                // is a small shared-data read, cheap at the faster of the two periods.
+                let period = match role {
+                    Role::DnsUdp => config.table_check_ms.min(config.udp_keepalive_ms),
+                    _ => config.table_check_ms,
+                };
                 let worker = Worker {
                     config,
                     metrics,
                     table: RefCell::new(WorkerTable::default()),
                     rotation: Cell::new(0),
+                    keepalive: RefCell::new(Vec::new()),
                 };
                 worker.table.borrow_mut().refresh();
-                if let Err(e) = hostcalls::set_tick_period(check) {
-                    return Err(format!("cannot start the table check tick: {e:?}"));
+                if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(period)) {
+                    return Err(format!("cannot start the tick: {e:?}"));
                 }
                 let worker = Rc::new(worker);
                 match role {
-                    Role::DnsUdp => Root::Conn(worker, Carrier::UdpTunnel),
-                    Role::DnsTcp => Root::Conn(worker, Carrier::Tcp),
-                    _ => Root::Dns(worker),
+                    Role::DnsUdp => RootRole::Conn(worker, Carrier::UdpTunnel),
+                    Role::DnsTcp => RootRole::Conn(worker, Carrier::Tcp),
+                    _ => RootRole::Dns(worker),
                 }
             }
         };
@@ -122,7 +137,7 @@ impl Context for Root {
         body_size: usize,
         _trailers: usize,
     ) {
-        if let Root::Agent(agent) = self {
+        if let RootRole::Agent(agent) = &mut self.role {
             agent.on_http_call_response(token, headers, body_size);
         }
     }
@@ -145,35 +160,46 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        match self {
-            Root::Agent(agent) => agent.on_tick(),
-            Root::Dns(worker) | Root::Conn(worker, _) => {
+        match &mut self.role {
+            RootRole::Agent(agent) => agent.on_tick(),
+            RootRole::Dns(worker) | RootRole::Conn(worker, Carrier::Tcp) => {
                 worker.table.borrow_mut().refresh();
                 liveness::record_worker_tick();
             }
-            Root::Unconfigured => {}
+            RootRole::Conn(worker, Carrier::UdpTunnel) => {
+                worker.table.borrow_mut().refresh();
+                liveness::record_worker_tick();
+                conn::send_keepalives(worker, self.id);
+            }
+            RootRole::Unconfigured => {}
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None makes the SDK panic; a stream we do not serve gets a pass-through.
-        Some(match self {
-            Root::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker))),
-            Root::Agent(_) | Root::Conn(..) | Root::Unconfigured => Box::new(PassThrough),
+        Some(match &self.role {
+            RootRole::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker))),
+            RootRole::Agent(_) | RootRole::Conn(..) | RootRole::Unconfigured => {
+                Box::new(PassThrough)
+            }
         })
     }
 
-    fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(match self {
-            Root::Conn(worker, carrier) => Box::new(DnsConn::new(Rc::clone(worker), *carrier)),
-            Root::Agent(_) | Root::Dns(_) | Root::Unconfigured => Box::new(PassThrough),
+    fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
+        Some(match &self.role {
+            RootRole::Conn(worker, carrier) => {
+                Box::new(DnsConn::new(Rc::clone(worker), context_id, *carrier))
+            }
+            RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => Box::new(PassThrough),
         })
     }
 
     fn get_type(&self) -> Option<ContextType> {
-        Some(match self {
-            Root::Conn(..) => ContextType::StreamContext,
-            Root::Agent(_) | Root::Dns(_) | Root::Unconfigured => ContextType::HttpContext,
+        Some(match self.role {
+            RootRole::Conn(..) => ContextType::StreamContext,
+            RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => {
+                ContextType::HttpContext
+            }
         })
     }
 }

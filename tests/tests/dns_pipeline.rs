@@ -5,10 +5,15 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use vmesh_core::dns::inspect::Response;
+use std::net::Ipv4Addr;
+
+use vmesh_core::dns::inspect::{RData, Response};
 use vmesh_core::dns::{build_query, rtype};
+use vmesh_tests::support::envoy::Envoy;
 use vmesh_tests::support::eventually::eventually;
+use vmesh_tests::support::repo_root;
 use vmesh_tests::support::sidecar::{Sidecar, SidecarOptions};
+use vmesh_tests::support::slow_upstream::SlowUpstream;
 
 const MESH: &str = "vmservice.example.com";
 const SLOW: &str = "slow.example.org";
@@ -36,6 +41,37 @@ fn recv_udp(sock: &UdpSocket) -> Response {
         .recv(&mut buf)
         .expect("an answer before the socket timeout");
     Response::parse(&buf[..n]).expect("a well-formed answer")
+}
+
+/// udp_proxy's session idle timeout in vm-sidecar.yaml, so the tests below keep meaning what
+/// they say if it changes.
+fn udp_idle_timeout() -> Duration {
+    let config = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml"))
+        .expect("read vm-sidecar.yaml");
+    let value = config
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("idle_timeout: "))
+        .expect("udp_proxy's idle_timeout in vm-sidecar.yaml");
+    let secs: f64 = value
+        .trim()
+        .strip_suffix('s')
+        .and_then(|v| v.parse().ok())
+        .expect("idle_timeout in seconds");
+    Duration::from_secs_f64(secs)
+}
+
+/// Live udp_proxy sessions (one internal tunnel connection each).
+fn udp_sessions(envoy: &Envoy) -> u64 {
+    envoy.stat("udp.dns_udp.downstream_sess_active")
+}
+
+fn no_udp_sessions_left(envoy: &Envoy) {
+    eventually("every UDP session has ended", || {
+        match udp_sessions(envoy) {
+            0 => Ok(()),
+            n => Err(format!("{n} sessions")),
+        }
+    });
 }
 
 fn recv_tcp(conn: &mut TcpStream) -> Response {
@@ -144,4 +180,93 @@ fn more_udp_clients_than_envoys_default_connection_limit_are_all_answered() {
             .stat("cluster.vmesh_dns_udp_tunnel.upstream_cx_overflow"),
         0
     );
+}
+
+#[test]
+fn a_forward_slower_than_the_udp_idle_timeout_reaches_the_client_waiting_for_it() {
+    let delay = Duration::from_secs(3);
+    assert!(
+        delay > 2 * udp_idle_timeout(),
+        "the upstream must be slower than the idle timeout for this test to mean anything"
+    );
+    let answer_ip = Ipv4Addr::new(198, 51, 100, 7);
+    let slow = SlowUpstream::start(delay, answer_ip);
+    let s = Sidecar::start_with(SidecarOptions {
+        upstreams: Some(vec![slow.addr()]),
+        ..Default::default()
+    });
+    s.wait_for_table();
+    // The table probes' sessions end first, so the counters below are this client's alone.
+    no_udp_sessions_left(&s.envoy);
+    let expired = s.envoy.stat("udp.dns_udp.idle_timeout");
+
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    sock.connect(("127.0.0.1", s.envoy.dns)).expect("connect");
+    let sent = Instant::now();
+    sock.send(&query(0x5107, SLOW)).expect("send");
+    let answer = recv_udp(&sock);
+    assert!(sent.elapsed() >= delay, "answered before the upstream did");
+    assert_eq!((answer.header.id, answer.rcode()), (0x5107, 0));
+    let ips: Vec<_> = answer
+        .answers
+        .iter()
+        .filter_map(|rr| match rr.data {
+            RData::A(ip) => Some(ip),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ips, [answer_ip]);
+    assert_eq!(
+        s.envoy.stat("udp.dns_udp.idle_timeout"),
+        expired,
+        "the filter's keepalives kept the session from idling out"
+    );
+    assert_eq!(
+        s.envoy.stat("udp.dns_udp.downstream_sess_total"),
+        s.envoy.stat("udp.dns_udp.idle_timeout") + 1,
+        "one session carried the query and its answer"
+    );
+    // Once answered, the session is waste for a fresh-port client: it ends.
+    no_udp_sessions_left(&s.envoy);
+    assert_eq!(s.envoy.stat("udp.dns_udp.idle_timeout"), expired + 1);
+}
+
+#[test]
+fn a_client_keeping_its_socket_keeps_one_session_and_idle_sessions_end() {
+    let s = Sidecar::start();
+    no_udp_sessions_left(&s.envoy);
+    let total = s.envoy.stat("udp.dns_udp.downstream_sess_total");
+
+    let keeper = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    keeper
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    keeper.connect(("127.0.0.1", s.envoy.dns)).expect("connect");
+    for id in 0..50 {
+        keeper.send(&query(id, MESH)).expect("send");
+        assert_eq!(recv_udp(&keeper).header.id, id);
+    }
+    assert_eq!(
+        s.envoy.stat("udp.dns_udp.downstream_sess_total"),
+        total + 1,
+        "50 queries from one socket, one session"
+    );
+
+    // Fresh ports, as glibc asks: a session each, and none outlives the idle timeout.
+    for id in 0..20 {
+        let fresh = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        fresh
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        fresh.connect(("127.0.0.1", s.envoy.dns)).expect("connect");
+        fresh.send(&query(id, MESH)).expect("send");
+        assert_eq!(recv_udp(&fresh).header.id, id);
+    }
+    assert_eq!(
+        s.envoy.stat("udp.dns_udp.downstream_sess_total"),
+        total + 21
+    );
+    no_udp_sessions_left(&s.envoy);
 }

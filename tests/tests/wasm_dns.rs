@@ -15,7 +15,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use vmesh_core::dns::inspect::{RData, Response};
 use vmesh_core::framing::Framing;
-use vmesh_core::udp_tunnel::REJECTION;
+use vmesh_core::udp_tunnel::{KEEPALIVE, REJECTION};
 use vmesh_tests::wasm_host::vmesh::{
     self, capsule_chunk, chunk, framed, query, responses, single_callout, small_table,
     tunnel_response, tunnel_responses, upstream_answer, TunnelResponse, WorkerVm, A, AAAA,
@@ -573,6 +573,130 @@ fn a_forward_in_flight_holds_only_its_own_answer_and_the_last_chunk() -> Result<
         "a chunk each, then the last chunk"
     );
     Ok(())
+}
+
+/// Every host call of the UDP root's tick after `mark`, as (context, call, status).
+fn tick_calls(vm: &Vm, mark: usize) -> Vec<(u32, HostCall, Status)> {
+    vm.calls_since(mark)
+        .into_iter()
+        .filter(|r| {
+            !matches!(
+                r.call,
+                HostCall::GetSharedData { .. } | HostCall::Log { .. }
+            )
+        })
+        .map(|r| (r.context, r.call, r.status))
+        .collect()
+}
+
+#[test]
+fn a_tunnel_waiting_for_a_forward_gets_a_keepalive_on_every_udp_tick_until_the_answer(
+) -> Result<(), VmError> {
+    let Mesh {
+        mut worker,
+        udp,
+        tcp,
+        ..
+    } = mesh_with(r#"{"udp_keepalive_ms":100}"#)?;
+    // udp_proxy's idle timeout (1 s) must not end a session whose answer is still coming: the
+    // UDP root ticks at the keepalive period, the others at the table check period.
+    assert_eq!(
+        worker.tick_period_of(udp),
+        Some(std::time::Duration::from_millis(100))
+    );
+    assert_eq!(
+        worker.tick_period_of(tcp),
+        Some(std::time::Duration::from_millis(250))
+    );
+    let idle = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, idle, &[&query(1, MESH, A)])?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let q = query(0x4343, OTHER, A);
+    assert_eq!(send_capsules(&mut worker, c, &[&q])?, Action::Pause);
+
+    for n in 1..=2 {
+        let mark = worker.mark();
+        worker.tick_root(udp)?;
+        assert_eq!(
+            tick_calls(&worker, mark),
+            [
+                // Recorded in the context each call made effective.
+                (c, HostCall::SetEffectiveContext { context: c }, Status::Ok),
+                (
+                    c,
+                    HostCall::SetBuffer {
+                        buffer: BufferType::DownstreamData,
+                        start: 0,
+                        size: 0,
+                        data: KEEPALIVE.to_vec()
+                    },
+                    Status::Ok
+                ),
+                (
+                    c,
+                    HostCall::ContinueStream {
+                        stream: StreamType::Downstream
+                    },
+                    Status::Ok
+                ),
+                (
+                    udp,
+                    HostCall::SetEffectiveContext { context: udp },
+                    Status::Ok
+                ),
+            ],
+            "tick {n}: only the tunnel that is owed an answer, then back to the root"
+        );
+        let out = udp_answers(&worker, c);
+        assert_eq!((out.keepalives, out.chunks), (n, 0));
+        assert!(worker.connection(c).held().is_empty(), "echo sent it");
+        assert_eq!(udp_answers(&worker, idle).keepalives, 0, "it may expire");
+    }
+
+    let token = worker.pending_callouts()[0];
+    let upstream = upstream_answer(&q, 9, Ipv4Addr::new(192, 0, 2, 9), 60);
+    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    let mark = worker.mark();
+    worker.tick_root(udp)?;
+    assert_eq!(tick_calls(&worker, mark), [], "nothing owed, nothing sent");
+    let out = udp_answers(&worker, c);
+    assert_eq!(out.ids_and_rcodes(), [(0x4343, 0)]);
+    assert_eq!(out.keepalives, 2);
+    Ok(())
+}
+
+#[test]
+fn tcp_connections_and_closed_tunnels_get_no_keepalives() -> Result<(), VmError> {
+    let Mesh {
+        mut worker,
+        udp,
+        tcp,
+        ..
+    } = mesh()?;
+    let gone = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, gone, &[&query(1, OTHER, A)])?;
+    let live = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, live, &[&query(2, OTHER, A)])?;
+    let t = worker.create_connection_on(tcp)?;
+    assert_eq!(
+        worker.downstream_data(t, &framed(Framing::Tcp, &[&query(3, OTHER, A)]), false)?,
+        Action::Pause
+    );
+    // udp_proxy ended one session (its idle timeout, or the client went away) mid-forward.
+    worker.finish_connection(gone)?;
+
+    let mark = worker.mark();
+    worker.tick_root(udp)?;
+    worker.tick_root(tcp)?;
+    let written: Vec<u32> = tick_calls(&worker, mark)
+        .into_iter()
+        .filter(|(_, call, _)| matches!(call, HostCall::SetBuffer { .. }))
+        .map(|(context, _, _)| context)
+        .collect();
+    assert_eq!(written, [live]);
+    assert_eq!(udp_answers(&worker, live).keepalives, 1);
+    assert!(worker.connection(t).written.is_empty());
+    still_answers(&mut worker, udp)
 }
 
 #[test]

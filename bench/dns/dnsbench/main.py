@@ -93,7 +93,8 @@ def _run(cmd):
         return "?"
 
 
-def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
+def machine_meta_basic(repo: Path, argv, prog: str) -> dict:
+    """The machine, tool versions and git state a run measured."""
     cpu_model = "?"
     with open("/proc/cpuinfo") as f:
         m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
@@ -106,7 +107,7 @@ def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
              "envoy-configs"]):
         git += " (+ uncommitted changes)"
     return {
-        "command": "bench/dns/run.sh" + ("" if not argv else " " + shlex.join(argv)),
+        "command": prog + ("" if not argv else " " + shlex.join(argv)),
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "nproc": os.cpu_count(),
         "cpu_model": cpu_model,
@@ -116,6 +117,13 @@ def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
                      f"dnsmasq {dnsmasq_v.group(1) if dnsmasq_v else '?'}, "
                      f"{_run(['rustc', '--version'])}"),
         "git": git,
+        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
+    return {
+        **machine_meta_basic(repo, argv, "bench/dns/run.sh"),
         "wasm_bytes": wasm.stat().st_size,
         "concurrency": args.concurrency,
         "reps": args.reps,
@@ -130,7 +138,6 @@ def machine_meta(repo: Path, wasm: Path, args, argv) -> dict:
                     "connections kept open, except -O num-queries-per-conn=100 against "
                     "dnsmasq") + ", "
                  f"throughput runs without -Q, latency runs with -Q and -v"),
-        "load_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 

@@ -99,14 +99,17 @@ def start_native(procs: Procs, ports: Ports, work: Path, mesh, upstream: Server,
 
 
 def start_vmesh(procs: Procs, ports: Ports, work: Path, repo: Path, mesh, upstream: Server,
-                concurrency: int, wasm: Path, shim_bin: Path) -> Server:
+                concurrency: int, wasm: Path, shim_bin: Path, sidecar: Path | None = None,
+                name: str = "vmesh") -> Server:
+    """`sidecar` replaces envoy-configs/vm-sidecar.yaml (to compare configurations); `name`
+    tells several vmesh instances of one run apart."""
     admin, dns, doh, shim_port = ports.take(), ports.take(), ports.take(), ports.take()
-    table = work / "names.json"
+    table = work / f"{name}-names.json"
     table.write_text(json.dumps(N.vmesh_table(mesh, f"bench-{len(mesh)}")))
-    shim = procs.start("vmesh-shim", [
+    shim = procs.start(f"{name}-shim", [
         str(shim_bin), "--listen", f"127.0.0.1:{shim_port}", "--static-names", str(table),
         "--upstream", f"127.0.0.1:{upstream.port}", "--self-addr", f"127.0.0.1:{dns}",
-        "--log-level", "warn"], work / "vmesh-shim.log")
+        "--log-level", "warn"], work / f"{name}-shim.log")
 
     def healthz():
         status, _ = http_get(shim_port, "/healthz")
@@ -114,23 +117,26 @@ def start_vmesh(procs: Procs, ports: Ports, work: Path, repo: Path, mesh, upstre
             raise RuntimeError(f"/healthz {status}")
     eventually("shim /healthz", healthz, proc=shim)
 
-    config = work / "vmesh-envoy.yaml"
-    sidecar = (repo / "envoy-configs" / "vm-sidecar.yaml").read_text()
-    config.write_text(N.render_sidecar(sidecar, str(wasm),
+    config = work / f"{name}-envoy.yaml"
+    text = (sidecar or repo / "envoy-configs" / "vm-sidecar.yaml").read_text()
+    config.write_text(N.render_sidecar(text, str(wasm),
                                        {"admin": admin, "dns": dns, "doh": doh,
                                         "shim": shim_port}))
-    envoy = procs.start("vmesh-envoy", _envoy_argv(config, concurrency),
-                        work / "vmesh-envoy.log")
+    envoy = procs.start(f"{name}-envoy", _envoy_argv(config, concurrency),
+                        work / f"{name}-envoy.log")
     _wait_live(admin, envoy)
-    s = Server("vmesh", dns, ("udp", "tcp"), [envoy, shim], admin)
+    s = Server(name, dns, ("udp", "tcp"), [envoy, shim], admin)
 
-    # The table reaches each worker VM separately: ask from many source ports, since the
-    # kernel spreads UDP clients over the workers' sockets by address hash.
+    # The table reaches each worker VM separately, and each DNS root of a VM takes it on its
+    # own tick (the UDP root may tick faster than the TCP root): ask over both transports from
+    # many source ports, since the kernel spreads clients over the workers' sockets by
+    # address hash.
     probe = mesh[len(mesh) // 2]
 
     def every_worker():
         for i in range(4 * max(concurrency, 1)):
-            _expect(dns, probe.fqdn, set(probe.ips), False, qid=i + 1)
+            for tcp in (False, True):
+                _expect(dns, probe.fqdn, set(probe.ips), tcp, qid=i + 1)
     eventually("the name table reaches every vmesh worker", every_worker, 60.0, envoy)
     return s
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dnsbench import cpu, dnsperf, fresh, report, wire  # noqa: E402
+from dnsbench import cpu, dnsperf, envoyadmin, fresh, freshload, report, sessions, wire  # noqa: E402,E501
 from dnsbench import names as N  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
@@ -203,8 +203,8 @@ class Report(unittest.TestCase):
         self.assertIn("| 10 | owned | UDP | 500 | 150 / 300 | 50 / 100 | 100 / 200 |", md)
 
 
-class FreshPortTest(unittest.TestCase):
-    """fresh.run against a tiny server on loopback that answers (or ignores) every query."""
+class LoopbackServer:
+    """A tiny server on loopback that answers (or ignores) every query."""
 
     def serve(self, answer: bool):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -227,6 +227,10 @@ class FreshPortTest(unittest.TestCase):
         self.addCleanup(lambda: (stop.set(), t.join(), sock.close()))
         return sock.getsockname()[1], ports
 
+
+class FreshPortTest(LoopbackServer, unittest.TestCase):
+    """fresh.run: one query at a time, each from a new socket."""
+
     def test_every_query_comes_from_a_new_source_port_and_is_timed(self):
         port, ports = self.serve(answer=True)
         got = fresh.run(port, ["a.example", "b.example"], 20, seed=1)
@@ -237,6 +241,135 @@ class FreshPortTest(unittest.TestCase):
         port, _ = self.serve(answer=False)
         got = fresh.run(port, ["a.example"], 3, seed=1, timeout=0.05)
         self.assertEqual((got["latencies"], got["lost"]), ([], 3))
+
+
+class FreshLoadTest(LoopbackServer, unittest.TestCase):
+    """freshload.run: a fixed rate of lookups, each from a new socket, open loop."""
+
+    def test_schedule_spreads_lookups_evenly(self):
+        self.assertEqual(freshload.schedule(4, 1.5), [0, 0.25, 0.5, 0.75, 1.0, 1.25])
+        self.assertEqual(freshload.schedule(1000, 60)[-1], 59.999)
+        self.assertEqual(len(freshload.schedule(1000, 60)), 60_000)
+
+    def test_keeps_the_rate_from_new_ports_and_times_every_answer(self):
+        port, ports = self.serve(answer=True)
+        got = freshload.run(port, ["a.example"], rate=200, seconds=0.5, seed=1)
+        self.assertEqual((got["sent"], got["answered"], got["lost"], got["wrong"]),
+                         (100, 100, 0, 0))
+        self.assertEqual(len(got["latencies"]), 100)
+        self.assertGreater(len(ports), 50, "a new socket, so (mostly) a new port, per lookup")
+        self.assertAlmostEqual(got["rate"], 200, delta=20)
+
+    def test_unanswered_lookups_are_lost_after_the_timeout_without_stopping_the_rate(self):
+        port, _ = self.serve(answer=False)
+        got = freshload.run(port, ["a.example"], rate=100, seconds=0.3, seed=1, timeout=0.1)
+        self.assertEqual((got["sent"], got["answered"], got["lost"]), (30, 0, 30))
+        self.assertLess(got["peak_outstanding"], 30, "timed-out sockets were closed")
+
+
+MEMORY = """{
+ "allocated": "12326840",
+ "heap_size": "50331648",
+ "pageheap_unmapped": "0",
+ "pageheap_free": "1000",
+ "total_thread_cache": "2000",
+ "total_physical_bytes": "60000000"
+}"""
+
+STATS = """cluster.vmesh_dns_udp_tunnel.upstream_cx_active: 11
+udp.dns_udp.downstream_sess_active: 11
+udp.dns_udp.downstream_sess_total: 140
+udp.dns_udp.idle_timeout: 129
+"""
+
+
+class EnvoyAdmin(unittest.TestCase):
+    def test_memory_fields_are_numbers(self):
+        m = envoyadmin.parse_memory(MEMORY)
+        self.assertEqual(m["allocated"], 12_326_840)
+        self.assertEqual(m["heap_size"], 50_331_648)
+
+    def test_session_stats_with_missing_ones_as_zero(self):
+        got = envoyadmin.parse_stats(STATS, envoyadmin.SESSION_STATS)
+        self.assertEqual(got, {"active": 11, "total": 140, "idle_timeout": 129,
+                               "tunnel_cx_active": 11, "tunnel_overflow": 0})
+
+    def test_filter_matches_exactly_the_wanted_stats(self):
+        import re
+        pattern = re.compile(envoyadmin.stats_filter(envoyadmin.SESSION_STATS))
+        for name in envoyadmin.SESSION_STATS.values():
+            self.assertTrue(pattern.search(name), name)
+        for other in ("udp.dns_udp.downstream_sess_active_x", "xudp.dns_udp.idle_timeout",
+                      "udp.dns_udpXdownstream_sess_total"):
+            self.assertFalse(pattern.search(other), other)
+
+    def test_the_stat_prefix_is_the_sidecars(self):
+        text = (REPO / "envoy-configs/vm-sidecar.yaml").read_text()
+        self.assertIn("stat_prefix: dns_udp\n", text)
+        self.assertIn("- name: vmesh_dns_udp_tunnel\n", text)
+
+
+def sample(t, allocated, active, total, expired=0, rss=None):
+    return {"t": t, "memory": {"allocated": allocated},
+            "sessions": {"active": active, "total": total, "idle_timeout": expired,
+                         "tunnel_cx_active": active, "tunnel_overflow": 0}, "rss": rss}
+
+
+class Sessions(unittest.TestCase):
+    def test_variant_spec(self):
+        v = sessions.parse_variant("before=/tmp/old.yaml,/tmp/old.wasm", REPO, Path("/w"))
+        self.assertEqual((v.name, v.sidecar, v.wasm),
+                         ("before", Path("/tmp/old.yaml"), Path("/tmp/old.wasm")))
+        v = sessions.parse_variant("after=envoy-configs/vm-sidecar.yaml", REPO, Path("/w"))
+        self.assertEqual((v.sidecar, v.wasm), (REPO / "envoy-configs/vm-sidecar.yaml",
+                                               Path("/w")))
+        for bad in ("noequals", "=x.yaml", "name="):
+            with self.assertRaises(ValueError):
+                sessions.parse_variant(bad, REPO, Path("/w"))
+
+    def test_fresh_record_peak_growth_and_what_is_left(self):
+        before = sample(0, 10_000_000, 0, 100, 100)
+        during = [sample(1, 30_000_000, 500, 600, 100), sample(2, 45_000_000, 1000, 1100, 150),
+                  sample(3, 44_000_000, 990, 2100, 1110)]
+        after = sample(5, 10_500_000, 0, 3100, 3100)
+        got = {"sent": 3000, "answered": 3000, "lost": 0, "wrong": 0, "rate": 1000.0,
+               "latencies": [0.001] * 3000, "peak_outstanding": 3}
+        r = sessions.fresh_record(before, during, after, got)
+        self.assertEqual((r["growth"], r["left_after"]), (35_000_000, 500_000))
+        self.assertEqual((r["peak_sessions"], r["sessions_created"], r["sessions_expired"]),
+                         (1000, 3000, 3000))
+        self.assertEqual(r["bytes_per_session"], 35_000)
+        self.assertEqual(r["p50"], 0.001)
+
+    def test_summary_ratio_and_targets(self):
+        def fresh_run(server, growth, rep):
+            return {"kind": "fresh", "mix": "owned", "rep": rep, "server": server,
+                    "growth": growth, "left_after": 0, "heap_before": 1, "heap_peak": growth,
+                    "peak_sessions": 10, "sessions_created": 10, "bytes_per_session": 1,
+                    "p50": 0.001, "p99": 0.002, "rate": 1000.0, "envoy_cpu_us": 300.0,
+                    "lost": 0, "sent": 100, "wrong": 0}
+
+        def dnsperf_run(server, qps, rep):
+            return {"kind": "persistent", "rep": rep, "server": server, "qps": qps, "lost": 0,
+                    "sessions_created": 16}
+
+        runs = [fresh_run("before", 300e6, 0), fresh_run("after", 35e6, 0),
+                fresh_run("before", 290e6, 1), fresh_run("after", 70e6, 1),
+                dnsperf_run("before", 100, 0), dnsperf_run("after", 90, 0),
+                dnsperf_run("before", 100, 1), dnsperf_run("after", 110, 1)]
+        s = sessions.summarize(runs, ["before", "after"])
+        self.assertEqual(s["fresh"][("after", "owned")]["growth"], 52.5e6)
+        self.assertEqual(s["fresh"][("after", "owned")]["growth_max"], 70e6)
+        self.assertAlmostEqual(s["persistent"]["after"]["ratio"], 1.0)
+        self.assertEqual(s["persistent"]["after"]["ratio_range"], (0.9, 1.1))
+        meta = {"date": "d", "git": "g", "command": "c", "nproc": 2, "cpu_model": "m",
+                "versions": "v", "concurrency": 2, "rate": 1000, "seconds": 60, "reps": 2,
+                "clients": 16, "outstanding": 200, "dnsperf_seconds": 5,
+                "variants": {"before": "b", "after": "a"}}
+        md = sessions.markdown(meta, s, ["before", "after"])
+        self.assertIn("| after | 100 | 1.00x (0.90–1.10) | 2 | 0 | 16 |", md)
+        self.assertIn("| before | 300.0 MB (worst run) | **no** |", md)
+        self.assertIn("| after | 70.0 MB (worst run) | **no** |", md)
 
 
 if __name__ == "__main__":

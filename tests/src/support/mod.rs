@@ -10,6 +10,7 @@ pub mod eventually;
 pub mod process;
 pub mod shim;
 pub mod sidecar;
+pub mod slow_upstream;
 pub mod stubs;
 pub mod vm;
 

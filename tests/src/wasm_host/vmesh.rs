@@ -474,6 +474,9 @@ pub struct TunnelResponse {
     pub responses: Vec<Response>,
     /// How many chunks carried them (the filter writes one per callback that had answers).
     pub chunks: usize,
+    /// Keepalive chunks (`vmesh_core::udp_tunnel::KEEPALIVE`) among them, which udp_proxy
+    /// drops; not counted in `chunks`.
+    pub keepalives: usize,
     /// The last chunk came: the response is complete.
     pub ended: bool,
 }
@@ -492,7 +495,8 @@ impl TunnelResponse {
 const MAX_CHUNK_SIZE_LINE: usize = 8;
 
 /// Parses what the filter wrote back on a tunnel connection: a 200 head, then chunks that each
-/// hold whole capsules of DNS responses, then possibly the last chunk. Strict: anything else
+/// hold whole capsules of DNS responses or are a keepalive, then possibly the last chunk.
+/// Strict: anything else
 /// (another head, a chunk cut short, chunk extensions, trailers, an empty chunk that is not the
 /// last, bytes after the last chunk) fails the test. Nothing written yet is `None`.
 pub fn tunnel_response(bytes: &[u8]) -> Option<TunnelResponse> {
@@ -536,6 +540,7 @@ fn chunked_body(mut body: &[u8]) -> (TunnelResponse, &[u8]) {
     let mut response = TunnelResponse {
         responses: Vec::new(),
         chunks: 0,
+        keepalives: 0,
         ended: false,
     };
     while !body.is_empty() {
@@ -555,6 +560,11 @@ fn chunked_body(mut body: &[u8]) -> (TunnelResponse, &[u8]) {
         );
         let size = usize::from_str_radix(std::str::from_utf8(line).expect("hex digits"), 16)
             .expect("a chunk size");
+        if let Some(after) = body.strip_prefix(vmesh_core::udp_tunnel::KEEPALIVE) {
+            response.keepalives += 1;
+            body = after;
+            continue;
+        }
         let rest = &body[eol + 2..];
         if size == 0 {
             let Some(after) = rest.strip_prefix(b"\r\n".as_slice()) else {
