@@ -489,3 +489,27 @@ fn an_exec_probe_runs_in_the_shim() {
     let message = mesh.wait_health("198.18.0.91", "False");
     assert!(message.contains("exit status 1"), "{message}");
 }
+
+#[test]
+fn a_health_change_while_the_control_plane_is_down_arrives_when_it_is_back() {
+    let mut mesh = Mesh::start();
+    let vm = mesh.vm("198.18.0.95");
+    mesh.wait_health("198.18.0.95", "True");
+    mesh.cp.kill();
+    mesh.app.set_ready(false);
+    eventually("the shim decided unhealthy and holds the report", || {
+        let h = vm.status()?["health"].clone();
+        (h["healthy"] == false && h["acknowledged"] == false)
+            .then_some(())
+            .ok_or(h.to_string())
+    });
+    mesh.cp.restart();
+    let message = mesh.wait_health("198.18.0.95", "False");
+    assert!(message.contains("503"), "{message}");
+    eventually("acknowledged", || {
+        let h = vm.status()?["health"].clone();
+        (h["acknowledged"] == true)
+            .then_some(())
+            .ok_or(h.to_string())
+    });
+}

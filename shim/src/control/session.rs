@@ -281,6 +281,11 @@ impl Session {
                                 self.board.contact();
                                 backoff.reset();
                                 next_heartbeat = Instant::now() + heartbeat_every;
+                                // The control plane answers again: a health report waiting out
+                                // its backoff goes now, not up to 30 s later.
+                                if health.retry_at.take().is_some() {
+                                    health.backoff.reset();
+                                }
                             }
                             Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
                                 self.metrics.count_heartbeat("gone");
