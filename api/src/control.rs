@@ -200,7 +200,8 @@ impl ApiError {
     }
 
     /// Reads an error response; a body that is not an error body still gives the status and
-    /// what the body said.
+    /// what the body said. Native clients only (the `native` feature).
+    #[cfg(feature = "native")]
     pub fn from_response(status: u16, body: &[u8]) -> Self {
         match serde_json::from_slice::<ApiError>(body) {
             Ok(e) => ApiError { status, ..e },
@@ -233,6 +234,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "native")]
     fn error_bodies_round_trip_and_unknown_kinds_are_kept_apart() {
         let e = ApiError::bad("address", "must be an IP address");
         let body = serde_json::to_vec(&e).unwrap();

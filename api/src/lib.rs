@@ -13,7 +13,14 @@
 //! - [`probe`]: a WorkloadGroup's readiness probe;
 //! - [`json`]: the serde-free JSON reader (and a small writer) the filter uses, because serde_json
 //!   costs the `.wasm` too much; native code uses serde on the same types, and tests check both
-//!   agree.
+//!   agree;
+//! - [`time`]: RFC 3339 timestamps as Kubernetes and Istio write them (the health report's
+//!   `probeTime`, WorkloadEntry annotations and conditions).
+//!
+//! The default feature `native` adds what only native code uses: serde_json
+//! ([`control::ApiError::from_response`], [`names::NameTable::to_json`]) and form_urlencoded
+//! (`paths::query::param`). The filter and `vmesh-core` turn it off, so nothing the filter links
+//! pulls serde_json.
 //!
 //! Nothing here does I/O; it runs inside Envoy's Wasm VMs too, so nothing panics on input.
 #![cfg_attr(
@@ -32,3 +39,4 @@ pub mod json;
 pub mod names;
 pub mod paths;
 pub mod probe;
+pub mod time;

@@ -66,37 +66,15 @@ pub mod query {
         out
     }
 
-    /// The first value of `name` in a query string, percent-decoded (`+` is a space, as in
-    /// forms); `None` when absent or not decodable.
+    /// The first value of `name` in a query string, decoded as HTML forms encode
+    /// (`application/x-www-form-urlencoded`, WHATWG URL: `+` is a space, a `%` not followed
+    /// by two hex digits stays as it is, invalid UTF-8 becomes U+FFFD). Native code only (the
+    /// `native` feature); the filter only writes query strings.
+    #[cfg(feature = "native")]
     pub fn param(query: Option<&str>, name: &str) -> Option<String> {
-        query?.split('&').find_map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(key).as_deref() == Some(name)).then(|| decode(value))?
-        })
-    }
-
-    fn decode(text: &str) -> Option<String> {
-        let bytes = text.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while let Some(&b) = bytes.get(i) {
-            match b {
-                b'%' => {
-                    let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                    out.push(u8::from_str_radix(hex, 16).ok()?);
-                    i += 3;
-                }
-                b'+' => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                _ => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8(out).ok()
+        form_urlencoded::parse(query?.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
     }
 
     #[cfg(test)]
@@ -104,9 +82,14 @@ pub mod query {
         use super::*;
 
         #[test]
-        fn rfc3986_values_round_trip_and_first_wins() {
+        fn rfc3986_values_are_encoded() {
             assert_eq!(encode("v1-a.b_c~"), "v1-a.b_c~");
             assert_eq!(encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        }
+
+        #[test]
+        #[cfg(feature = "native")]
+        fn values_round_trip_and_first_wins() {
             for v in ["a b&c=d", "68083db4~e77b6f16", "é%"] {
                 let q = format!("x=1&version={}", encode(v));
                 assert_eq!(param(Some(&q), VERSION).as_deref(), Some(v));
@@ -118,8 +101,10 @@ pub mod query {
             assert_eq!(param(q, "flag").as_deref(), Some(""));
             assert_eq!(param(q, "missing"), None);
             assert_eq!(param(None, "dns"), None);
-            assert_eq!(param(Some("v=%zz"), "v"), None);
-            assert_eq!(param(Some("v=%4"), "v"), None);
+            assert_eq!(param(Some("v=%zz"), "v").as_deref(), Some("%zz"));
+            assert_eq!(param(Some("v=%4"), "v").as_deref(), Some("%4"));
+            assert_eq!(param(Some("v=%FF"), "v").as_deref(), Some("\u{FFFD}"));
+            assert_eq!(param(Some("k%65y=1"), "key").as_deref(), Some("1"));
             assert_eq!(param(Some("v=a+b"), "v").as_deref(), Some("a b"));
         }
     }

@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use vmesh_core::istio::model::{Kind, ObjectKey, Resource};
+use vmesh_istio::model::{Kind, ObjectKey, Resource};
 
 use crate::clock::Clock;
 use crate::config::{decode_all, ConfigError, Document};
@@ -350,7 +350,7 @@ impl<S: Store> App<S> {
     }
 
     fn mint(&self, body: &TokenRequest) -> Result<Resp, ApiError> {
-        use vmesh_core::istio::validate::{is_dns1123_label, is_dns1123_subdomain};
+        use vmesh_istio::validate::{is_dns1123_label, is_dns1123_subdomain};
         if !is_dns1123_label(&body.namespace) {
             return Err(ApiError::bad(
                 "namespace",
@@ -375,8 +375,7 @@ impl<S: Store> App<S> {
             .signer
             .mint(&body.namespace, &body.service_account, now, ttl)
             .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
-        let expires_at =
-            vmesh_core::istio::time::format_rfc3339_secs(now + crate::clock::nanos(ttl));
+        let expires_at = vmesh_api::time::format_rfc3339_secs(now + crate::clock::nanos(ttl));
         Ok(json_response(
             StatusCode::OK,
             &TokenResponse { token, expires_at },

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use vmesh_core::istio::model::{Labels, WorkloadGroup};
-use vmesh_core::istio::workload::{expected_service_account, probe_with_defaults};
+use vmesh_istio::model::{Labels, WorkloadGroup};
+use vmesh_istio::workload::{expected_service_account, probe_with_defaults};
 
 /// Where the VM finds the control plane.
 #[derive(Debug, Clone)]

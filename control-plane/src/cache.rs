@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use tokio::sync::{broadcast, watch};
-use vmesh_core::istio::model::{Kind, ObjectKey, Resource};
-use vmesh_core::istio::vip::VipTable;
+use vmesh_istio::model::{Kind, ObjectKey, Resource};
+use vmesh_istio::vip::VipTable;
 
 use crate::store::{
     parse_object_key, Change, Event, Record, Revision, Store, StoreError, OBJECT_PREFIX, VIPS_KEY,

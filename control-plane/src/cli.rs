@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hyper::Method;
-use vmesh_core::istio::model::{Kind, Resource, WorkloadGroup};
+use vmesh_istio::model::{Kind, Resource, WorkloadGroup};
 
 use crate::bundle::{render, BundleOptions};
 use crate::client::Client;
@@ -139,7 +139,7 @@ pub struct ServeArgs {
     /// This replica's name (istio.io/workloadController); default: a fresh random name.
     #[arg(long, env = ENV_REPLICA)]
     pub replica: Option<String>,
-    #[arg(long, env = ENV_DOMAIN, default_value = vmesh_core::names::DEFAULT_DOMAIN)]
+    #[arg(long, env = ENV_DOMAIN, default_value = vmesh_api::names::DEFAULT_DOMAIN)]
     pub domain: String,
 }
 
@@ -475,14 +475,14 @@ fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
         let Ok(r) = r else { continue };
         let mut row: Vec<String> = match &r {
             Resource::WorkloadEntry(e) => {
-                let state = if !vmesh_core::istio::workload::is_auto_registered(e) {
+                let state = if !vmesh_istio::workload::is_auto_registered(e) {
                     "manual"
-                } else if vmesh_core::istio::workload::disconnected_at(e).is_some() {
+                } else if vmesh_istio::workload::disconnected_at(e).is_some() {
                     "disconnected"
                 } else {
                     "connected"
                 };
-                let health = vmesh_core::istio::workload::healthy_condition(e)
+                let health = vmesh_istio::workload::healthy_condition(e)
                     .map_or("-".to_string(), |c| c.status.clone());
                 vec![
                     e.metadata.name.clone(),
@@ -506,7 +506,7 @@ fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
             Resource::WorkloadGroup(g) => {
                 vec![
                     g.metadata.name.clone(),
-                    vmesh_core::istio::workload::expected_service_account(g).to_string(),
+                    vmesh_istio::workload::expected_service_account(g).to_string(),
                 ]
             }
             Resource::Service(s) => vec![
@@ -569,7 +569,7 @@ async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
             None::<&()>,
         )
         .await?;
-    let sa = vmesh_core::istio::workload::expected_service_account(&group).to_string();
+    let sa = vmesh_istio::workload::expected_service_account(&group).to_string();
     let tok = c.mint_token(&a.namespace, &sa, a.token_ttl).await?;
     let server = cli
         .server

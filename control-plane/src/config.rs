@@ -3,8 +3,8 @@
 //! kubectl counts) and the field path, and a refused batch applies nothing.
 
 use serde::{Deserialize, Serialize};
-use vmesh_core::istio::model::{Kind, Resource};
-use vmesh_core::istio::validate::validate;
+use vmesh_istio::model::{Kind, Resource};
+use vmesh_istio::validate::validate;
 
 /// One manifest document, as the CLI sends it to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

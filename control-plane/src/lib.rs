@@ -3,7 +3,7 @@
 //! Config (Istio WorkloadGroup / WorkloadEntry / ServiceEntry and Kubernetes Service YAML) comes
 //! in through `apply` ([`config`]) and lands in a [`store`]. A VM registers over HTTPS with a
 //! service-account token ([`identity`]); the [`registry`] turns its WorkloadGroup into a
-//! WorkloadEntry (semantics in `vmesh_core::istio`), tracks its liveness and health, and
+//! WorkloadEntry (semantics in `vmesh_istio`), tracks its liveness and health, and
 //! cleans it up. Every change flows from the store's watch into the in-memory [`cache`], from
 //! which [`tables`] builds one name table per namespace and answers long-polls. [`api`] is the
 //! HTTPS server, [`client`] the CLI's side of it.

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
-use vmesh_core::istio::model::{Resource, Service, ServiceEntry, WorkloadEntry};
-use vmesh_core::istio::names::{hosts_needing_vips, Mesh, MeshNames};
-use vmesh_core::istio::vip::allocate;
+use vmesh_istio::model::{Resource, Service, ServiceEntry, WorkloadEntry};
+use vmesh_istio::names::{hosts_needing_vips, Mesh, MeshNames};
+use vmesh_istio::vip::allocate;
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;

@@ -6,8 +6,8 @@ mod common;
 use common::{istio_vm_yaml, status_of, Options, TestServer};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
+use vmesh_api::names::NameTable;
 use vmesh_control::registry::RegisterResponse;
-use vmesh_core::names::NameTable;
 
 async fn register(
     vm: &vmesh_control::client::Client,

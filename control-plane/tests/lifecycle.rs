@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{istio_vm_yaml, T0};
+use vmesh_api::time::format_rfc3339_nanos;
 use vmesh_control::cache::Cache;
 use vmesh_control::clock::{Clock, ManualClock};
 use vmesh_control::config::{decode_all, parse_documents};
@@ -16,9 +17,8 @@ use vmesh_control::registry::{
     EntryRequest, HealthRequest, RegisterRequest, Registry, RegistryError, Settings,
 };
 use vmesh_control::store::redb::RedbStore;
-use vmesh_core::istio::model::{Kind, ObjectKey, Resource, WorkloadEntry};
-use vmesh_core::istio::time::format_rfc3339_nanos;
-use vmesh_core::istio::workload::{
+use vmesh_istio::model::{Kind, ObjectKey, Resource, WorkloadEntry};
+use vmesh_istio::workload::{
     controller_of, disconnected_at, is_healthy, ANNOTATION_CONNECTED_AT, ANNOTATION_DISCONNECTED_AT,
 };
 

@@ -8,6 +8,10 @@
 //! into a flat, position-independent byte image that worker threads share. The agent's
 //! readiness probe (schedule, thresholds, what an answer means) is [`probe`].
 //!
+//! Istio's semantics (config model, validation, WorkloadEntry lifecycle, name-table assembly)
+//! are not here but in `vmesh-istio`, which only the control plane uses: this crate is linked
+//! into the filter and stays free of serde_json.
+//!
 //! Nothing here does I/O, allocates per byte, or panics on input: it runs inside Envoy's Wasm
 //! VMs, where a panic takes down every plugin on the worker.
 #![cfg_attr(
@@ -23,7 +27,6 @@
 pub mod dns;
 pub mod doh;
 pub mod framing;
-pub mod istio;
 /// The serde-free JSON reader, shared with the filter and the shim through `vmesh-api`.
 pub use vmesh_api::json;
 pub mod names;

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
-use vmesh_core::istio::model::{Kind, ObjectKey};
+use vmesh_istio::model::{Kind, ObjectKey};
 
 pub type Revision = u64;
 

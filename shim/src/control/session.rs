@@ -35,7 +35,7 @@ use vmesh_api::agent::RegistrationState;
 use vmesh_api::control::{
     EntryRef, ErrorKind, HealthRequest, RegisterRequest, RegisterResponse, MAX_HEALTH_MESSAGE,
 };
-use vmesh_core::istio::time::format_rfc3339_nanos;
+use vmesh_api::time::format_rfc3339_nanos;
 
 use super::client::{CallError, ControlPlane};
 use crate::backoff::Backoff;

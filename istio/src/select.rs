@@ -121,7 +121,7 @@ pub fn service_endpoints(port: &ServicePort, selected: &[&WorkloadEntry]) -> Vec
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::istio::model::{ObjectMeta, ServiceEntrySpec, ServiceSpec, WorkloadSelector};
+    use crate::model::{ObjectMeta, ServiceEntrySpec, ServiceSpec, WorkloadSelector};
 
     fn we(
         name: &str,

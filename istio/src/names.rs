@@ -14,9 +14,9 @@ use super::select::{
     selected_by_service, selected_by_service_entry, service_endpoints, service_entry_endpoints,
     Endpoint,
 };
-use super::time::parse_rfc3339;
 use super::vip::{slot_ips, VipTable};
-use crate::names::table::{self, NameInfo, NameTable, PortRoutes, Registry, ServiceRoutes};
+use vmesh_api::names::{self as table, NameInfo, NameTable, PortRoutes, Registry, ServiceRoutes};
+use vmesh_api::time::parse_rfc3339;
 
 /// Kubernetes annotation that limits a Service's visibility, as Istio reads it.
 pub const ANNOTATION_EXPORT_TO: &str = "networking.istio.io/exportTo";
@@ -350,10 +350,10 @@ pub fn content_version(t: &NameTable) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::istio::model::*;
-    use crate::istio::vip::allocate;
-    use crate::istio::workload::{apply_health, HealthReport, ANNOTATION_HEALTH_CHECKS_ENABLED};
-    use crate::names::NameIndex;
+    use crate::model::*;
+    use crate::vip::allocate;
+    use crate::workload::{apply_health, HealthReport, ANNOTATION_HEALTH_CHECKS_ENABLED};
+    use vmesh_core::names::NameIndex;
 
     fn meta(name: &str, ns: &str) -> ObjectMeta {
         ObjectMeta {

@@ -470,14 +470,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn paths(v: serde_json::Value, kind: super::super::model::Kind) -> Vec<String> {
+    fn paths(v: serde_json::Value, kind: crate::model::Kind) -> Vec<String> {
         let r = Resource::from_json_kind(kind, v.to_string().as_bytes()).unwrap();
         validate(&r).into_iter().map(|e| e.path).collect()
     }
 
     #[test]
     fn invalid_fields_are_reported_by_path() {
-        use super::super::model::Kind::*;
+        use crate::model::Kind::*;
         let cases: Vec<(serde_json::Value, _, Vec<&str>)> = vec![
             (
                 json!({"apiVersion":"networking.istio.io/v1","kind":"WorkloadGroup",

@@ -9,7 +9,7 @@ use super::model::{
     Condition, HttpHealthCheck, Labels, ObjectMeta, OwnerReference, ReadinessProbe, Status,
     WorkloadEntry, WorkloadGroup,
 };
-use super::time::{format_rfc3339_nanos, format_rfc3339_secs, parse_rfc3339};
+use vmesh_api::time::{format_rfc3339_nanos, format_rfc3339_secs, parse_rfc3339};
 
 pub const ANNOTATION_AUTO_REGISTRATION_GROUP: &str = "istio.io/autoRegistrationGroup";
 pub const ANNOTATION_WORKLOAD_CONTROLLER: &str = "istio.io/workloadController";
@@ -337,9 +337,7 @@ pub fn is_healthy(entry: &WorkloadEntry) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::istio::model::{
-        GroupMetadata, ReadinessProbe, WorkloadEntrySpec, WorkloadGroupSpec,
-    };
+    use crate::model::{GroupMetadata, ReadinessProbe, WorkloadEntrySpec, WorkloadGroupSpec};
 
     const SEC: u64 = 1_000_000_000;
     const T0: u64 = 1_700_000_000 * SEC;
