@@ -162,41 +162,14 @@ pub struct BundleArgs {
     pub mesh_id: String,
 }
 
-/// `10s`, `1h30m`, `500ms`, `2d`; a bare number is seconds.
+/// `10s`, `1h30m`, `500ms`, `2d` (humantime's units, which include Go's); a bare number is
+/// seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(n) = s.parse::<u64>() {
         return Ok(Duration::from_secs(n));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let (num, tail) = rest.split_at(digits);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?}: expected a number"))?;
-        let unit_len = tail
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(tail.len());
-        let (unit, tail) = tail.split_at(unit_len);
-        let d = match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
-            "d" => Duration::from_secs(n * 86400),
-            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h, d)")),
-        };
-        total += d;
-        rest = tail;
-    }
-    Ok(total)
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }
 
 fn parse_jwks_arg(s: &str) -> Result<(String, PathBuf), String> {
@@ -301,9 +274,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     if a.liveness_timeout <= a.heartbeat_interval {
         bail!(
-            "--liveness-timeout ({:?}) must be longer than --heartbeat-interval ({:?})",
-            a.liveness_timeout,
-            a.heartbeat_interval
+            "--liveness-timeout ({}) must be longer than --heartbeat-interval ({})",
+            humantime::format_duration(a.liveness_timeout),
+            humantime::format_duration(a.heartbeat_interval)
         );
     }
     if a.grace_period.is_zero() {
@@ -618,12 +591,24 @@ mod tests {
             ("1h30m", 5_400_000),
             ("500ms", 500),
             ("15", 15_000),
+            (" 15 ", 15_000),
+            ("0", 0),
             ("2d", 172_800_000),
+            ("1m30s", 90_000),
+            ("1h 30m", 5_400_000),
+            ("250ms", 250),
+            // Decimal fractions, as Go's time.ParseDuration takes them (humantime >= 2.2).
+            ("1.5s", 1_500),
         ] {
             assert_eq!(parse_duration(s), Ok(Duration::from_millis(d)), "{s}");
         }
-        for s in ["", "10x", "s", "1.5s"] {
+        for s in ["", "10x", "s", "-1s", "soon"] {
             assert!(parse_duration(s).is_err(), "{s}");
+        }
+        // What the CLI prints reads back as the same duration.
+        for d in [Duration::from_secs(5400), Duration::from_millis(1500)] {
+            let text = humantime::format_duration(d).to_string();
+            assert_eq!(parse_duration(&text), Ok(d), "{text}");
         }
     }
 

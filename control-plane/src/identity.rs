@@ -4,6 +4,13 @@
 //! issuers (a real cluster's `kubectl create token SA --audience istio-ca`, RS256) are checked
 //! against that issuer's JWKS file. Every refusal has its own [`TokenError`] variant and
 //! `reason()` string, which the server logs and counts.
+//!
+//! The JWS work (JWK keys, signature verification, signing) is `jsonwebtoken`'s, on `ring`.
+//! What stays here is what a service-account token means: a token is first read without
+//! trusting it, only to classify what is wrong with it and to pick its issuer's keys; the claims
+//! used afterwards are the ones `jsonwebtoken::decode` returns from a verified token, checked
+//! against this control plane's clock with a 30 s leeway (`jsonwebtoken`'s own time checks read
+//! the system clock, so they are off).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +18,11 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
+use jsonwebtoken::errors::ErrorKind as JwtErrorKind;
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaPublicKeyComponents, UnparsedPublicKey};
+use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
@@ -83,17 +93,20 @@ pub enum KeyError {
     #[error("JWKS is not valid JSON of the expected shape: {0}")]
     Jwks(String),
     #[error("JWKS key {index}: {reason}")]
-    BadKey { index: usize, reason: &'static str },
+    BadKey { index: usize, reason: String },
     #[error("signing key: {0}")]
     Signing(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The header as read before anything is trusted: what classifies a refusal and picks a key.
+#[derive(Debug, Clone, Deserialize)]
 struct Header {
     alg: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     kid: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Never used; read so that a `typ` that is not a string is a malformed header.
+    #[serde(default)]
+    #[allow(dead_code)]
     typ: Option<String>,
 }
 
@@ -139,82 +152,81 @@ struct Claims {
     kube: Option<KubeClaims>,
 }
 
-#[derive(Debug, Clone)]
-enum PublicKey {
-    Rsa {
-        n: Vec<u8>,
-        e: Vec<u8>,
-    },
-    /// Uncompressed SEC1 point (0x04 || x || y) on P-256.
-    P256(Vec<u8>),
+/// A trusted public key and the one algorithm it verifies.
+#[derive(Clone)]
+struct TrustedKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
 }
 
-#[derive(Debug, Clone)]
-struct Jwk {
-    kid: Option<String>,
-    key: PublicKey,
+impl std::fmt::Debug for TrustedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Deserialize)]
 struct JwksDoc {
-    keys: Vec<serde_json::Map<String, serde_json::Value>>,
+    keys: Vec<serde_json::Value>,
 }
 
-fn parse_jwks(json: &[u8]) -> Result<Vec<Jwk>, KeyError> {
-    let doc: JwksDoc = serde_json::from_slice(json).map_err(|e| KeyError::Jwks(e.to_string()))?;
+/// The signing keys of a JWKS document: RSA keys verify RS256 and P-256 keys ES256; keys whose
+/// `use` is not `sig` are skipped, any other key is an error.
+fn parse_jwks(doc: JwksDoc) -> Result<Vec<TrustedKey>, KeyError> {
     let mut out = Vec::new();
-    for (index, k) in doc.keys.iter().enumerate() {
-        let s = |f: &str| k.get(f).and_then(|v| v.as_str());
-        let b = |f: &'static str| -> Result<Vec<u8>, KeyError> {
-            let v = s(f).ok_or(KeyError::BadKey {
-                index,
-                reason: "missing key material",
-            })?;
-            B64.decode(v).map_err(|_| KeyError::BadKey {
-                index,
-                reason: "key material is not base64url",
-            })
+    for (index, k) in doc.keys.into_iter().enumerate() {
+        let bad = |reason: &str| KeyError::BadKey {
+            index,
+            reason: reason.to_string(),
         };
-        if s("use").is_some_and(|u| u != "sig") {
+        let jwk: Jwk = serde_json::from_value(k).map_err(|e| bad(&e.to_string()))?;
+        if jwk
+            .common
+            .public_key_use
+            .as_ref()
+            .is_some_and(|u| *u != PublicKeyUse::Signature)
+        {
             continue;
         }
-        let key = match s("kty") {
-            Some("RSA") => PublicKey::Rsa {
-                n: b("n")?,
-                e: b("e")?,
-            },
-            Some("EC") if s("crv") == Some("P-256") => {
-                let (x, y) = (b("x")?, b("y")?);
-                if x.len() != 32 || y.len() != 32 {
-                    return Err(KeyError::BadKey {
-                        index,
-                        reason: "P-256 coordinates must be 32 bytes",
-                    });
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                let coordinate = |c: &str| B64.decode(c).map(|b| b.len());
+                if coordinate(&ec.x) != Ok(32) || coordinate(&ec.y) != Ok(32) {
+                    return Err(bad("P-256 coordinates must be 32 bytes of base64url"));
                 }
-                let mut p = vec![4u8];
-                p.extend_from_slice(&x);
-                p.extend_from_slice(&y);
-                PublicKey::P256(p)
+                Algorithm::ES256
             }
-            _ => {
-                return Err(KeyError::BadKey {
-                    index,
-                    reason: "only RSA and EC P-256 keys are supported",
-                })
-            }
+            _ => return Err(bad("only RSA and EC P-256 keys are supported")),
         };
-        out.push(Jwk {
-            kid: s("kid").map(str::to_string),
+        let key = DecodingKey::from_jwk(&jwk).map_err(|_| bad("key material is not base64url"))?;
+        out.push(TrustedKey {
+            kid: jwk.common.key_id.clone(),
+            alg,
             key,
         });
     }
     Ok(out)
 }
 
+/// Signature and key checks are `jsonwebtoken`'s; time, audience and subject are checked here.
+fn signature_only(alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.required_spec_claims.clear();
+    v.validate_exp = false;
+    v.validate_nbf = false;
+    v.validate_aud = false;
+    v
+}
+
 /// Checks tokens from the trusted issuers.
 #[derive(Debug, Clone)]
 pub struct Verifier {
-    issuers: BTreeMap<String, Vec<Jwk>>,
+    issuers: BTreeMap<String, Vec<TrustedKey>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -228,7 +240,9 @@ impl Verifier {
 
     /// Trusts `issuer` with the keys of a JWKS document (`/openid/v1/jwks` of a cluster).
     pub fn trust_jwks(&mut self, issuer: &str, jwks: &[u8]) -> Result<(), KeyError> {
-        let keys = parse_jwks(jwks)?;
+        let doc: JwksDoc =
+            serde_json::from_slice(jwks).map_err(|e| KeyError::Jwks(e.to_string()))?;
+        let keys = parse_jwks(doc)?;
         self.issuers
             .entry(issuer.to_string())
             .or_default()
@@ -236,11 +250,15 @@ impl Verifier {
         Ok(())
     }
 
-    pub fn trust_signer(&mut self, s: &Signer) {
-        self.issuers.entry(s.issuer.clone()).or_default().push(Jwk {
-            kid: Some(s.kid.clone()),
-            key: PublicKey::P256(s.key.public_key().as_ref().to_vec()),
-        });
+    /// Trusts the tokens `s` mints, through the JWKS it publishes.
+    pub fn trust_signer(&mut self, s: &Signer) -> Result<(), KeyError> {
+        let doc = serde_json::from_value(s.jwks()).map_err(|e| KeyError::Jwks(e.to_string()))?;
+        let keys = parse_jwks(doc)?;
+        self.issuers
+            .entry(s.issuer.clone())
+            .or_default()
+            .extend(keys);
+        Ok(())
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
@@ -250,6 +268,7 @@ impl Verifier {
         else {
             return Err(TokenError::Malformed("expected three dot-separated parts"));
         };
+        // Read without trusting anything yet: what kind of refusal, and whose keys.
         let header: Header = B64
             .decode(h)
             .ok()
@@ -258,44 +277,45 @@ impl Verifier {
         if header.alg.eq_ignore_ascii_case("none") {
             return Err(TokenError::AlgNone);
         }
-        if header.alg != "RS256" && header.alg != "ES256" {
-            return Err(TokenError::UnsupportedAlg(header.alg));
-        }
-        let claims: Claims = B64
+        let alg = match header.alg.as_str() {
+            "RS256" => Algorithm::RS256,
+            "ES256" => Algorithm::ES256,
+            _ => return Err(TokenError::UnsupportedAlg(header.alg)),
+        };
+        let unverified: Claims = B64
             .decode(c)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(TokenError::Malformed("claims"))?;
-        let sig = B64
-            .decode(sig)
-            .map_err(|_| TokenError::Malformed("signature encoding"))?;
+        if B64.decode(sig).is_err() {
+            return Err(TokenError::Malformed("signature encoding"));
+        }
         let keys = self
             .issuers
-            .get(&claims.iss)
-            .ok_or_else(|| TokenError::WrongIssuer(claims.iss.clone()))?;
-        let signed = &token.as_bytes()[..h.len() + 1 + c.len()];
-        let fits = |k: &&Jwk| {
-            let alg_ok = matches!(
-                (&k.key, header.alg.as_str()),
-                (PublicKey::Rsa { .. }, "RS256") | (PublicKey::P256(_), "ES256")
-            );
-            alg_ok && (header.kid.is_none() || k.kid == header.kid)
-        };
-        let candidates: Vec<&Jwk> = keys.iter().filter(fits).collect();
+            .get(&unverified.iss)
+            .ok_or_else(|| TokenError::WrongIssuer(unverified.iss.clone()))?;
+        let candidates: Vec<&TrustedKey> = keys
+            .iter()
+            .filter(|k| k.alg == alg && (header.kid.is_none() || k.kid == header.kid))
+            .collect();
         if candidates.is_empty() {
             return Err(TokenError::UnknownKey(header.kid.unwrap_or_default()));
         }
-        let ok = candidates.iter().any(|k| match &k.key {
-            PublicKey::Rsa { n, e } => RsaPublicKeyComponents { n, e }
-                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signed, &sig)
-                .is_ok(),
-            PublicKey::P256(p) => UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, p)
-                .verify(signed, &sig)
-                .is_ok(),
-        });
-        if !ok {
-            return Err(TokenError::BadSignature);
+        let validation = signature_only(alg);
+        let mut verified = None;
+        for k in candidates {
+            match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
+                Ok(data) => {
+                    verified = Some(data.claims);
+                    break;
+                }
+                Err(e) if *e.kind() == JwtErrorKind::InvalidSignature => {}
+                // The header passed the reading above, so it holds something jsonwebtoken's
+                // stricter header refuses (a malformed `jwk` or `x5c`, say).
+                Err(_) => return Err(TokenError::Malformed("header")),
+            }
         }
+        let claims = verified.ok_or(TokenError::BadSignature)?;
         let now = self.clock.now() / 1_000_000_000;
         match claims.exp {
             Some(exp) if now < exp.saturating_add(LEEWAY_SECS) => {}
@@ -337,7 +357,9 @@ impl Verifier {
 
 /// The control plane's own token issuer (ES256).
 pub struct Signer {
+    /// The public half and its `kid`; the private key signs through `encoding`.
     key: EcdsaKeyPair,
+    encoding: EncodingKey,
     kid: String,
     issuer: String,
     rng: SystemRandom,
@@ -369,6 +391,7 @@ impl Signer {
         let kid = B64.encode(&digest.as_ref()[..16]);
         Ok(Signer {
             key,
+            encoding: EncodingKey::from_ec_der(der),
             kid,
             issuer: issuer.to_string(),
             rng,
@@ -409,17 +432,10 @@ impl Signer {
                 pod: None,
             }),
         };
-        let header = Header {
-            alg: "ES256".into(),
-            kid: Some(self.kid.clone()),
-            typ: Some("JWT".into()),
-        };
-        let signing_input = format!("{}.{}", b64_json(&header), b64_json(&claims));
-        let sig = self
-            .key
-            .sign(&self.rng, signing_input.as_bytes())
-            .map_err(|e| KeyError::Signing(e.to_string()))?;
-        Ok(format!("{signing_input}.{}", B64.encode(sig.as_ref())))
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| KeyError::Signing(e.to_string()))
     }
 
     /// The public key as a JWKS document (what `/.well-known/jwks.json` serves).
@@ -434,11 +450,8 @@ impl Signer {
     }
 }
 
-fn b64_json<T: Serialize>(v: &T) -> String {
-    B64.encode(serde_json::to_vec(v).unwrap_or_default())
-}
-
-/// Compares secrets without leaking where they differ.
+/// Compares secrets in time that does not depend on where they differ (`subtle`).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }

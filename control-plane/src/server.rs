@@ -176,7 +176,12 @@ pub async fn start(
     let admin_token = admin_token(dir)?;
     let signer = Arc::new(signer(dir, &cfg.issuer)?);
     let mut verifier = Verifier::new(clock.clone());
-    verifier.trust_signer(&signer);
+    verifier
+        .trust_signer(&signer)
+        .map_err(|source| ServeError::Key {
+            path: dir.join(SIGNING_KEY_FILE).display().to_string(),
+            source,
+        })?;
     for (issuer, path) in &cfg.jwks {
         let json = std::fs::read(path).map_err(|source| ServeError::JwksRead {
             path: path.display().to_string(),

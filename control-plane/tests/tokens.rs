@@ -78,7 +78,7 @@ fn verifier() -> (Verifier, Signer) {
         "https://vmesh-control.test",
     )
     .unwrap();
-    v.trust_signer(&signer);
+    v.trust_signer(&signer).unwrap();
     (v, signer)
 }
 

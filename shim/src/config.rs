@@ -585,19 +585,12 @@ fn log_skipped(path: &Path, parsed: &upstream::ResolvConf) {
     }
 }
 
-/// `1500ms`, `5s`, `2m`, or a bare number of seconds.
+/// `1500ms`, `5s`, `2m`, `1m30s` (humantime's units), or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "" | "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        _ => None,
+    match text.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(text).ok(),
     }
 }
 
@@ -615,9 +608,11 @@ mod tests {
             (" 3s ", Some(Duration::from_secs(3))),
             ("", None),
             ("s", None),
-            ("1.5s", None),
+            ("1.5s", Some(Duration::from_millis(1500))),
             ("-1s", None),
-            ("5h", None),
+            ("1m30s", Some(Duration::from_secs(90))),
+            ("5h", Some(Duration::from_secs(5 * 3600))),
+            ("soon", None),
         ];
         for (text, want) in cases {
             assert_eq!(parse_duration(text), want, "{text:?}");
