@@ -181,7 +181,7 @@ impl<S: Store> App<S> {
             })
             .map(str::trim);
         let refuse = |e: TokenError| {
-            self.metrics.token_refusals.inc(e.reason());
+            self.metrics.token_refusals.inc(&e);
             tracing::warn!(reason = e.reason(), error = %e, "token refused");
             unauthorized(&e)
         };

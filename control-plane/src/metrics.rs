@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use crate::identity::TokenError;
 
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0,
@@ -48,19 +51,30 @@ impl Histogram {
     }
 }
 
-/// Counters keyed by one label value.
-#[derive(Debug, Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<&'static str, u64>>);
+/// A closed set of label values: what a counter's label may say, and how each value is written.
+pub trait Label {
+    fn label(&self) -> &'static str;
+}
 
-impl LabeledCounter {
-    pub fn inc(&self, label: &'static str) {
+/// Counters keyed by one label whose values are the variants of `L`.
+#[derive(Debug)]
+pub struct LabeledCounter<L>(Mutex<BTreeMap<&'static str, u64>>, PhantomData<fn(&L)>);
+
+impl<L> Default for LabeledCounter<L> {
+    fn default() -> Self {
+        LabeledCounter(Mutex::default(), PhantomData)
+    }
+}
+
+impl<L: Label> LabeledCounter<L> {
+    pub fn inc(&self, label: &L) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(label).or_default() += 1;
+        *m.entry(label.label()).or_default() += 1;
     }
 
-    pub fn get(&self, label: &str) -> u64 {
+    pub fn get(&self, label: &L) -> u64 {
         let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(label).copied().unwrap_or(0)
+        m.get(label.label()).copied().unwrap_or(0)
     }
 
     fn render(&self, name: &str, label: &str, help: &str, out: &mut String) {
@@ -72,11 +86,58 @@ impl LabeledCounter {
     }
 }
 
+/// How a registration ended (`vmesh_registrations_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationResult {
+    Ok,
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Conflict,
+    Unavailable,
+}
+
+impl Label for RegistrationResult {
+    fn label(&self) -> &'static str {
+        match self {
+            RegistrationResult::Ok => "ok",
+            RegistrationResult::BadRequest => "bad_request",
+            RegistrationResult::Forbidden => "forbidden",
+            RegistrationResult::NotFound => "not_found",
+            RegistrationResult::Conflict => "conflict",
+            RegistrationResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// What became of a health report (`vmesh_health_reports_total{outcome}`): recorded, or
+/// older than what the entry already says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthReportOutcome {
+    Applied,
+    Stale,
+}
+
+impl Label for HealthReportOutcome {
+    fn label(&self) -> &'static str {
+        match self {
+            HealthReportOutcome::Applied => "applied",
+            HealthReportOutcome::Stale => "stale",
+        }
+    }
+}
+
+impl Label for TokenError {
+    fn label(&self) -> &'static str {
+        self.reason()
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
-    pub registrations: LabeledCounter,
-    pub token_refusals: LabeledCounter,
-    pub health_reports: LabeledCounter,
+    pub registrations: LabeledCounter<RegistrationResult>,
+    pub token_refusals: LabeledCounter<TokenError>,
+    pub health_reports: LabeledCounter<HealthReportOutcome>,
     pub heartbeats: AtomicU64,
     pub open_long_polls: AtomicI64,
     pub store_commit: Histogram,

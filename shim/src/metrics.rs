@@ -8,19 +8,39 @@ use vmesh_api::agent::RegistrationState;
 
 use crate::status::Status;
 
-/// Outcomes counted per call kind.
-const OUTCOMES: [&str; 5] = ["ok", "retry", "refused", "gone", "other"];
+/// How a call to the control plane ended, as its `result` label says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered as asked.
+    Ok,
+    /// Failed in a way worth trying again (unreachable, 5xx, timeout).
+    Retry,
+    /// Refused (4xx other than a missing entry): not retried as it is.
+    Refused,
+    /// The entry is gone: register again.
+    Gone,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [Outcome::Ok, Outcome::Retry, Outcome::Refused, Outcome::Gone];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Retry => "retry",
+            Outcome::Refused => "refused",
+            Outcome::Gone => "gone",
+        }
+    }
+}
 
 #[derive(Debug, Default)]
-struct ByOutcome([AtomicU64; 5]);
+struct ByOutcome([AtomicU64; Outcome::ALL.len()]);
 
 impl ByOutcome {
-    fn inc(&self, outcome: &str) {
-        let i = OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(OUTCOMES.len() - 1);
-        if let Some(c) = self.0.get(i) {
+    fn inc(&self, outcome: Outcome) {
+        // The array has one counter per variant, in `Outcome::ALL`'s order.
+        if let Some(c) = self.0.get(outcome as usize) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -28,10 +48,11 @@ impl ByOutcome {
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} counter");
-        for (outcome, c) in OUTCOMES.iter().zip(&self.0) {
+        for (outcome, c) in Outcome::ALL.iter().zip(&self.0) {
             let _ = writeln!(
                 out,
-                "{name}{{result=\"{outcome}\"}} {}",
+                "{name}{{result=\"{}\"}} {}",
+                outcome.as_str(),
                 c.load(Ordering::Relaxed)
             );
         }
@@ -47,15 +68,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn count_registration(&self, outcome: &str) {
+    pub fn count_registration(&self, outcome: Outcome) {
         self.registrations.inc(outcome);
     }
 
-    pub fn count_heartbeat(&self, outcome: &str) {
+    pub fn count_heartbeat(&self, outcome: Outcome) {
         self.heartbeats.inc(outcome);
     }
 
-    pub fn count_health(&self, outcome: &str) {
+    pub fn count_health(&self, outcome: Outcome) {
         self.health_reports.inc(outcome);
     }
 

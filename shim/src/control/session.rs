@@ -40,7 +40,7 @@ use vmesh_api::time::format_rfc3339_nanos;
 use super::client::{CallError, ControlPlane};
 use crate::backoff::Backoff;
 use crate::dataplane::{DataPlane, Liveness};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::probe::ProbePlan;
 use crate::status::Board;
 
@@ -201,7 +201,7 @@ impl Session {
                     };
                     match attempt {
                         Ok(resp) => {
-                            self.metrics.count_registration("ok");
+                            self.metrics.count_registration(Outcome::Ok);
                             self.board.contact();
                             backoff.reset();
                             heartbeat_every =
@@ -222,14 +222,14 @@ impl Session {
                             phase = Phase::Registered;
                         }
                         Err(e) if e.is_transient() => {
-                            self.metrics.count_registration("retry");
+                            self.metrics.count_registration(Outcome::Retry);
                             self.failed("register", &e);
                             let delay = backoff.next_delay();
                             tracing::warn!(error = %e, retry_in = ?delay, "registration failed; retrying");
                             self.pause(delay, &mut stop).await;
                         }
                         Err(e) => {
-                            self.metrics.count_registration("refused");
+                            self.metrics.count_registration(Outcome::Refused);
                             self.failed("register", &e);
                             let retry_at =
                                 matches!(e.kind(), Some(ErrorKind::NotFound | ErrorKind::Conflict))
@@ -277,7 +277,7 @@ impl Session {
                         };
                         match beat {
                             Ok(()) => {
-                                self.metrics.count_heartbeat("ok");
+                                self.metrics.count_heartbeat(Outcome::Ok);
                                 self.board.contact();
                                 backoff.reset();
                                 next_heartbeat = Instant::now() + heartbeat_every;
@@ -288,21 +288,21 @@ impl Session {
                                 }
                             }
                             Err(e) if e.kind() == Some(ErrorKind::NotFound) => {
-                                self.metrics.count_heartbeat("gone");
+                                self.metrics.count_heartbeat(Outcome::Gone);
                                 self.failed("heartbeat", &e);
                                 tracing::warn!(entry = %current, error = %e, "entry gone; registering again");
                                 phase = Phase::Registering;
                                 continue;
                             }
                             Err(e) if e.is_transient() => {
-                                self.metrics.count_heartbeat("retry");
+                                self.metrics.count_heartbeat(Outcome::Retry);
                                 self.failed("heartbeat", &e);
                                 let delay = backoff.next_delay().min(heartbeat_every);
                                 tracing::warn!(error = %e, retry_in = ?delay, "heartbeat failed; retrying");
                                 next_heartbeat = Instant::now() + delay;
                             }
                             Err(e) => {
-                                self.metrics.count_heartbeat("refused");
+                                self.metrics.count_heartbeat(Outcome::Refused);
                                 self.failed("heartbeat", &e);
                                 tracing::error!(entry = %current, error = %e, "heartbeat refused; waiting for a change");
                                 phase = Phase::Refused {
@@ -406,7 +406,7 @@ impl Session {
         };
         match self.cp.health(&req).await {
             Ok(resp) => {
-                self.metrics.count_health("ok");
+                self.metrics.count_health(Outcome::Ok);
                 self.board.contact();
                 if !resp.applied {
                     tracing::warn!(entry = %entry, "the control plane holds a newer health report (is this VM's clock behind?)");
@@ -421,10 +421,10 @@ impl Session {
             Err(e) => {
                 self.failed("health", &e);
                 if e.kind() == Some(ErrorKind::NotFound) {
-                    self.metrics.count_health("gone");
+                    self.metrics.count_health(Outcome::Gone);
                     return Err(e);
                 }
-                self.metrics.count_health("retry");
+                self.metrics.count_health(Outcome::Retry);
                 let delay = health.backoff.next_delay();
                 tracing::warn!(entry = %entry, error = %e, retry_in = ?delay, "health report failed; retrying");
                 health.retry_at = Some(Instant::now() + delay);

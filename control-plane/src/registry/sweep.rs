@@ -1,0 +1,156 @@
+//! The periodic work of [`Registry::tick`]: this replica's liveness lease, VMs that went quiet,
+//! entries past their grace period or whose replica is gone, and live VMs whose group came back.
+
+use std::collections::BTreeSet;
+
+use vmesh_istio::model::{Kind, ObjectKey, Resource};
+use vmesh_istio::workload::{
+    self, controller_of, is_auto_registered, Sweep, ANNOTATION_AUTO_REGISTRATION_GROUP,
+};
+
+use super::{as_entry, encode, entry_key, Conn, Registry, RegistryError};
+use crate::clock::nanos;
+use crate::store::{object_key, Precondition, Store, Txn};
+
+impl<S: Store> Registry<S> {
+    /// Periodic work: lease, liveness timeouts, sweep, re-registration into re-created groups.
+    pub async fn tick(&self) -> Result<(), RegistryError> {
+        let now = self.clock.now();
+        self.store
+            .keep_alive(&self.settings.replica, self.settings.lease_ttl)
+            .await?;
+        let leases = self.store.leases().await?;
+
+        // VMs that went quiet.
+        let timeout = nanos(self.settings.liveness_timeout);
+        let mut quiet = Vec::new();
+        self.conns().retain(|k, c| {
+            let keep = now.saturating_sub(c.last_seen) <= timeout;
+            if !keep {
+                quiet.push((k.clone(), c.conn_time));
+            }
+            keep
+        });
+        for (key, conn_time) in quiet {
+            let replica = self.settings.replica.clone();
+            match self
+                .update_entry(&key, |e| {
+                    Ok(workload::disconnect(e, &replica, conn_time, now))
+                })
+                .await
+            {
+                Ok(Some(_)) => {
+                    tracing::debug!(entry = %key.name, namespace = %key.namespace, "VM disconnected")
+                }
+                Ok(None) | Err(RegistryError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(entry = %key.name, error = %e, "disconnect not recorded"),
+            }
+        }
+
+        // Sweep entries.
+        let grace = nanos(self.settings.grace);
+        let groups: BTreeSet<(String, String)> = self
+            .cache
+            .list(Kind::WorkloadGroup, None)
+            .iter()
+            .map(|c| {
+                (
+                    c.object.meta().namespace.clone(),
+                    c.object.meta().name.clone(),
+                )
+            })
+            .collect();
+        let entries = self.cache.list(Kind::WorkloadEntry, None);
+        for c in entries {
+            let Some(e) = as_entry(&c) else { continue };
+            if !is_auto_registered(e) {
+                continue;
+            }
+            let key = entry_key(&e.metadata.namespace, &e.metadata.name);
+            let group = e
+                .metadata
+                .annotations
+                .get(ANNOTATION_AUTO_REGISTRATION_GROUP)
+                .cloned()
+                .unwrap_or_default();
+            let orphan = !groups.contains(&(e.metadata.namespace.clone(), group));
+            let alive = |ctl: &str| {
+                if ctl == self.settings.replica {
+                    self.conns().contains_key(&key)
+                } else {
+                    leases.contains_key(ctl)
+                }
+            };
+            let decision = if orphan {
+                Sweep::Delete
+            } else {
+                workload::sweep(e, now, grace, alive)
+            };
+            let r = match decision {
+                Sweep::Keep { .. } => Ok(()),
+                Sweep::Delete => self.delete_entry_at(&key, c.revision).await,
+                Sweep::MarkDisconnected => {
+                    tracing::info!(entry = %key.name, namespace = %key.namespace,
+                        controller = controller_of(e).unwrap_or_default(), "entry's replica is gone; marking disconnected");
+                    let mut e = e.clone();
+                    workload::mark_stale(&mut e, now);
+                    let skey = object_key(&key);
+                    self.commit(
+                        Txn::default()
+                            .check(skey.clone(), Precondition::Revision(c.revision))
+                            .put(skey, encode(&Resource::WorkloadEntry(e))),
+                    )
+                    .await
+                    .map(drop)
+                }
+            };
+            match r {
+                // A reconnect won the race: fine, the entry is alive again.
+                Ok(()) | Err(RegistryError::Conflict(_)) => {}
+                Err(e) => tracing::warn!(entry = %key.name, error = %e, "sweep write failed"),
+            }
+        }
+
+        // Live VMs whose entry is gone while their group exists again.
+        let missing: Vec<(String, String)> = {
+            let conns = self.conns();
+            conns
+                .iter()
+                .filter(|(k, c)| {
+                    self.cache.get(k).is_none()
+                        && groups.contains(&(c.reg.namespace.clone(), c.reg.group.clone()))
+                })
+                .map(|(_, c)| (c.reg.namespace.clone(), c.reg.group.clone()))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        };
+        for (ns, g) in missing {
+            self.reregister_group(&ns, &g).await;
+        }
+        Ok(())
+    }
+
+    /// Re-creates entries of this replica's live connections into a (re-)created group.
+    pub async fn reregister_group(&self, namespace: &str, group: &str) {
+        let conns: Vec<(ObjectKey, Conn)> = self
+            .conns()
+            .iter()
+            .filter(|(_, c)| c.reg.namespace == namespace && c.reg.group == group)
+            .map(|(k, c)| (k.clone(), c.clone()))
+            .collect();
+        for (key, c) in conns {
+            if self.cache.get(&key).is_some() {
+                continue;
+            }
+            match self.register_inner(c.reg.clone(), &c.service_account).await {
+                Ok(_) => {
+                    tracing::info!(entry = %key.name, namespace, "re-registered into re-created group")
+                }
+                Err(e) => {
+                    tracing::warn!(entry = %key.name, namespace, error = %e, "re-registration failed")
+                }
+            }
+        }
+    }
+}
