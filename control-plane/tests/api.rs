@@ -38,7 +38,7 @@ async fn table(c: &vmesh_control::client::Client, query: &str) -> (u16, String, 
 /// The first table that names `host` (tables follow config within milliseconds, not atomically).
 async fn table_naming(c: &vmesh_control::client::Client, host: &str) -> (String, NameTable) {
     let mut version = String::new();
-    let deadline = std::time::Instant::now() + common::patience();
+    let deadline = std::time::Instant::now() + vmesh_test_support::eventually::patience();
     loop {
         let (st, v, t) = table(c, &format!("?version={version}&wait=1")).await;
         if let Some(t) = t.filter(|t| t.names.contains_key(host)) {

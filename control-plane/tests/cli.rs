@@ -38,7 +38,7 @@ fn ok(o: Output) -> String {
 struct Served {
     child: std::process::Child,
     url: String,
-    dir: tempfile::TempDir,
+    dir: vmesh_test_support::TempDir,
 }
 
 impl Drop for Served {
@@ -49,7 +49,7 @@ impl Drop for Served {
 }
 
 async fn serve() -> Served {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -252,7 +252,7 @@ async fn a_refused_file_reports_document_and_field_and_changes_nothing() {
 
 #[test]
 fn serve_refuses_bad_flags_before_binding() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);

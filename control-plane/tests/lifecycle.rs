@@ -23,7 +23,7 @@ use vmesh_istio::workload::{
 };
 
 struct Mesh {
-    _dir: tempfile::TempDir,
+    _dir: vmesh_test_support::TempDir,
     clock: Arc<ManualClock>,
     a: Registry<RedbStore>,
     b: Registry<RedbStore>,
@@ -40,7 +40,7 @@ fn settings(replica: &str, grace: Duration) -> Settings {
 }
 
 async fn mesh_with_grace(grace: Duration) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let clock = Arc::new(ManualClock::new(T0));
     let store =
         Arc::new(RedbStore::open(&dir.path().join("store.redb"), clock.clone(), None).unwrap());

@@ -18,10 +18,11 @@ use vmesh_control::config::Document;
 use vmesh_control::store::contract::store_contract;
 use vmesh_control::store::redb::RedbStore;
 use vmesh_control::store::{Store, StoreError, Txn};
+use vmesh_test_support::free_port;
 
 #[tokio::test]
 async fn redb_store_meets_the_store_contract() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let clock = Arc::new(ManualClock::new(T0));
     let s = RedbStore::open(&dir.path().join("s.redb"), clock.clone(), None).unwrap();
     store_contract(&s, |d| clock.advance(d)).await;
@@ -29,7 +30,7 @@ async fn redb_store_meets_the_store_contract() {
 
 #[tokio::test]
 async fn concurrent_commits_share_fsyncs_and_all_succeed() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let s = Arc::new(
         RedbStore::open(
             &dir.path().join("s.redb"),
@@ -58,7 +59,7 @@ async fn concurrent_commits_share_fsyncs_and_all_succeed() {
 
 #[tokio::test]
 async fn a_closed_store_releases_its_file_and_keeps_every_commit() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let path = dir.path().join("s.redb");
     let clock = Arc::new(ManualClock::new(T0));
     let s = RedbStore::open(&path, clock.clone(), None).unwrap();
@@ -79,14 +80,6 @@ async fn a_closed_store_releases_its_file_and_keeps_every_commit() {
 }
 
 // ---- crash safety of the real binary ----
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Proc {
     child: Child,
@@ -156,7 +149,7 @@ async fn acknowledged_writes_survive_kill_9_at_random_moments() {
         });
     eprintln!("crash test seed {seed} (set VMESH_CRASH_SEED to replay)");
     let mut rng = Rng(seed);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = vmesh_test_support::TempDir::new();
     let acked_groups = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let acked_entries = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let mut next_group = 0usize;

@@ -549,7 +549,7 @@ async fn a_rewritten_resolv_conf_is_followed_without_a_restart() {
     // Rewritten the way resolvconf and DHCP clients do it: a new file renamed over the old.
     dir.file("resolv.conf.new", "# new lease\nnameserver 127.0.53.2\n");
     std::fs::rename(dir.path().join("resolv.conf.new"), &conf).unwrap();
-    assert_eventually(
+    assert_eventually_async(
         "queries go to the resolver the new resolv.conf names",
         || async { first_a(&http.dns(&q, Some("udp")).await.body) == Some(second.marker) },
     )

@@ -174,7 +174,7 @@ async fn file_deleted_and_recreated_is_picked_up() {
     );
 
     std::fs::write(&file, table("v2", "10.0.0.2")).unwrap();
-    assert_eventually("the recreated file is served", || {
+    assert_eventually_async("the recreated file is served", || {
         let http = http.clone();
         async move {
             http.get("/v1/name-table")

@@ -222,14 +222,6 @@ fn invalid_static_names_file_refuses_to_start() {
     assert!(errors[0].to_string().contains("x..y"), "{}", errors[0]);
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn shim_binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmesh-shim"));
     cmd.env_clear()
@@ -291,7 +283,7 @@ async fn binary_reads_env_fallbacks_and_exits_cleanly_on_sigterm() {
     );
 
     let http = Http::h1(listen);
-    assert_eventually("the binary serves /healthz", || async {
+    assert_eventually_async("the binary serves /healthz", || async {
         tokio::net::TcpStream::connect(listen).await.is_ok()
     })
     .await;
@@ -306,7 +298,7 @@ async fn binary_reads_env_fallbacks_and_exits_cleanly_on_sigterm() {
         .unwrap()
         .success());
     let mut exit = None;
-    assert_eventually("exit after SIGTERM", || {
+    assert_eventually_async("exit after SIGTERM", || {
         exit = exit.or_else(|| child.0.try_wait().unwrap());
         std::future::ready(exit.is_some())
     })

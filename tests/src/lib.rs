@@ -2,8 +2,9 @@
 //!
 //! - [`support`]: end-to-end fixtures with real processes (Envoy with the built
 //!   `vmesh_filter.wasm`, `vmesh-shim`, dnsmasq as the "system resolver"), real sockets on
-//!   127.0.0.1, per-test ports and temp dirs, and `assert_eventually!` instead of sleeps. Every
-//!   process dies with the test thread that started it (see `support::process`).
+//!   127.0.0.1, per-test ports and temp dirs, and waiting for conditions instead of sleeps
+//!   (`vmesh-test-support`). Every process dies with the test thread that started it
+//!   (`vmesh_test_support::process`).
 //! - [`wasm_host`]: a wasmtime proxy-wasm host that plays Envoy, so `tests/wasm_*.rs` drive the
 //!   built module's callbacks in Envoy's order and assert on the host calls it makes.
 

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use vmesh_api::agent::{counter, AgentReply, ProbeKind, ProbeTask, RegistrationState};
+use vmesh_test_support::eventually::eventually;
 use vmesh_tests::support::dnsmasq::FORWARDED_NAME;
-use vmesh_tests::support::eventually::eventually;
 use vmesh_tests::support::sidecar::{test_table, Sidecar, SidecarOptions};
 use vmesh_tests::support::stubs::{ProbeTarget, Received, ShimStub};
 

@@ -180,7 +180,7 @@ fn forwarded_large_edns_answer_arrives_intact_and_is_truncated_without_edns() {
 #[test]
 fn servfail_when_every_upstream_is_dead() {
     // A port nobody listens on: the shim's UDP attempt is refused at once.
-    let dead = format!("127.0.0.1:{}", vmesh_tests::support::free_port());
+    let dead = format!("127.0.0.1:{}", vmesh_test_support::free_port());
     let s = Sidecar::start_with(SidecarOptions {
         upstreams: Some(vec![dead]),
         ..Default::default()
@@ -213,7 +213,7 @@ fn edited_table_file_is_picked_up_without_restarts() {
     table["names"]["new.example.com"] =
         serde_json::json!({"ips": ["240.240.9.9"], "registry": "External"});
     s.replace_table(&table);
-    vmesh_tests::support::eventually::eventually("the new name resolves", || {
+    vmesh_test_support::eventually::eventually("the new name resolves", || {
         let d = s.dig(&["new.example.com"])?;
         if d.data("A") == ["240.240.9.9"] {
             Ok(())

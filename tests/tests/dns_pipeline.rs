@@ -9,9 +9,9 @@ use std::net::Ipv4Addr;
 
 use vmesh_core::dns::inspect::{RData, Response};
 use vmesh_core::dns::{build_query, rtype};
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::repo_root;
 use vmesh_tests::support::envoy::Envoy;
-use vmesh_tests::support::eventually::eventually;
-use vmesh_tests::support::repo_root;
 use vmesh_tests::support::sidecar::{Sidecar, SidecarOptions};
 use vmesh_tests::support::slow_upstream::SlowUpstream;
 

@@ -8,10 +8,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use vmesh_test_support::eventually::eventually;
 use vmesh_tests::support::app::App;
 use vmesh_tests::support::control_plane::{healthy_condition, ControlPlane, CpOptions};
 use vmesh_tests::support::dnsmasq::{Dnsmasq, FORWARDED_ADDR, FORWARDED_NAME};
-use vmesh_tests::support::eventually::eventually;
 use vmesh_tests::support::vm::{Vm, VmOptions};
 
 const NS: &str = "vm-namespace";
@@ -24,7 +24,7 @@ struct Mesh {
     dnsmasq: Dnsmasq,
     cp: ControlPlane,
     bundle: PathBuf,
-    dir: tempfile::TempDir,
+    dir: vmesh_test_support::TempDir,
 }
 
 /// The seed's config: a WorkloadGroup with a readiness probe on the app, a ServiceEntry that
@@ -93,7 +93,7 @@ impl Mesh {
     }
 
     fn configured(options: CpOptions, yaml: impl FnOnce(&App) -> String) -> Mesh {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = vmesh_test_support::TempDir::new();
         let dnsmasq = Dnsmasq::start(dir.path());
         let app = App::start();
         let cp = ControlPlane::start(dir.path(), options);
@@ -395,7 +395,7 @@ fn a_token_that_expires_is_reported_and_its_replacement_is_used() {
     std::fs::write(&token, mesh.cp.token(NS, "vm-sa", "1s")).unwrap();
     let vm = mesh.vm("198.18.0.81");
     mesh.wait_entry("198.18.0.81");
-    let expired = vmesh_tests::support::eventually::eventually_within(
+    let expired = vmesh_test_support::eventually::eventually_within(
         "the expired token is refused",
         Duration::from_secs(45),
         || {
@@ -472,8 +472,9 @@ fn ten_vms_starting_at_once_are_registered_once_each() {
 
 #[test]
 fn an_exec_probe_runs_in_the_shim() {
-    let marker = tempfile::NamedTempFile::new().unwrap();
-    let path = marker.path().display().to_string();
+    let dir = vmesh_test_support::TempDir::new();
+    let marker = dir.file("ready", "");
+    let path = marker.display().to_string();
     let mesh = Mesh::configured(CpOptions::default(), |_| {
         config_with_probe(&format!(
             "periodSeconds: 1\n    exec: {{command: [test, -f, \"{path}\"]}}"
@@ -485,7 +486,7 @@ fn an_exec_probe_runs_in_the_shim() {
     let status = vm.status().unwrap();
     let probe = status["health"]["probe"].as_str().unwrap_or_default();
     assert!(probe.contains("by the shim"), "{probe}");
-    drop(marker);
+    std::fs::remove_file(&marker).unwrap();
     let message = mesh.wait_health("198.18.0.91", "False");
     assert!(message.contains("exit status 1"), "{message}");
 }

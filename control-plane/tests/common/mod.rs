@@ -1,5 +1,5 @@
 //! Shared test support: an in-process server on 127.0.0.1:0 in a temp dir, clients for the
-//! admin and for VMs, the Istio doc fixtures, and `assert_eventually!`.
+//! admin and for VMs, the Istio doc fixtures. Waiting and temp dirs are `vmesh-test-support`'s.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
@@ -13,32 +13,8 @@ use vmesh_control::clock::{Clock, ManualClock, SystemClock};
 use vmesh_control::config::parse_documents;
 use vmesh_control::registry::Settings;
 use vmesh_control::server::{start, Running, ServeConfig};
-
-/// How long `assert_eventually!` keeps trying; raise with VMESH_TEST_PATIENCE_MS on slow machines.
-pub fn patience() -> Duration {
-    let ms = std::env::var("VMESH_TEST_PATIENCE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    Duration::from_millis(ms)
-}
-
-/// Retries an async condition until it holds or the patience runs out.
-#[macro_export]
-macro_rules! assert_eventually {
-    ($cond:expr, $($msg:tt)+) => {{
-        let deadline = std::time::Instant::now() + $crate::common::patience();
-        loop {
-            if $cond {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                panic!($($msg)+);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    }};
-}
+use vmesh_test_support::eventually::patience;
+use vmesh_test_support::TempDir;
 
 pub const T0: u64 = 1_700_000_000_000_000_000;
 
@@ -54,7 +30,7 @@ pub fn istio_vm_yaml() -> String {
 
 pub struct TestServer {
     pub running: Option<Running>,
-    pub dir: tempfile::TempDir,
+    pub dir: TempDir,
     pub admin: Client,
     pub url: String,
     pub clock: Arc<dyn Clock>,
@@ -85,7 +61,7 @@ impl TestServer {
     }
 
     pub async fn with(o: Options) -> TestServer {
-        Self::in_dir(o, tempfile::tempdir().unwrap()).await
+        Self::in_dir(o, TempDir::new()).await
     }
 
     /// Stops this server and starts a new one on the same data dir.
@@ -96,7 +72,7 @@ impl TestServer {
         Self::in_dir(o, self.dir).await
     }
 
-    pub async fn in_dir(o: Options, dir: tempfile::TempDir) -> TestServer {
+    pub async fn in_dir(o: Options, dir: TempDir) -> TestServer {
         let clock: Arc<dyn Clock> = match o.manual_clock {
             Some(c) => c,
             None => Arc::new(SystemClock),

@@ -887,8 +887,8 @@ mod tests {
     }
 
     /// A file in a directory that lives as long as the test (the returned guard).
-    fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
+    fn temp_file(name: &str, text: &str) -> (vmesh_test_support::TempDir, PathBuf) {
+        let dir = vmesh_test_support::TempDir::new();
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
         (dir, path)

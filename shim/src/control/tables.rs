@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn atomic_writes_replace_the_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = vmesh_test_support::TempDir::new();
         let p = dir.path().join(CACHE_FILE);
         write_atomically(&p, b"one").unwrap();
         write_atomically(&p, b"two").unwrap();

@@ -91,7 +91,7 @@ mod tests {
 
     #[test]
     fn a_rotated_token_is_picked_up_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = vmesh_test_support::TempDir::new();
         let path = dir.path().join("istio-token");
         std::fs::write(&path, "aaa.bbb.ccc\n").unwrap();
         let t = TokenSource::new(&path);

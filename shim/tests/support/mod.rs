@@ -1,23 +1,13 @@
 //! Test support: an in-test authoritative DNS server on real sockets, an HTTP client for
-//! HTTP/1.1 and h2c, temp dirs, the shim started in-process, and `assert_eventually`;
-//! network namespaces for tests that change the firewall ([`netns`]).
-//!
-//! `process`, `dig` and `eventually` are the end-to-end tests' helpers (`tests/src/support`),
-//! shared by source: depending on that crate would build its Wasm host for every shim test.
-#![allow(dead_code)]
+//! HTTP/1.1 and h2c, the shim started in-process; network namespaces for tests that change the
+//! firewall ([`netns`]). Waiting, temp dirs, child processes and dig are
+//! `vmesh-test-support`'s, re-exported here for the tests' `use support::*`.
+// Each test binary compiles this module and uses a different part of it.
+#![allow(dead_code, unused_imports)]
 
-#[path = "../../../tests/src/support/dig.rs"]
-pub mod dig;
-#[path = "../../../tests/src/support/eventually.rs"]
-pub mod eventually;
 pub mod netns;
-#[path = "../../../tests/src/support/process.rs"]
-pub mod process;
 
-use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,75 +25,8 @@ use vmesh_core::dns::response::{set_id, Owner};
 use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
 use vmesh_shim::config::RunArgs;
 use vmesh_shim::Running;
-
-/// How long `assert_eventually` waits; raise it on slow machines with VMESH_TEST_PATIENCE_MS.
-pub fn patience() -> Duration {
-    std::env::var("VMESH_TEST_PATIENCE_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(10))
-}
-
-/// Polls `check` until it is true, failing the test after [`patience`].
-pub async fn assert_eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + patience();
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not true within {:?}: {what}",
-            patience()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Awaits `fut`, failing the test after [`patience`].
-pub async fn within_patience<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(patience(), fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("not done within {:?}: {what}", patience()),
-    }
-}
-
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "vmesh-shim-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn file(&self, name: &str, content: &str) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, content).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use vmesh_test_support::eventually::{assert_eventually_async, patience, within_patience};
+pub use vmesh_test_support::{dig, eventually, free_port, process, TempDir};
 
 /// A query as dig sends it: RD set, one question, optional OPT with a UDP payload size.
 pub fn query(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {

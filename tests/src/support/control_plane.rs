@@ -1,12 +1,13 @@
 //! The real `vmesh-control serve` in a temp data dir on a free port, driven through its own
 //! CLI (`apply`, `get -o json`, `vm-bundle`, `token create`) as an operator would.
 
-use super::eventually::eventually;
-use super::process::Proc;
-use super::{artifact, free_port};
+use super::artifact;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::free_port;
+use vmesh_test_support::process::Proc;
 
 pub fn binary() -> PathBuf {
     artifact(

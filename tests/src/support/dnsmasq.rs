@@ -5,11 +5,12 @@
 //! with 100 addresses (`big.upstream.test`) for EDNS and truncation, and NXDOMAIN for
 //! everything else.
 
-use super::process::Proc;
-use super::{eventually::eventually, free_port};
 use std::net::UdpSocket;
 use std::path::Path;
 use std::time::Duration;
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::free_port;
+use vmesh_test_support::process::Proc;
 
 pub const FORWARDED_NAME: &str = "forwarded.test";
 pub const FORWARDED_ADDR: &str = "198.18.0.53";

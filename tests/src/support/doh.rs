@@ -42,7 +42,7 @@ pub fn post(port: u16, body: &[u8], content_type: &str) -> HttpReply {
 }
 
 fn curl(args: &[&str], stdin: Option<&[u8]>) -> HttpReply {
-    let dir = tempfile::tempdir().expect("temp dir");
+    let dir = vmesh_test_support::TempDir::new();
     let body_path = dir.path().join("body");
     let input = dir.path().join("in");
     std::fs::write(&input, stdin.unwrap_or_default()).expect("write body");

@@ -1,12 +1,13 @@
 //! A real Envoy running `envoy-configs/vm-sidecar.yaml` with the built filter, on per-test ports.
 
-use super::eventually::eventually;
-use super::process::Proc;
-use super::{artifact, free_port, repo_root};
+use super::artifact;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::process::Proc;
+use vmesh_test_support::{free_port, repo_root};
 
 const WASM_IN_CONFIG: &str = "target/wasm32-wasip1/release/vmesh_filter.wasm";
 

@@ -1,12 +1,13 @@
 //! The real `vmesh-shim` binary: DoH forwarder and name-table source.
 
-use super::eventually::eventually;
-use super::process::Proc;
-use super::{artifact, free_port};
+use super::artifact;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::free_port;
+use vmesh_test_support::process::Proc;
 
 #[derive(Debug)]
 pub struct Shim {

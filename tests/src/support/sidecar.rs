@@ -1,12 +1,12 @@
 //! The whole VM-side data plane for one test: dnsmasq (system resolver), the shim, and Envoy
 //! with the filter, wired together on this test's ports.
 
-use super::dig::{dig, Dig};
 use super::dnsmasq::Dnsmasq;
 use super::envoy::Envoy;
-use super::eventually::eventually;
 use super::shim::{Shim, ShimOptions};
 use std::path::PathBuf;
+use vmesh_test_support::dig::{dig, Dig};
+use vmesh_test_support::eventually::eventually;
 
 /// The VM's namespace in the test table.
 pub const NAMESPACE: &str = "vm-namespace";
@@ -67,7 +67,7 @@ pub struct Sidecar {
     pub dnsmasq: Dnsmasq,
     pub shim_port: u16,
     pub names_file: PathBuf,
-    pub dir: tempfile::TempDir,
+    pub dir: vmesh_test_support::TempDir,
 }
 
 impl Sidecar {
@@ -79,7 +79,7 @@ impl Sidecar {
     }
 
     pub fn start_with(opts: SidecarOptions) -> Sidecar {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = vmesh_test_support::TempDir::new();
         let dnsmasq = Dnsmasq::start(dir.path());
         let names_file = dir.path().join("names.json");
         if let Some(table) = &opts.table {

@@ -225,7 +225,7 @@ pub struct ProbeTarget {
 impl ProbeTarget {
     /// Listens on a free port and answers 200 until told otherwise.
     pub fn start() -> ProbeTarget {
-        let port = super::free_port();
+        let port = vmesh_test_support::free_port();
         let status = Arc::new(AtomicU16::new(200));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (status.clone(), requests.clone());

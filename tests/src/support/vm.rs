@@ -6,11 +6,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::dig::{dig, Dig};
 use super::envoy::{Envoy, Ports};
-use super::eventually::eventually;
-use super::free_port;
 use super::shim::{Shim, ShimOptions};
+use vmesh_test_support::dig::{dig, Dig};
+use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::free_port;
 
 #[derive(Debug, Clone)]
 pub struct VmOptions {

@@ -1,0 +1,76 @@
+//! vmesh-test-support: the helpers every vmesh test suite shares (the end-to-end tests in
+//! `tests/`, the shim's and the control plane's integration tests).
+//!
+//! - [`eventually`]: wait for a condition with a patience setting instead of sleeping;
+//! - [`free_port`] and [`TempDir`]: per-test ports on 127.0.0.1 and temp dirs;
+//! - [`process`]: child processes that die with the test thread that started them;
+//! - [`dig`]: BIND's `dig`, run and parsed.
+//!
+//! It has no Wasm host and no vmesh crate in it, so a suite that uses it builds none of them.
+
+pub mod dig;
+pub mod eventually;
+pub mod process;
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+
+/// The workspace root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A port free for both UDP and TCP on 127.0.0.1 right now.
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+        let port = tcp.local_addr().expect("local addr").port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A directory removed when dropped. Readable by every user (0755), because tests run programs
+/// as other users (the shim as Envoy's proxy user, dnsmasq as nobody) on files in it.
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
+
+impl TempDir {
+    pub fn new() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("vmesh-test-")
+            .tempdir()
+            .expect("create a temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("make the temp dir readable");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Writes `content` to `name` in the directory and returns its path.
+    pub fn file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.0.path().join(name);
+        std::fs::write(&p, content).expect("write a file in the temp dir");
+        p
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        self.path()
+    }
+}
