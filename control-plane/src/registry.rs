@@ -25,6 +25,7 @@ use crate::cache::{Cache, Cached};
 use crate::clock::{nanos, Clock};
 use crate::identity::Identity;
 use crate::metrics::{EntryGauges, Metrics};
+use crate::random::SystemEntropy;
 use crate::store::{object_key, Precondition, Revision, Store, StoreError, Txn};
 
 /// How many times a compare-and-swap write is retried after losing a race.
@@ -142,20 +143,9 @@ fn as_entry(c: &Cached) -> Option<&WorkloadEntry> {
     }
 }
 
-fn new_uid() -> String {
-    let mut b = [0u8; 16];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+fn new_uid() -> Result<String, RegistryError> {
+    crate::random::uuid_v4(&SystemEntropy::default())
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))
 }
 
 impl<S: Store> Registry<S> {
@@ -402,7 +392,7 @@ impl<S: Store> Registry<S> {
             let (entry, check) = match existing {
                 None => {
                     let mut e = fresh.clone();
-                    e.metadata.uid = new_uid();
+                    e.metadata.uid = new_uid()?;
                     (e, Precondition::Absent)
                 }
                 Some((old, mod_revision)) => {
@@ -817,7 +807,7 @@ impl<S: Store> Registry<S> {
                         }
                     }
                     None => {
-                        meta.uid = new_uid();
+                        meta.uid = new_uid()?;
                         meta.creation_timestamp = format_rfc3339_secs(now);
                         meta.generation = 1;
                         "created"
