@@ -2,17 +2,16 @@
 //! SIGINT under load: it exits 0, promptly, with long-polls answered and every acknowledged
 //! write on disk; and what it logs never holds a token's `jti` or the admin credential.
 //!
-//! The binary is built by the first test that needs it (`cargo build --release -p
-//! vmesh-control`, a no-op when it is current, so a stale binary is never tested); set
+//! The binary is the one `scripts/build.sh` builds (`target/release/vmesh-control`); set
 //! `VMESH_CONTROL_BIN` to test another one.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -20,96 +19,70 @@ use hyper::Method;
 use serde_json::{json, Value};
 use vmesh_control::client::Client;
 use vmesh_control::config::Document;
+use vmesh_test_support::free_port;
+use vmesh_test_support::process::Proc;
 
+/// The release binary `scripts/build.sh` builds (`VMESH_CONTROL_BIN` tests another one).
 fn release_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("VMESH_CONTROL_BIN") {
-            return PathBuf::from(p);
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release", "-p", "vmesh-control"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run cargo");
-        assert!(
-            out.status.success(),
-            "cargo build --release -p vmesh-control: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // `<target>/debug/vmesh-control` -> `<target>/release/vmesh-control`, wherever the
-        // target dir is.
-        let debug = PathBuf::from(env!("CARGO_BIN_EXE_vmesh-control"));
-        let target = debug.parent().and_then(Path::parent).expect("target dir");
-        target
-            .join("release")
-            .join(debug.file_name().expect("file name"))
-    })
-    .clone()
+    vmesh_test_support::artifact(
+        "VMESH_CONTROL_BIN",
+        "release/vmesh-control",
+        "cargo build --release -p vmesh-control",
+    )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Child,
+/// `vmesh-control serve` on a free port, its log in `log_dir`.
+struct Control {
+    proc: Proc,
     url: String,
-    log: PathBuf,
 }
 
-impl Proc {
-    fn spawn(data: &Path, log_dir: &Path, level: &str) -> Proc {
+impl Control {
+    fn spawn(data: &Path, log_dir: &Path, level: &str) -> Control {
         let port = free_port();
-        let log = log_dir.join(format!("control-{port}.log"));
-        let child = Command::new(release_binary())
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log",
-                level,
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            // Through the environment, not a flag, so a binary from before the flag existed
-            // can be tested too (VMESH_CONTROL_BIN): it shows what this test catches.
-            // Long: a held long-poll or unfinished connection would show as a slow exit.
-            .env("VMESH_CONTROL_SHUTDOWN_GRACE", "30s")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc {
-            child,
+        let args = [
+            "serve".to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--log".into(),
+            level.into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ];
+        // Through the environment, not a flag, so a binary from before the flag existed can be
+        // tested too (VMESH_CONTROL_BIN): it shows what this test catches. Long: a held
+        // long-poll or unfinished connection would show as a slow exit.
+        let env = [(
+            "VMESH_CONTROL_SHUTDOWN_GRACE".to_string(),
+            "30s".to_string(),
+        )];
+        let proc = Proc::spawn_env(
+            "vmesh-control",
+            &release_binary(),
+            &args,
+            &env,
+            &log_dir.join(format!("control-{port}.log")),
+        );
+        Control {
+            proc,
             url: format!("https://127.0.0.1:{port}"),
-            log,
         }
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proc.log_text()
     }
 
     fn signal(&self, name: &str) {
-        let st = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill -{name}");
+        self.proc.signal(name);
     }
 
-    /// The exit status, or a panic with the log if it has not exited within `patience`.
+    /// The exit status, or a panic with the log if it has not exited within `patience`. Polls
+    /// without blocking the runtime, so the load's clients keep reading their answers.
     async fn exit_within(&mut self, patience: Duration) -> ExitStatus {
         let deadline = Instant::now() + patience;
         loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
+            if let Some(st) = self.proc.try_status() {
                 return st;
             }
             assert!(
@@ -119,13 +92,6 @@ impl Proc {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -189,7 +155,7 @@ async fn metric(admin: &Client, name: &str) -> Option<f64> {
 async fn stop_under_load(signal: &str) {
     let data = vmesh_test_support::TempDir::new();
     let logs = vmesh_test_support::TempDir::new();
-    let mut p = Proc::spawn(data.path(), logs.path(), "info");
+    let mut p = Control::spawn(data.path(), logs.path(), "info");
     let admin = common::wait_for_server(data.path(), &p.url).await;
     admin
         .apply(vec![group_doc("load", "load-vms", "load-sa")], "")
@@ -375,7 +341,7 @@ async fn stop_under_load(signal: &str) {
         heartbeats.load(Ordering::Relaxed),
         waiting.len()
     );
-    let mut again = Proc::spawn(data.path(), logs.path(), "info");
+    let mut again = Control::spawn(data.path(), logs.path(), "info");
     let admin = common::wait_for_server(data.path(), &again.url).await;
     let have = |kind: &'static str| {
         let admin = admin.clone();
@@ -431,7 +397,7 @@ async fn sigint_under_load_exits_0_promptly_and_keeps_every_acknowledged_write()
 async fn neither_a_token_id_nor_the_admin_credential_is_logged() {
     let data = vmesh_test_support::TempDir::new();
     let logs = vmesh_test_support::TempDir::new();
-    let mut p = Proc::spawn(data.path(), logs.path(), "trace");
+    let mut p = Control::spawn(data.path(), logs.path(), "trace");
     let admin = common::wait_for_server(data.path(), &p.url).await;
     let admin_credential = std::fs::read_to_string(data.path().join("admin-token"))
         .unwrap()
