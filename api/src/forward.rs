@@ -30,6 +30,9 @@
 //!   (a UDP client gets the UDP answer, TC included; TCP and DoH clients get whole answers).
 //! - `budget_ms` is how long the shim may take: what is left of the filter's deadline, less
 //!   a margin, so the shim's answer (SERVFAIL when every upstream failed) wins the race.
+//! - The shim's first message on every stream is an empty `ForwardResponse`: Envoy reports
+//!   response headers even for a stream that never reached the shim (its own local reply), so
+//!   this greeting is how the filter knows the shim is there.
 //! - An answer with an empty `message` says the shim will not relay the query (not a standard
 //!   DNS query); the filter answers SERVFAIL.
 //!

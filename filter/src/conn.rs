@@ -210,6 +210,51 @@ impl ConnCore {
     }
 }
 
+thread_local! {
+    /// Connections written to in the current root callback, with the bytes written: see
+    /// [`emit`].
+    static EMITTED: RefCell<Vec<(u32, usize)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Starts a root callback that may write to connections ([`emit`]).
+pub fn begin_root_callback() {
+    EMITTED.with_borrow_mut(Vec::clear);
+}
+
+/// Writes `out` into connection `id`'s paused read buffer from a root callback and has echo
+/// send it; `id` must be the effective context.
+///
+/// Each connection is resumed at most once per root callback: Envoy runs a resume
+/// (`continueReading`) after the VM call returns, and two queued for one connection run nested
+/// (the first one's write calls back into the VM, whose return runs the second), which crashed
+/// Envoy 1.40 (a segfault) when one stream message carried several answers for one tunnel. So
+/// a second write in the same callback is appended behind the first (the buffer is empty when
+/// the callback starts: echo took everything when the last resume ran), and goes out with it.
+fn emit(id: u32, out: &[u8]) {
+    let written = EMITTED.with_borrow(|e| e.iter().find(|(c, _)| *c == id).map(|(_, n)| *n));
+    match written {
+        None => {
+            if hostcalls::set_buffer(BufferType::DownstreamData, 0, 0, out).is_ok() {
+                push();
+                EMITTED.with_borrow_mut(|e| e.push((id, out.len())));
+            } else {
+                log::warn!("answers not written to connection {id}");
+            }
+        }
+        Some(n) => {
+            if hostcalls::set_buffer(BufferType::DownstreamData, n, 0, out).is_ok() {
+                EMITTED.with_borrow_mut(|e| {
+                    if let Some(entry) = e.iter_mut().find(|(c, _)| *c == id) {
+                        entry.1 += out.len();
+                    }
+                });
+            } else {
+                log::warn!("answers not written to connection {id}");
+            }
+        }
+    }
+}
+
 /// Writes a forwarded query's answer (`None`: SERVFAIL) into its connection. Called from the
 /// root that owns the worker's stream, in its callbacks; leaves the connection the effective
 /// context (the caller restores its own).
@@ -235,8 +280,7 @@ pub fn deliver(core: &Rc<RefCell<ConnCore>>, slot: usize, answer: Option<&[u8]>)
     if out.is_empty() || hostcalls::set_effective_context(id).is_err() {
         return;
     }
-    write(0, &out);
-    push();
+    emit(id, &out);
 }
 
 impl Drop for DnsConn {
@@ -267,10 +311,7 @@ pub fn send_keepalives(worker: &Worker, root_id: u32) {
             log::debug!("keepalive: connection {id} is gone");
             continue;
         }
-        match hostcalls::set_buffer(BufferType::DownstreamData, 0, 0, udp_tunnel::KEEPALIVE) {
-            Ok(()) => push(),
-            Err(e) => log::warn!("keepalive not written to connection {id}: {e:?}"),
-        }
+        emit(id, udp_tunnel::KEEPALIVE);
     }
     if let Err(e) = hostcalls::set_effective_context(root_id) {
         log::warn!("keepalive: root context {root_id} not restored: {e:?}");

@@ -145,6 +145,7 @@ impl Context for Root {
     }
 
     fn on_grpc_stream_message(&mut self, token: u32, message_size: usize) {
+        conn::begin_root_callback();
         stream::on_message(self.id, token, message_size);
     }
 
@@ -170,6 +171,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        conn::begin_root_callback();
         match &mut self.role {
             RootRole::Agent(agent) => agent.on_tick(),
             RootRole::Dns(worker) | RootRole::Conn(worker, Carrier::Tcp) => {

@@ -52,13 +52,43 @@ struct Shared {
     root: u32,
     cluster: String,
     timeout_ms: u64,
-    /// The last open attempt or stream failed; logged once until one works again.
-    failing: bool,
+    /// Since when (ms) no stream worked: set when a stream closes or does not open, cleared
+    /// by a message on the current stream (the shim greets every stream with an empty one;
+    /// Envoy's own headers for a stream that never connected are no evidence). Logged once per outage; after
+    /// [`SHIM_DOWN_MS`] queries stop waiting for it.
+    down_since: Option<u64>,
     /// Envoy accepted a callout to `cluster`, so it exists (see the module doc).
     cluster_known: bool,
     /// Envoy refused the last callout to `cluster`: it does not exist (a configuration
     /// error). Queries get SERVFAIL at once instead of at their deadline until it does.
     cluster_missing: bool,
+}
+
+/// How long the shim may be unreachable before queries stop waiting for it: a restart
+/// (typically well under a second) loses nothing, a shim that is gone costs clients a
+/// SERVFAIL at once rather than the whole deadline.
+pub const SHIM_DOWN_MS: u64 = 1000;
+
+impl Shared {
+    fn shim_down(&self, now: u64) -> bool {
+        self.down_since
+            .is_some_and(|t| now.saturating_sub(t) >= SHIM_DOWN_MS)
+    }
+
+    /// A stream closed or did not open; says so once per outage.
+    fn failed(&mut self, now: u64, what: std::fmt::Arguments<'_>) {
+        if self.down_since.is_none() {
+            log::warn!("forward stream to the shim {what}; reopening");
+            self.down_since = Some(now);
+        }
+    }
+
+    /// The shim answered on the current stream.
+    fn works(&mut self) {
+        if self.down_since.take().is_some() {
+            log::info!("forward stream to the shim works again");
+        }
+    }
 }
 
 thread_local! {
@@ -82,7 +112,7 @@ pub fn init(config: &Config, root: u32) {
                 root,
                 cluster: config.shim_cluster.clone(),
                 timeout_ms: config.forward_timeout_ms,
-                failing: false,
+                down_since: None,
                 cluster_known: false,
                 cluster_missing: false,
             });
@@ -96,7 +126,7 @@ pub fn init(config: &Config, root: u32) {
 pub fn submit(owner: Owner, transport: Transport, query: &[u8]) -> Result<(), Owner> {
     let now = now_ms();
     LINK.with_borrow_mut(|l| match l {
-        Some(s) if !s.cluster_missing => {
+        Some(s) if !s.cluster_missing && !s.shim_down(now) => {
             let deadline = now.saturating_add(s.timeout_ms);
             s.link
                 .submit(owner, transport, query.to_vec(), deadline)
@@ -141,7 +171,13 @@ pub fn flush(caller: u32) {
 pub fn tick(root: u32) {
     let now = now_ms();
     let expired = LINK
-        .with_borrow_mut(|l| l.as_mut().map(|s| s.link.expire(now)))
+        .with_borrow_mut(|l| {
+            l.as_mut().map(|s| {
+                // The shim is gone: what waits for it gets SERVFAIL now.
+                let until = if s.shim_down(now) { u64::MAX } else { now };
+                s.link.expire(until)
+            })
+        })
         .unwrap_or_default();
     let delivered = !expired.is_empty();
     for p in expired {
@@ -172,12 +208,7 @@ pub fn tick(root: u32) {
                     s.cluster_known = true;
                 }
                 Err(e) => {
-                    if !s.failing {
-                        log::warn!(
-                            "forward stream to cluster {cluster} not opened ({e:?}); retrying"
-                        );
-                    }
-                    s.failing = true;
+                    s.failed(now, format_args!("(cluster {cluster}) not opened ({e:?})"));
                     s.link.open_failed(now);
                 }
             }
@@ -205,9 +236,8 @@ pub fn on_message(root: u32, token: u32, size: usize) {
     let mut ready = Vec::new();
     LINK.with_borrow_mut(|l| {
         let Some(s) = l else { return };
-        if s.failing {
-            log::info!("forward stream to the shim answers again");
-            s.failing = false;
+        if s.link.token() == Some(token) {
+            s.works();
         }
         for answer in answers(&body) {
             match answer {
@@ -239,10 +269,7 @@ pub fn on_close(token: u32, status: u32) {
     LINK.with_borrow_mut(|l| {
         let Some(s) = l else { return };
         if s.link.closed(token, now) {
-            if !s.failing {
-                log::warn!("forward stream to the shim closed (gRPC status {status}); reopening");
-            }
-            s.failing = true;
+            s.failed(now, format_args!("closed (gRPC status {status})"));
         }
     });
 }

@@ -78,6 +78,8 @@ type Ready = (u32, Vec<u8>);
 pub struct AnswerStream {
     answers: mpsc::UnboundedReceiver<Ready>,
     end: Arc<End>,
+    /// The empty greeting went out (see [`vmesh_api::forward`]).
+    greeted: bool,
     done: bool,
 }
 
@@ -121,6 +123,11 @@ impl Body for AnswerStream {
         if this.done {
             return Poll::Ready(None);
         }
+        if !this.greeted {
+            this.greeted = true;
+            // An empty ForwardResponse: the filter learns the stream reached a shim.
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0])))));
+        }
         match this.answers.poll_recv(cx) {
             Poll::Ready(Some(first)) => Poll::Ready(Some(Ok(Frame::data(this.batch(first))))),
             Poll::Ready(None) => {
@@ -163,6 +170,7 @@ pub fn forward_stream(
     let mut resp = Response::new(AnswerStream {
         answers: rx,
         end,
+        greeted: false,
         done: false,
     });
     *resp.status_mut() = StatusCode::OK;

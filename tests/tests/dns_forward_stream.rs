@@ -22,6 +22,11 @@ fn query(id: u16, name: &str) -> Vec<u8> {
     build_query(id, name, rtype::A, None).expect("valid test name")
 }
 
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 fn client(envoy: &Envoy, timeout: Duration) -> UdpSocket {
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     sock.set_read_timeout(Some(timeout)).expect("timeout");
@@ -102,7 +107,13 @@ fn queries_in_flight_when_the_shim_dies_are_answered_or_servfail_within_their_de
             break;
         }
     }
-    let first_answer = first_answer.expect("a new query answered after the shim came back");
+    let Some(first_answer) = first_answer else {
+        panic!(
+            "no new query answered after the shim came back\nenvoy:\n{}\nshim:\n{}",
+            tail(&envoy.log(), 60),
+            tail(&shim.log(), 30)
+        );
+    };
     assert!(
         first_answer < Duration::from_secs(1),
         "new queries flowed {first_answer:?} after the shim's return"
@@ -181,7 +192,26 @@ fn ten_thousand_queries_in_flight_on_one_stream_are_all_answered_once() {
     let sent_in = started.elapsed();
     assert!(sent_in < Duration::from_secs(3), "sending took {sent_in:?}");
     let mut total = 0;
-    for (c, got) in rx {
+    let results: Vec<_> = rx.into_iter().collect();
+    let counts: Vec<(u16, usize, usize)> = results
+        .iter()
+        .map(|(c, g)| {
+            (
+                *c,
+                g.len(),
+                g.iter().filter(|(_, rcode, _)| *rcode != 0).count(),
+            )
+        })
+        .collect();
+    eprintln!("(client, answers, not NOERROR): {counts:?}");
+    if counts
+        .iter()
+        .any(|(_, n, bad)| *n != usize::from(EACH) || *bad > 0)
+    {
+        eprintln!("envoy log tail:\n{}", tail(&envoy.log(), 60));
+        eprintln!("shim log tail:\n{}", tail(&_shim.log(), 30));
+    }
+    for (c, got) in results {
         let mut seen = vec![0u32; usize::from(EACH)];
         for (id, rcode, _) in got {
             assert_eq!(rcode, 0, "client {c} query {id}");

@@ -30,6 +30,10 @@ impl SlowUpstream {
     pub fn selective(delay: Duration, ip: Ipv4Addr, marker: &[u8]) -> SlowUpstream {
         let marker = marker.to_vec();
         let sock = UdpSocket::bind("127.0.0.1:0").expect("bind the slow upstream");
+        // Thousands of queries can arrive within a second; the default buffer (~200 KB, a few
+        // hundred datagrams) would drop some before this thread reads them. The kernel caps
+        // the size at net.core.rmem_max.
+        let _ = socket2::SockRef::from(&sock).set_recv_buffer_size(8 << 20);
         let addr = sock.local_addr().expect("its address");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
