@@ -1627,3 +1627,87 @@ fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmErro
     assert_eq!(local_reply(&worker, s).0, 413);
     still_answers(&mut worker, udp)
 }
+
+#[test]
+fn answers_for_one_tunnel_in_one_stream_message_leave_with_one_resume() -> Result<(), VmError> {
+    // Two resumes queued for one connection in one callback run nested in Envoy 1.40, which
+    // crashed it: the answers go out together instead.
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let (qa, qb) = (query(21, OTHER, A), query(22, "example.net", A));
+    send_capsules(&mut worker, c, &[&qa, &qb])?;
+    let fwds = vmesh::forwards(&worker);
+    let (aa, ab) = (
+        upstream_answer(&qa, 1, Ipv4Addr::new(192, 0, 2, 21), 60),
+        upstream_answer(&qb, 1, Ipv4Addr::new(192, 0, 2, 22), 60),
+    );
+    let mark = worker.mark();
+    vmesh::answer_forwards(
+        &mut worker,
+        fwds[0].token,
+        &[(fwds[1].id, &ab), (fwds[0].id, &aa)],
+    )?;
+    let resumes = worker
+        .calls_since(mark)
+        .iter()
+        .filter(|r| matches!(r.call, HostCall::ContinueStream { .. }))
+        .count();
+    assert_eq!(resumes, 1);
+    let out = udp_answers(&worker, c);
+    assert_eq!(
+        out.ids_and_rcodes(),
+        [(22, 0), (21, 0)],
+        "in the order answered"
+    );
+    assert_eq!(out.chunks, 2, "each answer whole in its chunk");
+    Ok(())
+}
+
+#[test]
+fn a_shim_unreachable_for_a_second_makes_forwards_servfail_at_once_until_it_greets_again(
+) -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(31, OTHER, A)])?;
+    let token = vmesh::forward_stream(&worker);
+    worker.grpc_close(token, 14)?;
+    // Reopened streams fail too (the shim is gone).
+    for _ in 0..4 {
+        host.advance(Duration::from_millis(250));
+        worker.tick_root(udp)?;
+        if let Some(&t) = worker.grpc_streams().keys().next() {
+            worker.grpc_close(t, 14)?;
+        }
+    }
+    assert_eq!(
+        udp_answers(&worker, c).ids_and_rcodes(),
+        [(31, 2)],
+        "after 1 s the waiting query gets SERVFAIL, not at its 6 s deadline"
+    );
+    let c2 = udp_tunnel(&mut worker, udp)?;
+    assert_eq!(
+        send_capsules(&mut worker, c2, &[&query(32, OTHER, A)])?,
+        Action::Continue,
+        "new queries do not wait"
+    );
+    assert_eq!(udp_answers(&worker, c2).ids_and_rcodes(), [(32, 2)]);
+    // The shim is back: a stream opens and the shim greets it with an empty message.
+    host.advance(Duration::from_millis(500));
+    worker.tick_root(udp)?;
+    let token = vmesh::forward_stream(&worker);
+    worker.grpc_receive(token, &[])?;
+    let c3 = udp_tunnel(&mut worker, udp)?;
+    assert_eq!(
+        send_capsules(&mut worker, c3, &[&query(33, OTHER, A)])?,
+        Action::Pause,
+        "forwarded again"
+    );
+    Ok(())
+}
