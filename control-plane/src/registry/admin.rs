@@ -127,7 +127,7 @@ impl<S: Store> Registry<S> {
                     }
                 }
                 None => {
-                    meta.uid = new_uid();
+                    meta.uid = new_uid()?;
                     meta.creation_timestamp = format_rfc3339_secs(now);
                     meta.generation = 1;
                     ApplyAction::Created

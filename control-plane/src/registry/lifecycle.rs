@@ -172,7 +172,7 @@ impl<S: Store> Registry<S> {
                 let (entry, check) = match existing {
                     None => {
                         let mut e = fresh.clone();
-                        e.metadata.uid = new_uid();
+                        e.metadata.uid = new_uid()?;
                         (e, Precondition::Absent)
                     }
                     Some((old, mod_revision)) => {
