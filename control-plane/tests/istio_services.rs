@@ -250,7 +250,10 @@ spec:
         t.names.contains_key("mysqldb.vm.svc.cluster.local")
     })
     .await;
-    assert_eq!(ips(&t, "mysqldb.vm.svc.cluster.local"), [ip.clone()]);
+    assert_eq!(
+        ips(&t, "mysqldb.vm.svc.cluster.local"),
+        std::slice::from_ref(&ip)
+    );
 
     // Re-applying the manifest (still without an address) changes nothing.
     let r = s.apply_yaml(yaml).await.unwrap();
