@@ -61,10 +61,38 @@ pub struct ServiceRoutes {
     /// The namespace of the ServiceEntry or Service that defines the host.
     pub namespace: String,
     pub registry: Registry,
+    /// How the endpoints are used. Absent in tables from before the field existed, which
+    /// only carried IP endpoints to balance over: [`Resolution::Static`].
+    #[serde(default)]
+    pub resolution: Resolution,
     /// The addresses clients dial (ClusterIPs, ServiceEntry addresses or allocated VIPs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<IpAddr>,
     pub ports: Vec<PortRoutes>,
+}
+
+/// A service's resolution, as Istio's `model.Resolution` derives it from a ServiceEntry's
+/// `resolution` (or a Kubernetes Service's `clusterIP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Resolution {
+    /// Endpoints are addresses to balance over (STATIC, and Kubernetes Services with a
+    /// ClusterIP).
+    #[default]
+    Static,
+    /// Endpoints may be host names, to be resolved when connecting; every address of every
+    /// endpoint is used (DNS). A DNS ServiceEntry without endpoints has the host itself as its
+    /// one endpoint per port.
+    Dns,
+    /// As `Dns`, but only the first address a name resolves to is used (DNS_ROUND_ROBIN).
+    DnsRoundRobin,
+    /// No balancing: a connection goes to the address the client dialled (NONE, and headless
+    /// Kubernetes Services). The endpoints are listed for information.
+    None,
+    /// A resolution a newer control plane sends that this version does not know; kept so
+    /// that one new value does not make the whole table unreadable.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,5 +183,20 @@ mod tests {
         let t: NameTable = serde_json::from_slice(old).unwrap();
         assert!(t.services.is_empty());
         assert!(!String::from_utf8(t.to_json()).unwrap().contains("services"));
+    }
+
+    #[test]
+    #[cfg(feature = "native")]
+    fn routes_without_a_resolution_are_static_and_unknown_resolutions_still_decode() {
+        let old = br#"{"namespace":"ns","registry":"External","ports":[]}"#;
+        let r: ServiceRoutes = serde_json::from_slice(old).unwrap();
+        assert_eq!(r.resolution, Resolution::Static);
+        let newer =
+            br#"{"namespace":"ns","registry":"External","resolution":"DYNAMIC_DNS","ports":[]}"#;
+        let r: ServiceRoutes = serde_json::from_slice(newer).unwrap();
+        assert_eq!(r.resolution, Resolution::Unknown);
+        let dns = br#"{"namespace":"ns","registry":"External","resolution":"DNS_ROUND_ROBIN","ports":[]}"#;
+        let r: ServiceRoutes = serde_json::from_slice(dns).unwrap();
+        assert_eq!(r.resolution, Resolution::DnsRoundRobin);
     }
 }

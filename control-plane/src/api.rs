@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use vmesh_istio::model::{Kind, ObjectKey, Resource};
 
 use crate::clock::Clock;
-use crate::config::{decode_all, ConfigError, Document};
+use crate::config::{decode_all_checked, ConfigError, Document};
 use crate::identity::{constant_time_eq, Identity, KeyError, Signer, TokenError, Verifier};
 use crate::metrics::Metrics;
 use crate::registry::{EntryRequest, HealthRequest, RegisterRequest, Registry, RegistryError};
@@ -321,12 +321,15 @@ impl<S: Store> App<S> {
                 } else {
                     &body.namespace
                 };
-                let resources = decode_all(&body.documents, ns)?;
+                let (resources, warnings) = decode_all_checked(&body.documents, ns)?;
                 let results = self.registry.apply(resources).await?;
-                Ok(json_response(
-                    StatusCode::OK,
-                    &serde_json::json!({ "results": results }),
-                ))
+                // Istio's webhook warnings, for the client to print as kubectl does.
+                let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+                let mut out = serde_json::json!({ "results": results });
+                if !warnings.is_empty() {
+                    out["warnings"] = serde_json::json!(warnings);
+                }
+                Ok(json_response(StatusCode::OK, &out))
             }
             (&Method::POST, path::ADMIN_TOKENS) => {
                 self.admin(&caller)?;

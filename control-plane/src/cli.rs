@@ -32,6 +32,7 @@ pub const ENV_REPLICA: &str = "VMESH_CONTROL_REPLICA";
 pub const ENV_DOMAIN: &str = "VMESH_CONTROL_DOMAIN";
 pub const ENV_LOG: &str = "VMESH_CONTROL_LOG";
 pub const ENV_LOG_FORMAT: &str = "VMESH_CONTROL_LOG_FORMAT";
+pub const ENV_SERVICE_CIDR: &str = "VMESH_CONTROL_SERVICE_CLUSTER_IP_RANGE";
 pub const ENV_SHUTDOWN_GRACE: &str = "VMESH_CONTROL_SHUTDOWN_GRACE";
 
 #[derive(Debug, Parser)]
@@ -143,6 +144,10 @@ pub struct ServeArgs {
     pub replica: Option<String>,
     #[arg(long, env = ENV_DOMAIN, default_value = vmesh_api::names::DEFAULT_DOMAIN)]
     pub domain: String,
+    /// Where Services without a clusterIP get one, as the Kubernetes API server's flag of the
+    /// same name.
+    #[arg(long, env = ENV_SERVICE_CIDR, default_value = vmesh_istio::cluster_ip::DEFAULT_SERVICE_CIDR)]
+    pub service_cluster_ip_range: vmesh_istio::cluster_ip::ServiceCidr,
     /// At SIGTERM/SIGINT: how long in-flight requests get to finish before their connections
     /// are closed (a second signal ends it early).
     #[arg(long, env = ENV_SHUTDOWN_GRACE, value_parser = parse_duration, default_value = "10s")]
@@ -316,6 +321,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             heartbeat_interval: a.heartbeat_interval,
             liveness_timeout: a.liveness_timeout,
             lease_ttl: a.liveness_timeout.max(Duration::from_secs(10)),
+            service_cidr: a.service_cluster_ip_range,
         },
         tick: Some(Duration::from_secs(1)),
         coalesce: Duration::from_millis(10),
@@ -422,7 +428,12 @@ async fn apply(c: &Client, path: &Path, namespace: &str) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("error: {e}"))?,
         );
     }
-    for o in c.apply(documents, namespace).await? {
+    let (outcomes, warnings) = c.apply_with_warnings(documents, namespace).await?;
+    // Before the results, on stderr, as kubectl prints an admission webhook's warnings.
+    for w in warnings {
+        eprintln!("Warning: {w}");
+    }
+    for o in outcomes {
         println!("{}/{} {}", resource_name(o.kind), o.name, o.action);
     }
     Ok(())
@@ -479,7 +490,7 @@ fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
     let mut rows = vec![];
     let head: Vec<&str> = match k {
         Kind::WorkloadEntry => vec!["NAME", "ADDRESS", "STATE", "HEALTHY"],
-        Kind::ServiceEntry => vec!["NAME", "HOSTS", "LOCATION", "RESOLUTION"],
+        Kind::ServiceEntry => vec!["NAME", "HOSTS", "ADDRESSES", "LOCATION", "RESOLUTION"],
         Kind::WorkloadGroup => vec!["NAME", "SERVICE ACCOUNT"],
         Kind::Service => vec!["NAME", "CLUSTER-IP", "PORTS"],
     };
@@ -512,6 +523,20 @@ fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
             Resource::ServiceEntry(s) => vec![
                 s.metadata.name.clone(),
                 s.spec.hosts.join(","),
+                {
+                    // Declared addresses, else the auto-allocated ones from status.
+                    let allocated = s.status.iter().flat_map(|st| &st.addresses);
+                    let list: Vec<&str> = if s.spec.addresses.is_empty() {
+                        allocated.map(|a| a.value.as_str()).collect()
+                    } else {
+                        s.spec.addresses.iter().map(String::as_str).collect()
+                    };
+                    if list.is_empty() {
+                        "<none>".to_string()
+                    } else {
+                        list.join(",")
+                    }
+                },
                 serde_json::to_value(s.spec.location)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))

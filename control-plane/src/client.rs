@@ -168,9 +168,20 @@ impl Client {
         documents: Vec<Document>,
         namespace: &str,
     ) -> Result<Vec<ApplyOutcome>, ClientError> {
+        Ok(self.apply_with_warnings(documents, namespace).await?.0)
+    }
+
+    /// As [`Client::apply`], with the validation warnings of the accepted objects.
+    pub async fn apply_with_warnings(
+        &self,
+        documents: Vec<Document>,
+        namespace: &str,
+    ) -> Result<(Vec<ApplyOutcome>, Vec<String>), ClientError> {
         #[derive(serde::Deserialize)]
         struct Results {
             results: Vec<ApplyOutcome>,
+            #[serde(default)]
+            warnings: Vec<String>,
         }
         let req = ApplyRequest {
             documents,
@@ -183,7 +194,7 @@ impl Client {
                 Some(&req),
             )
             .await?;
-        Ok(r.results)
+        Ok((r.results, r.warnings))
     }
 
     /// One request on a fresh connection.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use vmesh_istio::model::{Kind, Resource};
-use vmesh_istio::validate::validate;
+use vmesh_istio::validate::check;
 
 /// One manifest document, as the CLI sends it to the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +58,15 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Config
 
 /// Decodes and validates one document. A missing namespace becomes `default_namespace`.
 pub fn decode(doc: &Document, default_namespace: &str) -> Result<Resource, ConfigError> {
+    decode_checked(doc, default_namespace).map(|(r, _)| r)
+}
+
+/// As [`decode`], with the warnings Istio's validation gives for an accepted object (in the
+/// same shape as a refusal, so they name document and field).
+pub fn decode_checked(
+    doc: &Document,
+    default_namespace: &str,
+) -> Result<(Resource, Vec<ConfigError>), ConfigError> {
     let err = |kind: &str, name: &str, field: &str, message: String| ConfigError {
         source_name: doc.source.clone(),
         index: doc.index,
@@ -117,10 +126,16 @@ pub fn decode(doc: &Document, default_namespace: &str) -> Result<Resource, Confi
     if meta.namespace.is_empty() {
         meta.namespace = default_namespace.to_string();
     }
-    if let Some(first) = validate(&r).into_iter().next() {
+    let findings = check(&r);
+    if let Some(first) = findings.errors.into_iter().next() {
         return Err(err(kind.as_str(), &name, &first.path, first.message));
     }
-    Ok(r)
+    let warnings = findings
+        .warnings
+        .into_iter()
+        .map(|w| err(kind.as_str(), &name, &w.path, w.message))
+        .collect();
+    Ok((r, warnings))
 }
 
 /// Decodes every document or refuses the lot with the first problem.
@@ -129,6 +144,21 @@ pub fn decode_all(
     default_namespace: &str,
 ) -> Result<Vec<Resource>, ConfigError> {
     docs.iter().map(|d| decode(d, default_namespace)).collect()
+}
+
+/// As [`decode_all`], with every accepted document's warnings.
+pub fn decode_all_checked(
+    docs: &[Document],
+    default_namespace: &str,
+) -> Result<(Vec<Resource>, Vec<ConfigError>), ConfigError> {
+    let mut resources = Vec::with_capacity(docs.len());
+    let mut warnings = Vec::new();
+    for d in docs {
+        let (r, w) = decode_checked(d, default_namespace)?;
+        resources.push(r);
+        warnings.extend(w);
+    }
+    Ok((resources, warnings))
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
 //! Name tables per client namespace and their long-poll.
 //!
 //! A background task rebuilds [`MeshNames`] after store changes (coalescing bursts for a few
-//! milliseconds), allocates VIPs and persists the VIP table, then re-cuts the table of every
-//! namespace a client has asked for. Long-polls wait on one generation counter and compare
+//! milliseconds), allocates VIPs, persists the VIP table and writes each ServiceEntry's
+//! `status.addresses` (as Istio's IP auto-allocation controller does), then re-cuts the table
+//! of every namespace a client has asked for. Long-polls wait on one generation counter and compare
 //! their namespace's version, so a change wakes every waiter once and only those whose table
 //! changed answer.
 
@@ -13,13 +14,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
-use vmesh_istio::model::{Resource, Service, ServiceEntry, WorkloadEntry};
-use vmesh_istio::names::{hosts_needing_vips, Mesh, MeshNames};
+use vmesh_istio::model::{ObjectKey, Resource, Service, ServiceEntry, Status, WorkloadEntry};
+use vmesh_istio::names::{hosts_needing_vips, status_addresses, Mesh, MeshNames};
 use vmesh_istio::vip::allocate;
 
 use crate::cache::Cache;
 use crate::metrics::Metrics;
-use crate::store::{Precondition, Store, Txn, VIPS_KEY};
+use crate::store::{object_key, Precondition, Revision, Store, Txn, VIPS_KEY};
 
 /// One namespace's table, serialized once and shared by every response.
 #[derive(Debug)]
@@ -194,11 +195,16 @@ pub async fn run<S: Store>(
     }
 }
 
-/// One rebuild: VIPs allocated (and persisted when they change), tables re-cut.
+/// One rebuild: VIPs allocated (and persisted, with the ServiceEntries' `status.addresses`,
+/// when they change), tables re-cut.
 pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
     // Take references under the lock, build outside it: writers must not wait for a rebuild.
     let (objects, old_vips, vips_revision) = cache.read(|s| {
-        let objects: Vec<Arc<Resource>> = s.objects.values().map(|c| c.object.clone()).collect();
+        let objects: Vec<(Arc<Resource>, Revision)> = s
+            .objects
+            .values()
+            .map(|c| (c.object.clone(), c.revision))
+            .collect();
         (objects, s.vips.clone(), s.vips_revision)
     });
     let (mut services, mut ses, mut entries): (
@@ -206,10 +212,14 @@ pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
         Vec<&ServiceEntry>,
         Vec<&WorkloadEntry>,
     ) = (Vec::new(), Vec::new(), Vec::new());
-    for o in &objects {
+    let mut se_revisions: Vec<Revision> = Vec::new();
+    for (o, rev) in &objects {
         match &**o {
             Resource::Service(o) => services.push(o),
-            Resource::ServiceEntry(o) => ses.push(o),
+            Resource::ServiceEntry(o) => {
+                ses.push(o);
+                se_revisions.push(*rev);
+            }
             Resource::WorkloadEntry(o) => entries.push(o),
             Resource::WorkloadGroup(_) => {}
         }
@@ -222,14 +232,39 @@ pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
         entries: &entries,
         vips: &vips,
     });
-    let vip_update = (vips != old_vips).then_some((vips, vips_revision));
-    if let Some((vips, rev)) = vip_update {
-        let check = rev.map_or(Precondition::Absent, Precondition::Revision);
-        let txn = Txn::default().check(VIPS_KEY.to_string(), check).put(
+    let mut txn = Txn::default();
+    if vips != old_vips {
+        let check = vips_revision.map_or(Precondition::Absent, Precondition::Revision);
+        txn = txn.check(VIPS_KEY.to_string(), check).put(
             VIPS_KEY.to_string(),
             serde_json::to_vec(&vips).unwrap_or_default(),
         );
-        // A lost race means another writer persisted a table; the next rebuild adopts it.
+    }
+    for (se, rev) in ses.iter().zip(&se_revisions) {
+        let want = status_addresses(se, &vips);
+        let have = se
+            .status
+            .as_ref()
+            .map(|s| s.addresses.as_slice())
+            .unwrap_or_default();
+        if want.as_slice() == have {
+            continue;
+        }
+        let mut updated = (*se).clone();
+        let status = updated.status.get_or_insert_with(Status::default);
+        status.addresses = want;
+        if *status == Status::default() {
+            updated.status = None;
+        }
+        let r = Resource::ServiceEntry(Box::new(updated));
+        let key = object_key(&ObjectKey::of(&r));
+        txn = txn
+            .check(key.clone(), Precondition::Revision(*rev))
+            .put(key, serde_json::to_vec(&r).unwrap_or_default());
+    }
+    if !txn.ops.is_empty() {
+        // A lost race means another writer changed the table or an entry; the change wakes
+        // the next rebuild, which starts from what was written.
         if let Err(e) = store.commit(txn).await {
             tracing::warn!(error = %e, "VIP table not persisted; will retry on the next change");
         }

@@ -36,6 +36,7 @@ fn settings(replica: &str, grace: Duration) -> Settings {
         heartbeat_interval: Duration::from_secs(5),
         liveness_timeout: Duration::from_secs(15),
         lease_ttl: Duration::from_secs(15),
+        ..Settings::default()
     }
 }
 

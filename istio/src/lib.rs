@@ -23,6 +23,7 @@
     )
 )]
 
+pub mod cluster_ip;
 pub mod labels;
 pub mod model;
 pub mod names;

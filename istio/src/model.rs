@@ -155,12 +155,23 @@ pub struct Object<S> {
     pub status: Option<Status>,
 }
 
-/// Istio's `IstioStatus`, reduced to the conditions vmesh maintains.
+/// Istio's `IstioStatus`, reduced to what vmesh maintains: conditions (WorkloadEntry) and the
+/// auto-allocated addresses (ServiceEntry, Istio's `ServiceEntryStatus.addresses`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<ServiceEntryAddress>,
+}
+
+/// One auto-allocated address of one ServiceEntry host.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceEntryAddress {
+    pub value: String,
+    pub host: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

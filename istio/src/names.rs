@@ -9,13 +9,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use super::model::{Resolution, Service, ServiceEntry, WorkloadEntry};
+use super::model::{Resolution, Service, ServiceEntry, ServiceEntryAddress, WorkloadEntry};
 use super::select::{
-    selected_by_service, selected_by_service_entry, service_endpoints, service_entry_endpoints,
-    Endpoint,
+    is_dns, selected_by_service, selected_by_service_entry, service_endpoints,
+    service_entry_endpoints, Endpoint,
 };
+use super::validate::{is_partial_wildcard, parse_cidr};
 use super::vip::{slot_ips, VipTable};
-use vmesh_api::names::{self as table, NameInfo, NameTable, PortRoutes, Registry, ServiceRoutes};
+use vmesh_api::names::{
+    self as table, NameInfo, NameTable, PortRoutes, Registry, Resolution as TableResolution,
+    ServiceRoutes,
+};
 use vmesh_api::time::parse_rfc3339;
 
 /// Kubernetes annotation that limits a Service's visibility, as Istio reads it.
@@ -31,21 +35,101 @@ pub struct Mesh<'a> {
     pub vips: &'a VipTable,
 }
 
-/// ServiceEntry hosts that get an allocated VIP: no `addresses`, not a wildcard, resolution
-/// other than NONE (Istio's rule).
+/// ServiceEntry label that opts its hosts out of VIP auto-allocation when `"false"`.
+pub const LABEL_ENABLE_AUTOALLOCATE_IP: &str = "networking.istio.io/enable-autoallocate-ip";
+
+/// Whether a ServiceEntry's hosts get auto-allocated addresses (Istio's
+/// `shouldV2AutoAllocateIPFromPieces`): not NONE (the data plane could not honour them), not
+/// opted out by label, and no `addresses` of its own.
+pub fn should_auto_allocate(se: &ServiceEntry) -> bool {
+    se.spec.resolution != Resolution::None
+        && !se
+            .metadata
+            .labels
+            .get(LABEL_ENABLE_AUTOALLOCATE_IP)
+            .is_some_and(|v| v.eq_ignore_ascii_case("false"))
+        && se.spec.addresses.is_empty()
+}
+
+/// The hosts of a ServiceEntry that get an address (Istio's `keepHost`: no wildcards), as the
+/// name table and the VIP table key them: lower case, no trailing dot.
+fn allocated_hosts(se: &ServiceEntry) -> impl Iterator<Item = String> + '_ {
+    se.spec
+        .hosts
+        .iter()
+        .filter(|h| !h.contains('*'))
+        .map(|h| table_host(h))
+}
+
+/// A host as tables carry it: lower case, without a trailing dot.
+fn table_host(h: &str) -> String {
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// ServiceEntry hosts that get an allocated VIP.
 pub fn hosts_needing_vips(service_entries: &[&ServiceEntry]) -> BTreeSet<String> {
     service_entries
         .iter()
-        .filter(|se| se.spec.addresses.is_empty() && se.spec.resolution != Resolution::None)
-        .flat_map(|se| se.spec.hosts.iter())
-        .filter(|h| !h.starts_with("*."))
-        .map(|h| h.to_ascii_lowercase())
+        .filter(|se| should_auto_allocate(se))
+        .flat_map(|se| allocated_hosts(se))
         .collect()
+}
+
+/// What Istio's IP auto-allocation controller writes into a ServiceEntry's
+/// `status.addresses` (`statusPatchForAddresses`): per host in spec order, its IPv4 then its
+/// IPv6 address; empty when the entry does not qualify.
+pub fn status_addresses(se: &ServiceEntry, vips: &VipTable) -> Vec<ServiceEntryAddress> {
+    if !should_auto_allocate(se) {
+        return Vec::new();
+    }
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (spec_host, host) in se
+        .spec
+        .hosts
+        .iter()
+        .filter(|h| !h.contains('*'))
+        .map(|h| (h, table_host(h)))
+    {
+        if !seen.insert(host.clone()) {
+            continue;
+        }
+        if let Some(slot) = vips.get(&host) {
+            for ip in slot_ips(*slot) {
+                out.push(ServiceEntryAddress {
+                    value: ip.to_string(),
+                    host: spec_host.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The IPs a ServiceEntry's `addresses` give DNS: plain IPs, and CIDRs as wide as one address
+/// (`/32`, `/128`), as Istio's `convertServices` turns them into IPs. Wider CIDRs match
+/// traffic but are no answer to a query.
+fn declared_ips(addresses: &[String]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for a in addresses {
+        let ip = match a.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => parse_cidr(a)
+                .filter(|(ip, len)| u32::from(*len) == if ip.is_ipv4() { 32 } else { 128 })
+                .map(|(ip, _)| ip),
+        };
+        if let Some(ip) = ip.filter(|ip| !out.contains(ip)) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Visibility {
     All,
+    /// `~`: no client namespace sees it (Istio keeps it for the service's own proxies).
+    Nobody,
     Namespaces(BTreeSet<String>),
 }
 
@@ -55,6 +139,7 @@ impl Visibility {
         for x in list {
             match x.trim() {
                 "*" => return Visibility::All,
+                "~" => return Visibility::Nobody,
                 "." => {
                     set.insert(own_ns.to_string());
                 }
@@ -74,6 +159,7 @@ impl Visibility {
     fn sees(&self, ns: &str) -> bool {
         match self {
             Visibility::All => true,
+            Visibility::Nobody => false,
             Visibility::Namespaces(s) => s.contains(ns),
         }
     }
@@ -93,13 +179,17 @@ struct HostDef {
 }
 
 impl HostDef {
-    /// Lower sorts first: Kubernetes over ServiceEntry, then older, then by namespace/name.
-    fn rank(&self) -> (u8, u64, &str, &str) {
-        let reg = match self.registry {
-            Registry::Kubernetes => 0,
-            Registry::External => 1,
-        };
-        (reg, self.created, &self.namespace, &self.source)
+    /// Lower sorts first: older, then by namespace/name (Istio's `SortServicesByCreationTime`).
+    fn rank(&self) -> (u64, &str, &str) {
+        (self.created, &self.namespace, &self.source)
+    }
+
+    /// Which of the definitions visible to a client in `ns` it gets, lowest first: a Kubernetes
+    /// Service over any ServiceEntry (so nobody can squat on a Service's name, Istio's guard in
+    /// `initServiceRegistry`), then one from the client's own namespace (the sidecar scope's
+    /// `selectServices`), then the oldest.
+    fn preference(&self, ns: &str) -> (bool, bool) {
+        (self.registry != Registry::Kubernetes, self.namespace != ns)
     }
 }
 
@@ -115,9 +205,9 @@ fn to_port(p: u32) -> u16 {
     u16::try_from(p).unwrap_or(0)
 }
 
-fn routes_ports(
-    ports: impl Iterator<Item = (u32, String, String, Vec<Endpoint>)>,
-) -> Vec<PortRoutes> {
+type PortEndpoints = (u32, String, String, Vec<Endpoint>);
+
+fn routes_ports(ports: impl Iterator<Item = PortEndpoints>) -> Vec<PortRoutes> {
     ports
         .map(|(port, name, protocol, eps)| PortRoutes {
             port: to_port(port),
@@ -177,7 +267,7 @@ impl MeshNames {
         let m = &svc.metadata;
         let host = format!("{}.{}.svc.{}", m.name, m.namespace, self.domain);
         let selected = selected_by_service(svc, entries.iter().copied());
-        let per_port: Vec<(u32, String, String, Vec<Endpoint>)> = svc
+        let per_port: Vec<PortEndpoints> = svc
             .spec
             .ports
             .iter()
@@ -234,6 +324,11 @@ impl MeshNames {
             routes: ServiceRoutes {
                 namespace: m.namespace.clone(),
                 registry: Registry::Kubernetes,
+                resolution: if headless {
+                    TableResolution::None
+                } else {
+                    TableResolution::Static
+                },
                 vips,
                 ports: routes_ports(per_port.into_iter()),
             },
@@ -248,7 +343,7 @@ impl MeshNames {
     ) {
         let m = &se.metadata;
         let selected = selected_by_service_entry(se, entries.iter().copied());
-        let per_port: Vec<(u32, String, String, Vec<Endpoint>)> = se
+        let per_port: Vec<PortEndpoints> = se
             .spec
             .ports
             .iter()
@@ -261,23 +356,80 @@ impl MeshNames {
                 )
             })
             .collect();
-        let declared: Vec<IpAddr> = se
-            .spec
-            .addresses
-            .iter()
-            .filter_map(|a| a.parse::<IpAddr>().ok())
-            .collect();
+        // Istio's `convertServiceEntryToInstances`: a DNS entry with neither endpoints nor a
+        // selector routes to each host itself, on the target port.
+        let host_is_endpoint =
+            is_dns(se) && se.spec.endpoints.is_empty() && se.spec.workload_selector.is_none();
+        let resolution = match se.spec.resolution {
+            Resolution::None => TableResolution::None,
+            Resolution::Static => TableResolution::Static,
+            Resolution::Dns => TableResolution::Dns,
+            Resolution::DnsRoundRobin => TableResolution::DnsRoundRobin,
+        };
+        let declared = declared_ips(&se.spec.addresses);
+        // NONE without addresses is headless: Istio's name table answers with the healthy
+        // endpoints' IPs (`BuildNameTable`, Passthrough services with ports).
+        let headless_ips: Vec<IpAddr> = if se.spec.resolution == Resolution::None
+            && declared.is_empty()
+            && !se.spec.ports.is_empty()
+        {
+            let set: BTreeSet<IpAddr> = per_port
+                .iter()
+                .flat_map(|(_, _, _, eps)| eps.iter())
+                .filter(|e| e.healthy)
+                .filter_map(|e| e.address.parse().ok())
+                .collect();
+            set.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        let auto = should_auto_allocate(se);
         let visibility =
             Visibility::parse(&m.namespace, se.spec.export_to.iter().map(String::as_str));
-        for host in &se.spec.hosts {
-            let host = host.to_ascii_lowercase();
-            let ips = if !declared.is_empty() {
+        for spec_host in &se.spec.hosts {
+            // Istio accepts `*foo.example.com` with a warning; no name table can carry it.
+            if is_partial_wildcard(spec_host) {
+                continue;
+            }
+            let host = table_host(spec_host);
+            let vips = if !declared.is_empty() {
                 declared.clone()
-            } else {
+            } else if auto {
                 mesh.vips
                     .get(&host)
                     .map(|s| slot_ips(*s).to_vec())
                     .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            let ips = if vips.is_empty() {
+                headless_ips.clone()
+            } else {
+                vips.clone()
+            };
+            let ports = if host_is_endpoint && !host.starts_with("*.") {
+                se.spec
+                    .ports
+                    .iter()
+                    .map(|p| PortRoutes {
+                        port: to_port(p.number),
+                        name: p.name.clone(),
+                        protocol: p.protocol.clone(),
+                        endpoints: vec![table::Endpoint {
+                            address: host.clone(),
+                            port: to_port(if p.target_port != 0 {
+                                p.target_port
+                            } else {
+                                p.number
+                            }),
+                            network: String::new(),
+                            locality: String::new(),
+                            weight: 1,
+                        }],
+                    })
+                    .collect()
+            } else {
+                routes_ports(per_port.clone().into_iter())
             };
             self.push(HostDef {
                 host: host.clone(),
@@ -287,7 +439,7 @@ impl MeshNames {
                 registry: Registry::External,
                 visibility: visibility.clone(),
                 info: NameInfo {
-                    ips: ips.clone(),
+                    ips,
                     registry: Registry::External,
                     shortname: String::new(),
                     namespace: String::new(),
@@ -295,8 +447,9 @@ impl MeshNames {
                 routes: ServiceRoutes {
                     namespace: m.namespace.clone(),
                     registry: Registry::External,
-                    vips: ips,
-                    ports: routes_ports(per_port.clone().into_iter()),
+                    resolution,
+                    vips,
+                    ports,
                 },
             });
         }
@@ -307,12 +460,11 @@ impl MeshNames {
         let mut names = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (host, defs) in &self.hosts {
-            // The client's own namespace wins over the global order, as in Istio's sidecar scope.
-            let visible = defs.iter().filter(|d| d.visibility.sees(namespace));
-            let best = visible
-                .clone()
-                .find(|d| d.namespace == namespace)
-                .or_else(|| defs.iter().find(|d| d.visibility.sees(namespace)));
+            // `defs` is in Istio's creation order; the first of the most preferred wins.
+            let best = defs
+                .iter()
+                .filter(|d| d.visibility.sees(namespace))
+                .min_by_key(|d| d.preference(namespace));
             let Some(def) = best else { continue };
             if !def.info.ips.is_empty() {
                 names.insert(host.clone(), def.info.clone());
@@ -606,5 +758,161 @@ mod tests {
             na.table_for("vm-namespace").version,
             a.names().table_for("vm-namespace").version
         );
+    }
+
+    fn healthy(mut e: WorkloadEntry) -> WorkloadEntry {
+        e.metadata
+            .annotations
+            .insert(ANNOTATION_HEALTH_CHECKS_ENABLED.into(), "true".into());
+        apply_health(
+            &mut e,
+            &HealthReport {
+                healthy: true,
+                message: String::new(),
+                probe_time: 1,
+            },
+        );
+        e
+    }
+
+    /// Istio `convertServiceEntryToInstances`: DNS without endpoints or selector -> the host.
+    #[test]
+    fn dns_without_endpoints_routes_to_the_host_itself_on_the_target_port() {
+        let mut se = vmservice(Resolution::Dns);
+        se.spec.workload_selector = None;
+        for r in [Resolution::Dns, Resolution::DnsRoundRobin] {
+            se.spec.resolution = r;
+            let f = Fixture {
+                services: vec![],
+                ses: vec![se.clone()],
+                entries: vec![],
+            };
+            let t = f.names().table_for("vm-namespace");
+            let routes = &t.services["vmservice.example.com"];
+            assert_eq!(
+                routes.resolution,
+                if r == Resolution::Dns {
+                    TableResolution::Dns
+                } else {
+                    TableResolution::DnsRoundRobin
+                }
+            );
+            let ep = &routes.ports[0].endpoints[0];
+            assert_eq!(
+                (ep.address.as_str(), ep.port),
+                ("vmservice.example.com", 9090)
+            );
+            assert!(t.names["vmservice.example.com"].ips[0]
+                .to_string()
+                .starts_with("240.240."));
+        }
+    }
+
+    /// Istio `BuildNameTable`: a NONE (Passthrough) service without addresses answers with the
+    /// healthy endpoints' IPs, and gets no allocated VIP.
+    #[test]
+    fn resolution_none_with_a_selector_answers_with_healthy_endpoint_ips() {
+        let f = Fixture {
+            services: vec![],
+            ses: vec![vmservice(Resolution::None)],
+            entries: vec![
+                healthy(vm("a", "10.0.0.2", "python-http")),
+                healthy(vm("b", "10.0.0.1", "python-http")),
+                {
+                    let mut sick = vm("c", "10.0.0.3", "python-http");
+                    sick.metadata
+                        .annotations
+                        .insert(ANNOTATION_HEALTH_CHECKS_ENABLED.into(), "true".into());
+                    sick
+                },
+            ],
+        };
+        let t = f.names().table_for("vm-namespace");
+        let ips: Vec<String> = t.names["vmservice.example.com"]
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["10.0.0.1", "10.0.0.2"]);
+        assert_eq!(
+            t.services["vmservice.example.com"].resolution,
+            TableResolution::None
+        );
+        assert!(t.services["vmservice.example.com"].vips.is_empty());
+    }
+
+    /// Istio `initServiceRegistry`: a Kubernetes Service wins over a ServiceEntry squatting on
+    /// its host, even one in the client's own namespace.
+    #[test]
+    fn kubernetes_service_wins_over_a_service_entry_of_the_same_host() {
+        let mut squat = vmservice(Resolution::Static);
+        squat.metadata = meta("squat", "bookinfo");
+        squat.spec.hosts = vec!["mysqldb.vm.svc.cluster.local".into()];
+        squat.spec.addresses = vec!["192.0.2.9".into()];
+        let f = Fixture {
+            services: vec![svc("mysqldb", "vm", "10.96.0.10")],
+            ses: vec![squat],
+            entries: vec![],
+        };
+        let t = f.names().table_for("bookinfo");
+        let n = &t.names["mysqldb.vm.svc.cluster.local"];
+        assert_eq!(n.registry, Registry::Kubernetes);
+        assert_eq!(n.ips, ["10.96.0.10".parse::<IpAddr>().unwrap()]);
+    }
+
+    /// Istio `shouldV2AutoAllocateIPFromPieces` and `convertServices`.
+    #[test]
+    fn opt_out_label_and_single_address_cidrs() {
+        let mut opted = vmservice(Resolution::Static);
+        opted
+            .metadata
+            .labels
+            .insert(LABEL_ENABLE_AUTOALLOCATE_IP.into(), "False".into());
+        let mut cidrs = vmservice(Resolution::Static);
+        cidrs.metadata = meta("cidrs", "vm-namespace");
+        cidrs.spec.hosts = vec!["cidr.example.com".into()];
+        cidrs.spec.addresses = vec![
+            "192.0.2.7/32".into(),
+            "2001:db8::7/128".into(),
+            "198.51.100.0/24".into(),
+        ];
+        let f = Fixture {
+            services: vec![],
+            ses: vec![opted.clone(), cidrs],
+            entries: vec![],
+        };
+        let t = f.names().table_for("vm-namespace");
+        assert!(!t.names.contains_key("vmservice.example.com"));
+        let ips: Vec<String> = t.names["cidr.example.com"]
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ips, ["192.0.2.7", "2001:db8::7"]);
+        assert!(status_addresses(&opted, &VipTable::new()).is_empty());
+    }
+
+    #[test]
+    fn status_addresses_list_each_host_v4_then_v6() {
+        let mut se = vmservice(Resolution::Static);
+        se.spec.hosts = vec!["A.example.com".into(), "*.wild.example.com".into()];
+        let vips = allocate(&VipTable::new(), &hosts_needing_vips(&[&se]));
+        let st = status_addresses(&se, &vips);
+        assert_eq!(st.len(), 2);
+        assert!(st.iter().all(|a| a.host == "A.example.com"));
+        assert!(st[0].value.starts_with("240.240."));
+        assert!(st[1].value.starts_with("2001:2::"));
+    }
+
+    #[test]
+    fn export_to_none_hides_a_service_entry_from_every_namespace() {
+        let mut hidden = vmservice(Resolution::Static);
+        hidden.spec.export_to = vec!["~".into()];
+        let f = Fixture {
+            services: vec![],
+            ses: vec![hidden],
+            entries: vec![],
+        };
+        assert!(f.names().table_for("vm-namespace").names.is_empty());
     }
 }

@@ -1,12 +1,20 @@
 //! Which workloads back a service, on which ports: ServiceEntry `workloadSelector` and inline
 //! `endpoints`, and Kubernetes Service `selector` (Istio selects WorkloadEntries into both).
 //!
-//! Port mapping, as Istio: a workload's own named port (`WorkloadEntry.ports[port.name]`) wins,
-//! then the service port's `targetPort`, then the service port number.
+//! Port mapping, as Istio: for a ServiceEntry (`convertWorkloadInstanceToServiceInstance`) a
+//! workload's own port named like the service port wins, then the port's `targetPort`, then its
+//! number. For a Kubernetes Service (`findServiceTargetPort` + `serviceInstanceFromWorkloadInstance`)
+//! a named `targetPort` must be a port of the workload, and an integer one yields to a workload
+//! port named like the Service port.
+//!
+//! Workloads whose address is a host name or a unix socket are selected only by DNS
+//! ServiceEntries, as in Istio (`DNSServiceEntryOnly`): nothing else could route to them.
+
+use std::net::IpAddr;
 
 use super::model::{
-    IntOrString, Labels, Service, ServiceEntry, ServiceEntryPort, ServicePort, WorkloadEntry,
-    WorkloadEntrySpec,
+    IntOrString, Labels, Resolution, Service, ServiceEntry, ServiceEntryPort, ServicePort,
+    WorkloadEntry, WorkloadEntrySpec,
 };
 use super::workload::is_healthy;
 
@@ -45,6 +53,19 @@ fn se_target(spec: &WorkloadEntrySpec, port: &ServiceEntryPort) -> u32 {
     }
 }
 
+/// Whether only a DNS ServiceEntry can select this workload: its address is not an IP.
+fn dns_only(e: &WorkloadEntry) -> bool {
+    !e.spec.address.is_empty() && e.spec.address.parse::<IpAddr>().is_err()
+}
+
+/// Whether a ServiceEntry resolves its endpoints by DNS (Istio's `isDNSTypeService`).
+pub fn is_dns(se: &ServiceEntry) -> bool {
+    matches!(
+        se.spec.resolution,
+        Resolution::Dns | Resolution::DnsRoundRobin
+    )
+}
+
 /// The entries a ServiceEntry's selector picks: same namespace, labels match.
 pub fn selected_by_service_entry<'a>(
     se: &ServiceEntry,
@@ -53,10 +74,13 @@ pub fn selected_by_service_entry<'a>(
     let Some(sel) = &se.spec.workload_selector else {
         return Vec::new();
     };
+    let dns = is_dns(se);
     entries
         .into_iter()
         .filter(|e| {
-            e.metadata.namespace == se.metadata.namespace && selects(&sel.labels, &e.spec.labels)
+            e.metadata.namespace == se.metadata.namespace
+                && selects(&sel.labels, &e.spec.labels)
+                && (dns || !dns_only(e))
         })
         .collect()
 }
@@ -96,20 +120,24 @@ pub fn selected_by_service<'a>(
         .filter(|e| {
             e.metadata.namespace == svc.metadata.namespace
                 && selects(&svc.spec.selector, &e.spec.labels)
+                && !dns_only(e)
         })
         .collect()
 }
 
-/// Endpoints of one Service port among the selected workloads. A named `targetPort` the
-/// workload does not declare leaves that workload out, as Kubernetes does.
+/// Endpoints of one Service port among the selected workloads, as Istio maps a Service port
+/// onto a WorkloadEntry: a named `targetPort` the workload does not declare leaves that
+/// workload out; an integer (or defaulted) `targetPort` is used unless the workload declares a
+/// port named like the Service port, which wins.
 pub fn service_endpoints(port: &ServicePort, selected: &[&WorkloadEntry]) -> Vec<Endpoint> {
     let mut out: Vec<Endpoint> = selected
         .iter()
         .filter_map(|e| {
+            let named = |name: &str| e.spec.ports.get(name).copied().filter(|p| *p != 0);
             let target = match &port.target_port {
-                Some(IntOrString::Int(n)) => *n,
-                Some(IntOrString::String(name)) => *e.spec.ports.get(name)?,
-                None => port.port,
+                Some(IntOrString::String(name)) if !name.is_empty() => named(name)?,
+                Some(IntOrString::Int(n)) if *n != 0 => named(&port.name).unwrap_or(*n),
+                _ => named(&port.name).unwrap_or(port.port),
             };
             endpoint(&e.spec, target, is_healthy(e))
         })
@@ -337,5 +365,48 @@ mod tests {
         let mut no_sel = svc.clone();
         no_sel.spec.selector.clear();
         assert!(selected_by_service(&no_sel, &entries).is_empty());
+    }
+
+    /// Istio `findServiceTargetPort` + `serviceInstanceFromWorkloadInstance`.
+    #[test]
+    fn a_workload_port_named_like_the_service_port_wins_over_an_integer_target_port() {
+        let svc = Service {
+            api_version: "v1".into(),
+            kind: "Service".into(),
+            metadata: ObjectMeta {
+                name: "web".into(),
+                namespace: "vm".into(),
+                ..Default::default()
+            },
+            spec: ServiceSpec {
+                selector: [("app".to_string(), "web".to_string())].into(),
+                ports: vec![ServicePort {
+                    name: "http".into(),
+                    port: 80,
+                    target_port: Some(IntOrString::Int(8080)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            status: None,
+        };
+        let entries = [
+            we("a", "vm", "10.1.0.1", &[("app", "web")], &[("http", 9000)]),
+            we("b", "vm", "10.1.0.2", &[("app", "web")], &[]),
+            // A host-name address: only DNS ServiceEntries can use it.
+            we("c", "vm", "vm3.example.com", &[("app", "web")], &[]),
+        ];
+        let sel = selected_by_service(&svc, &entries);
+        let eps: Vec<(String, u16)> = service_endpoints(&svc.spec.ports[0], &sel)
+            .into_iter()
+            .map(|e| (e.address, e.port))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.1.0.1".to_string(), 9000),
+                ("10.1.0.2".to_string(), 8080)
+            ]
+        );
     }
 }

@@ -1,7 +1,13 @@
 //! Semantic validation of objects that already decoded: what Istio's validation webhook and
-//! the Kubernetes API server would refuse. Every error names its field path the way kubectl
-//! does (`spec.ports[0].number`).
+//! the Kubernetes API server would refuse. Every finding names its field path the way kubectl
+//! does (`spec.ports[0].number`); for the Istio kinds the message is the one Istio's
+//! `pkg/config/validation` gives, so a refusal reads the same as `kubectl apply` against istiod.
+//!
+//! Istio's validation returns errors and warnings; [`check`] keeps that split. Errors refuse the
+//! object, warnings are reported back to the caller (as kubectl prints the webhook's warnings)
+//! and the object is accepted.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use super::model::{
@@ -16,20 +22,34 @@ pub struct FieldError {
     pub message: String,
 }
 
+/// What validation found: errors refuse the object, warnings do not.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Findings {
+    pub errors: Vec<FieldError>,
+    pub warnings: Vec<FieldError>,
+}
+
 #[derive(Default)]
-struct Errors(Vec<FieldError>);
+struct Errors(Findings);
 
 impl Errors {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError {
+        self.0.errors.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.warnings.push(FieldError {
             path: path.into(),
             message: message.into(),
         });
     }
 }
 
-/// All problems with `r`, empty when it is valid.
-pub fn validate(r: &Resource) -> Vec<FieldError> {
+/// Errors and warnings for `r`.
+pub fn check(r: &Resource) -> Findings {
     let mut e = Errors::default();
     match r {
         Resource::WorkloadGroup(o) => workload_group(o, &mut e),
@@ -38,6 +58,11 @@ pub fn validate(r: &Resource) -> Vec<FieldError> {
         Resource::Service(o) => service(o, &mut e),
     }
     e.0
+}
+
+/// All errors with `r`, empty when it is valid (warnings are left out: see [`check`]).
+pub fn validate(r: &Resource) -> Vec<FieldError> {
+    check(r).errors
 }
 
 /// DNS-1123 label: lower-case alphanumerics and '-', starting and ending alphanumeric, <= 63.
@@ -129,7 +154,7 @@ fn labels(l: &Labels, path: &str, e: &mut Errors) {
 pub fn validate_labels(l: &Labels, path: &str) -> Vec<FieldError> {
     let mut e = Errors::default();
     labels(l, path, &mut e);
-    e.0
+    e.0.errors
 }
 
 fn port_ok(p: u32) -> bool {
@@ -250,11 +275,11 @@ fn probe(p: &ReadinessProbe, e: &mut Errors) {
     };
     if let Some(h) = &p.http_get {
         check_port(h.port, "spec.probe.httpGet.port", e);
-        if !h.scheme.is_empty() && !matches!(h.scheme.as_str(), "HTTP" | "HTTPS" | "http" | "https")
-        {
+        // Istio compares with Kubernetes' URIScheme constants: upper case only.
+        if !h.scheme.is_empty() && !matches!(h.scheme.as_str(), "HTTP" | "HTTPS") {
             e.add(
                 "spec.probe.httpGet.scheme",
-                "Unsupported value: must be HTTP or HTTPS",
+                r#"httpGet.scheme must be one of "HTTPS", "HTTP""#,
             );
         }
     }
@@ -274,126 +299,496 @@ fn probe(p: &ReadinessProbe, e: &mut Errors) {
     }
 }
 
-fn workload_entry(o: &WorkloadEntry, e: &mut Errors) {
-    metadata(&o.metadata, e);
-    workload_spec(&o.spec, "spec", true, e);
+/// Istio's `validateWorkloadEntry`: for a WorkloadEntry (`service_ports` `None`, host names
+/// allowed) and for each inline endpoint of a ServiceEntry (its port names must be the
+/// ServiceEntry's; STATIC endpoints must be IPs or unix sockets).
+fn istio_workload(
+    s: &WorkloadEntrySpec,
+    path: &str,
+    service_ports: Option<&BTreeSet<&str>>,
+    allow_fqdn: bool,
+    e: &mut Errors,
+) {
+    let addr = s.address.as_str();
+    if addr.is_empty() {
+        if s.network.is_empty() {
+            e.add(format!("{path}.address"), "address is required");
+            return;
+        }
+        // A workload on another network is reached through that network's gateway.
+        e.warn(
+            format!("{path}.address"),
+            format!("address is unset with network {:?}", s.network),
+        );
+    }
+    let unix = addr.starts_with(UNIX_PREFIX);
+    if unix {
+        if addr.len() == UNIX_PREFIX.len() {
+            e.add(format!("{path}.address"), "unix address must not be empty");
+        }
+        if !s.ports.is_empty() {
+            e.add(
+                format!("{path}.ports"),
+                format!("unix endpoint {addr} must not include ports"),
+            );
+        }
+    } else if !addr.is_empty() && addr.parse::<IpAddr>().is_err() {
+        if !allow_fqdn {
+            e.add(
+                format!("{path}.address"),
+                format!("endpoint address {addr:?} is not a valid IP address"),
+            );
+        } else if validate_fqdn(addr).is_err() {
+            e.add(
+                format!("{path}.address"),
+                format!("endpoint address {addr:?} is not a valid FQDN or an IP address"),
+            );
+        }
+    }
+    for (name, port) in &s.ports {
+        let p = format!("{path}.ports[{name}]");
+        if service_ports.is_some_and(|sp| !sp.contains(name.as_str())) {
+            e.add(
+                &p,
+                format!("endpoint port {port} is not defined by the service entry"),
+            );
+        }
+        if !is_dns1123_label_any_case(name) {
+            e.add(&p, format!("invalid port name: {name}"));
+        }
+        if !port_ok(*port) {
+            e.add(&p, port_range(*port));
+        }
+    }
+    labels(&s.labels, &format!("{path}.labels"), e);
+    if unix && service_ports.is_some_and(|sp| sp.len() != 1) {
+        e.add(
+            format!("{path}.address"),
+            "exactly 1 service port required for unix endpoints",
+        );
+    }
 }
 
+const UNIX_PREFIX: &str = "unix://";
+
+fn port_range(port: u32) -> String {
+    format!("port number {port} must be in the range 1..65535")
+}
+
+fn workload_entry(o: &WorkloadEntry, e: &mut Errors) {
+    metadata(&o.metadata, e);
+    istio_workload(&o.spec, "spec", None, true, e);
+    if !o.spec.service_account.is_empty() && !is_dns1123_subdomain(&o.spec.service_account) {
+        e.add(
+            "spec.serviceAccount",
+            "Invalid value: must be a lowercase RFC 1123 subdomain",
+        );
+    }
+}
+
+/// Istio's `labels.IsDNS1123Label`: unlike Kubernetes object names, upper case is allowed.
+fn is_dns1123_label_any_case(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Istio's `ValidateDNS1123Labels`: every label a DNS-1123 label (a trailing dot allowed), the
+/// top-level label not all digits.
+fn validate_dns1123_labels(domain: &str) -> Result<(), String> {
+    let parts: Vec<&str> = domain.split('.').collect();
+    let tld = parts.last().copied().unwrap_or_default();
+    if !tld.is_empty() && tld.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "domain name {domain:?} invalid (top level domain {tld:?} cannot be all-numeric)"
+        ));
+    }
+    for (i, label) in parts.iter().enumerate() {
+        if i + 1 == parts.len() && label.is_empty() {
+            return Ok(());
+        }
+        if !is_dns1123_label_any_case(label) {
+            return Err(format!(
+                "domain name {domain:?} invalid (label {label:?} invalid)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Istio's `CheckDNS1123Preconditions`.
+fn dns_preconditions(name: &str) -> Result<(), String> {
+    if name.len() > 255 {
+        return Err(format!("domain name {name:?} too long (max 255)"));
+    }
+    if name.is_empty() {
+        return Err("empty domain name not allowed".into());
+    }
+    Ok(())
+}
+
+/// Istio's `ValidateFQDN`.
+fn validate_fqdn(name: &str) -> Result<(), String> {
+    dns_preconditions(name)?;
+    validate_dns1123_labels(name)
+}
+
+/// Istio's `ValidateWildcardDomain`: a FQDN whose first label may be `*`, `*label` or `*-label`.
+fn validate_wildcard_domain(domain: &str) -> Result<(), String> {
+    dns_preconditions(domain)?;
+    let (first, rest) = match domain.split_once('.') {
+        Some((f, r)) => (f, Some(r)),
+        None => (domain, None),
+    };
+    let wildcard_ok = first == "*"
+        || is_dns1123_label_any_case(first)
+        || first
+            .strip_prefix("*-")
+            .or_else(|| first.strip_prefix('*'))
+            .is_some_and(is_dns1123_label_any_case);
+    if !wildcard_ok {
+        return Err(format!(
+            "domain name {domain:?} invalid (label {first:?} invalid)"
+        ));
+    }
+    match rest {
+        Some(r) => validate_dns1123_labels(r),
+        None => Ok(()),
+    }
+}
+
+/// A host with a wildcard that is not a whole leftmost label (`*foo.example.com`): Istio warns
+/// (`ValidatePartialWildCard`) and name tables cannot carry it.
+pub fn is_partial_wildcard(host: &str) -> bool {
+    host.contains('*') && host.len() != 1 && !host.starts_with("*.")
+}
+
+/// Istio's protocol names (`protocol.Parse`, case-insensitive); `None` when unknown.
+pub fn parse_protocol(p: &str) -> Option<Protocol> {
+    Some(match p.to_ascii_lowercase().as_str() {
+        "tcp" => Protocol::Tcp,
+        "udp" => Protocol::Udp,
+        "grpc" => Protocol::Grpc,
+        "grpc-web" => Protocol::GrpcWeb,
+        "http" => Protocol::Http,
+        "http_proxy" => Protocol::HttpProxy,
+        "http2" => Protocol::Http2,
+        "https" => Protocol::Https,
+        "tls" => Protocol::Tls,
+        "mongo" => Protocol::Mongo,
+        "redis" => Protocol::Redis,
+        "mysql" => Protocol::MySql,
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Grpc,
+    GrpcWeb,
+    Http,
+    HttpProxy,
+    Http2,
+    Https,
+    Tls,
+    Mongo,
+    Redis,
+    MySql,
+}
+
+impl Protocol {
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Protocol::Http
+                | Protocol::Http2
+                | Protocol::HttpProxy
+                | Protocol::Grpc
+                | Protocol::GrpcWeb
+        )
+    }
+
+    pub fn is_tls(self) -> bool {
+        matches!(self, Protocol::Https | Protocol::Tls)
+    }
+
+    pub fn is_tcp(self) -> bool {
+        matches!(
+            self,
+            Protocol::Tcp
+                | Protocol::Https
+                | Protocol::Tls
+                | Protocol::Mongo
+                | Protocol::Redis
+                | Protocol::MySql
+        )
+    }
+}
+
+/// Istio's `ValidateServiceEntry`, rule for rule, with its messages.
 fn service_entry(o: &ServiceEntry, e: &mut Errors) {
     metadata(&o.metadata, e);
     let s = &o.spec;
+    if let Some(w) = &s.workload_selector {
+        labels(&w.labels, "spec.workloadSelector.labels", e);
+        for (k, v) in &w.labels {
+            if k.contains('*') || v.contains('*') {
+                e.add(
+                    "spec.workloadSelector.labels",
+                    format!("wildcard is not supported in selector: \"{k}={v}\""),
+                );
+            }
+        }
+        if w.labels.is_empty() {
+            e.warn(
+                "spec.workloadSelector",
+                "service entry: workload selector specified without labels, will be applied to all services in namespace",
+            );
+        }
+        if !s.endpoints.is_empty() {
+            e.add(
+                "spec.workloadSelector",
+                "only one of WorkloadSelector or Endpoints is allowed in Service Entry",
+            );
+        }
+    }
     if s.hosts.is_empty() {
-        e.add(
-            "spec.hosts",
-            "Required value: at least one host is required",
-        );
+        e.add("spec.hosts", "service entry must have at least one host");
     }
     for (i, h) in s.hosts.iter().enumerate() {
+        let path = format!("spec.hosts[{i}]");
         if h == "*" {
-            e.add(
-                format!("spec.hosts[{i}]"),
-                "Invalid value: \"*\" is not allowed",
-            );
-        } else if !is_host(h, true) {
-            e.add(
-                format!("spec.hosts[{i}]"),
-                format!(
-                    "Invalid value: {h:?}: must be a DNS name, optionally with a leading \"*.\""
-                ),
-            );
+            e.add(path, format!("invalid host {h}"));
+            continue;
+        }
+        if let Err(m) = validate_wildcard_domain(h) {
+            e.add(&path, m);
+        }
+        if is_partial_wildcard(h) {
+            e.warn(path, format!("partial wildcard {h:?} not allowed"));
         }
     }
+    let mut cidr = false;
     for (i, a) in s.addresses.iter().enumerate() {
-        if !cidr_or_ip_ok(a) {
-            e.add(
-                format!("spec.addresses[{i}]"),
-                format!("Invalid value: {a:?}: must be an IP or CIDR"),
-            );
+        let path = format!("spec.addresses[{i}]");
+        if a.matches('/').count() == 1 {
+            cidr = true;
+            if parse_cidr(a).is_none() {
+                e.add(path, format!("{a} is not a valid CIDR block"));
+            }
+        } else if a.parse::<IpAddr>().is_err() {
+            e.add(path, format!("{a} is not a valid IP"));
         }
     }
-    if s.ports.is_empty() && s.resolution != Resolution::None {
-        // Istio needs ports to build listeners and endpoints for resolved entries.
+    if cidr && !matches!(s.resolution, Resolution::None | Resolution::Static) {
         e.add(
-            "spec.ports",
-            "Required value: at least one port is required",
+            "spec.addresses",
+            "CIDR addresses are allowed only for NONE/STATIC resolution types",
         );
     }
-    let mut names = std::collections::BTreeSet::new();
-    let mut numbers = std::collections::BTreeSet::new();
+    let auto_allocation = super::names::should_auto_allocate(o);
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
     for (i, p) in s.ports.iter().enumerate() {
-        if !port_ok(p.number) {
+        let path = format!("spec.ports[{i}]");
+        if !names.insert(p.name.as_str()) {
             e.add(
-                format!("spec.ports[{i}].number"),
-                format!("Invalid value: {}: must be between 1 and 65535", p.number),
-            );
-        }
-        if p.target_port != 0 && !port_ok(p.target_port) {
-            e.add(
-                format!("spec.ports[{i}].targetPort"),
-                format!(
-                    "Invalid value: {}: must be between 1 and 65535",
-                    p.target_port
-                ),
-            );
-        }
-        if p.name.is_empty() {
-            e.add(
-                format!("spec.ports[{i}].name"),
-                "Required value: port name is required",
-            );
-        } else if !names.insert(p.name.as_str()) {
-            e.add(
-                format!("spec.ports[{i}].name"),
-                format!("Duplicate value: {:?}", p.name),
+                format!("{path}.name"),
+                format!("service entry port name {:?} already defined", p.name),
             );
         }
         if !numbers.insert(p.number) {
             e.add(
-                format!("spec.ports[{i}].number"),
-                format!("Duplicate value: {}", p.number),
+                format!("{path}.number"),
+                format!("service entry port {} already defined", p.number),
             );
         }
-    }
-    if s.workload_selector.is_some() && !s.endpoints.is_empty() {
-        e.add(
-            "spec.workloadSelector",
-            "Forbidden: only one of workloadSelector or endpoints may be set",
-        );
-    }
-    if let Some(w) = &s.workload_selector {
-        labels(&w.labels, "spec.workloadSelector.labels", e);
-    }
-    for (i, ep) in s.endpoints.iter().enumerate() {
-        workload_spec(ep, &format!("spec.endpoints[{i}]"), true, e);
-        if s.resolution == Resolution::Static
-            && ep.address.parse::<IpAddr>().is_err()
-            && !ep.address.starts_with("unix://")
+        if p.target_port != 0 && !port_ok(p.target_port) {
+            e.add(format!("{path}.targetPort"), port_range(p.target_port));
+        }
+        if s.addresses.is_empty()
+            && !auto_allocation
+            && (p.protocol.is_empty() || p.protocol == "TCP")
         {
+            e.warn(
+                format!("{path}.protocol"),
+                "addresses are required for ports serving TCP (or unset) protocol when IP Autoallocation is not enabled",
+            );
+        }
+        if !is_dns1123_label_any_case(&p.name) {
             e.add(
-                format!("spec.endpoints[{i}].address"),
-                "Invalid value: resolution STATIC needs IP endpoint addresses",
+                format!("{path}.name"),
+                format!("invalid port name: {}", p.name),
+            );
+        }
+        if !p.protocol.is_empty() && parse_protocol(&p.protocol).is_none() {
+            e.add(
+                format!("{path}.protocol"),
+                format!("unsupported protocol: {}", p.protocol),
+            );
+        }
+        if !port_ok(p.number) {
+            e.add(format!("{path}.number"), port_range(p.number));
+        }
+    }
+    let resolution = resolution_name(s.resolution);
+    match s.resolution {
+        Resolution::None => {
+            if !s.endpoints.is_empty() {
+                e.add(
+                    "spec.endpoints",
+                    "no endpoints should be provided for resolution type none",
+                );
+            }
+            if s.workload_selector.is_some() {
+                e.warn(
+                    "spec.workloadSelector",
+                    "workloadSelector should not be set when resolution mode is NONE",
+                );
+            }
+        }
+        Resolution::Static => {
+            for (i, ep) in s.endpoints.iter().enumerate() {
+                istio_workload(ep, &format!("spec.endpoints[{i}]"), Some(&names), false, e);
+            }
+        }
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            if s.endpoints.is_empty() {
+                for (i, h) in s.hosts.iter().enumerate() {
+                    if let Err(m) = validate_fqdn(h) {
+                        e.add(
+                            format!("spec.hosts[{i}]"),
+                            format!("hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode {resolution}, {m}"),
+                        );
+                        break;
+                    }
+                }
+            }
+            if s.resolution == Resolution::DnsRoundRobin && s.endpoints.len() > 1 {
+                e.add(
+                    "spec.endpoints",
+                    format!("there must only be 0 or 1 endpoint for resolution mode {resolution}"),
+                );
+            }
+            for (i, ep) in s.endpoints.iter().enumerate() {
+                let path = format!("spec.endpoints[{i}]");
+                if ep.address.parse::<IpAddr>().is_err() && validate_fqdn(&ep.address).is_err() {
+                    e.add(
+                        format!("{path}.address"),
+                        format!(
+                            "endpoint address {:?} is not a valid FQDN or an IP address",
+                            ep.address
+                        ),
+                    );
+                }
+                labels(&ep.labels, &format!("{path}.labels"), e);
+                for (name, port) in &ep.ports {
+                    let p = format!("{path}.ports[{name}]");
+                    if !names.contains(name.as_str()) {
+                        e.add(
+                            &p,
+                            format!("endpoint port {port} is not defined by the service entry"),
+                        );
+                    }
+                    if !is_dns1123_label_any_case(name) {
+                        e.add(&p, format!("invalid port name: {name}"));
+                    }
+                    if !port_ok(*port) {
+                        e.add(&p, port_range(*port));
+                    }
+                }
+            }
+            let tcp = s
+                .ports
+                .iter()
+                .any(|p| parse_protocol(&p.protocol).is_some_and(Protocol::is_tcp));
+            if !s.addresses.is_empty() && tcp && s.hosts.len() > 1 {
+                e.warn(
+                    "spec.hosts",
+                    "service entry can not have more than one host specified simultaneously with address and tcp port",
+                );
+            }
+        }
+    }
+    // Plain TCP carries nothing that tells the hosts apart (HTTP has the authority, TLS the
+    // SNI), so several hosts need NONE, where hosts are ignored.
+    if s.resolution != Resolution::None && s.hosts.len() > 1 {
+        let opaque = s
+            .ports
+            .iter()
+            .any(|p| !parse_protocol(&p.protocol).is_some_and(|p| p.is_http() || p.is_tls()));
+        if opaque {
+            e.add(
+                "spec.ports",
+                "multiple hosts provided with non-HTTP, non-TLS ports",
             );
         }
     }
-    for (i, x) in s.export_to.iter().enumerate() {
-        if !(x == "*" || x == "." || is_dns1123_label(x)) {
-            e.add(
-                format!("spec.exportTo[{i}]"),
-                "Invalid value: must be \"*\", \".\" or a namespace",
-            );
-        }
+    export_to(&o.metadata.namespace, &s.export_to, e);
+}
+
+fn resolution_name(r: Resolution) -> &'static str {
+    match r {
+        Resolution::None => "NONE",
+        Resolution::Static => "STATIC",
+        Resolution::Dns => "DNS",
+        Resolution::DnsRoundRobin => "DNS_ROUND_ROBIN",
     }
 }
 
-fn cidr_or_ip_ok(a: &str) -> bool {
-    match a.split_once('/') {
-        None => a.parse::<IpAddr>().is_ok(),
-        Some((ip, len)) => match (ip.parse::<IpAddr>(), len.parse::<u8>()) {
-            (Ok(IpAddr::V4(_)), Ok(l)) => l <= 32,
-            (Ok(IpAddr::V6(_)), Ok(l)) => l <= 128,
-            _ => false,
-        },
+/// Istio's `validateExportTo` for a ServiceEntry (which, unlike other kinds, may say `~`).
+fn export_to(namespace: &str, list: &[String], e: &mut Errors) {
+    let mut seen = BTreeSet::new();
+    for x in list {
+        let key = if x == "." { namespace } else { x.as_str() };
+        if seen.contains(key) {
+            if key != x {
+                e.add(
+                    "spec.exportTo",
+                    format!("duplicate entries in exportTo: . and current namespace {namespace}"),
+                );
+            } else {
+                e.add(
+                    "spec.exportTo",
+                    format!("duplicate entries in exportTo for entry {x}"),
+                );
+            }
+            continue;
+        }
+        if x == "~" || x == "." || x == "*" || is_dns1123_label_any_case(key) {
+            seen.insert(key);
+        } else {
+            e.add(
+                "spec.exportTo",
+                "only .,*, or a valid DNS 1123 label is allowed as exportTo entry",
+            );
+        }
     }
+    if seen.contains("*") && list.len() > 1 {
+        e.add(
+            "spec.exportTo",
+            "cannot have both public (*) and non-public exportTo values for a resource",
+        );
+    }
+    if seen.contains("~") && list.len() > 1 {
+        e.add(
+            "spec.exportTo",
+            "cannot export service entry to no one (~) and someone",
+        );
+    }
+}
+
+/// `ip/len` with the length within the family's width.
+pub fn parse_cidr(a: &str) -> Option<(IpAddr, u8)> {
+    let (ip, len) = a.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((ip, len))
 }
 
 fn service(o: &Service, e: &mut Errors) {
@@ -510,13 +905,14 @@ mod tests {
                           "endpoints":[{"address":"1.1.1.1"}]}}),
                 ServiceEntry,
                 vec![
+                    "spec.workloadSelector",
                     "spec.hosts[1]",
                     "spec.hosts[2]",
                     "spec.addresses[0]",
-                    "spec.ports[1].number",
-                    "spec.ports[1].targetPort",
                     "spec.ports[1].name",
-                    "spec.workloadSelector",
+                    "spec.ports[1].targetPort",
+                    "spec.ports[1].number",
+                    "spec.ports",
                 ],
             ),
             (
@@ -540,6 +936,222 @@ mod tests {
         ];
         for (v, kind, want) in cases {
             assert_eq!(paths(v.clone(), kind), want, "{v}");
+        }
+    }
+
+    fn se(spec: serde_json::Value) -> Resource {
+        let v = json!({"apiVersion":"networking.istio.io/v1","kind":"ServiceEntry",
+            "metadata":{"name":"se","namespace":"ns"},"spec":spec});
+        Resource::from_json_kind(crate::model::Kind::ServiceEntry, v.to_string().as_bytes())
+            .unwrap()
+    }
+
+    fn we(spec: serde_json::Value) -> Resource {
+        let v = json!({"apiVersion":"networking.istio.io/v1","kind":"WorkloadEntry",
+            "metadata":{"name":"we","namespace":"ns"},"spec":spec});
+        Resource::from_json_kind(crate::model::Kind::WorkloadEntry, v.to_string().as_bytes())
+            .unwrap()
+    }
+
+    fn wg_probe(probe: serde_json::Value) -> Resource {
+        let v = json!({"apiVersion":"networking.istio.io/v1","kind":"WorkloadGroup",
+            "metadata":{"name":"wg","namespace":"ns"},"spec":{"template":{},"probe":probe}});
+        Resource::from_json_kind(crate::model::Kind::WorkloadGroup, v.to_string().as_bytes())
+            .unwrap()
+    }
+
+    /// Istio's `ValidateServiceEntry`, `ValidateWorkloadEntry` and `validateReadinessProbe`:
+    /// each case is refused (or accepted) as istiod's webhook does, with its message.
+    #[test]
+    fn istio_validation_parity_refusals_carry_istios_messages() {
+        let http = json!([{"number": 80, "name": "http", "protocol": "HTTP"}]);
+        let tcp = json!([{"number": 5432, "name": "tcp", "protocol": "TCP"}]);
+        let cases: Vec<(&str, Resource, &str, &str)> = vec![
+            (
+                "NONE with endpoints",
+                se(json!({"hosts": ["a.example.com"], "resolution": "NONE", "ports": http,
+                          "endpoints": [{"address": "10.0.0.1"}]})),
+                "spec.endpoints",
+                "no endpoints should be provided for resolution type none",
+            ),
+            (
+                "DNS_ROUND_ROBIN with several endpoints",
+                se(json!({"hosts": ["a.example.com"], "resolution": "DNS_ROUND_ROBIN", "ports": http,
+                          "endpoints": [{"address": "a1.example.com"}, {"address": "a2.example.com"}]})),
+                "spec.endpoints",
+                "there must only be 0 or 1 endpoint for resolution mode DNS_ROUND_ROBIN",
+            ),
+            (
+                "CIDR addresses with DNS",
+                se(json!({"hosts": ["a.example.com"], "resolution": "DNS", "ports": http,
+                          "addresses": ["10.1.0.0/16"]})),
+                "spec.addresses",
+                "CIDR addresses are allowed only for NONE/STATIC resolution types",
+            ),
+            (
+                "several hosts on a TCP port",
+                se(json!({"hosts": ["a.example.com", "b.example.com"], "resolution": "DNS", "ports": tcp})),
+                "spec.ports",
+                "multiple hosts provided with non-HTTP, non-TLS ports",
+            ),
+            (
+                "several hosts on a port without protocol",
+                se(json!({"hosts": ["a.example.com", "b.example.com"], "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "p"}]})),
+                "spec.ports",
+                "multiple hosts provided with non-HTTP, non-TLS ports",
+            ),
+            (
+                "wildcard host with DNS and no endpoints",
+                se(json!({"hosts": ["*.example.com"], "resolution": "DNS", "ports": http})),
+                "spec.hosts[0]",
+                "hosts must be FQDN or contain only prefix wildcards if no endpoints are provided for resolution mode DNS, domain name \"*.example.com\" invalid (label \"*\" invalid)",
+            ),
+            (
+                "unknown protocol",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "web", "protocol": "HTTP3"}]})),
+                "spec.ports[0].protocol",
+                "unsupported protocol: HTTP3",
+            ),
+            (
+                "port name that is not a DNS label",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "http_web", "protocol": "HTTP"}]})),
+                "spec.ports[0].name",
+                "invalid port name: http_web",
+            ),
+            (
+                "host with a label that is not a DNS label",
+                se(json!({"hosts": ["a_b.example.com"], "resolution": "STATIC", "ports": http})),
+                "spec.hosts[0]",
+                "domain name \"a_b.example.com\" invalid (label \"a_b\" invalid)",
+            ),
+            (
+                "host with an all-numeric top-level domain",
+                se(json!({"hosts": ["a.example.123"], "resolution": "STATIC", "ports": http})),
+                "spec.hosts[0]",
+                // Istio checks the labels after the first one as their own name, and names that.
+                "domain name \"example.123\" invalid (top level domain \"123\" cannot be all-numeric)",
+            ),
+            (
+                "the bare wildcard host",
+                se(json!({"hosts": ["*"], "ports": http})),
+                "spec.hosts[0]",
+                "invalid host *",
+            ),
+            (
+                "STATIC endpoint that is a host name",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC", "ports": http,
+                          "endpoints": [{"address": "db.example.com"}]})),
+                "spec.endpoints[0].address",
+                "endpoint address \"db.example.com\" is not a valid IP address",
+            ),
+            (
+                "endpoint port the ServiceEntry does not define",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC", "ports": http,
+                          "endpoints": [{"address": "10.0.0.1", "ports": {"grpc": 9000}}]})),
+                "spec.endpoints[0].ports[grpc]",
+                "endpoint port 9000 is not defined by the service entry",
+            ),
+            (
+                "exportTo ~ with another namespace",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC", "ports": http,
+                          "exportTo": ["~", "other"]})),
+                "spec.exportTo",
+                "cannot export service entry to no one (~) and someone",
+            ),
+            (
+                "lower-case probe scheme",
+                wg_probe(json!({"httpGet": {"port": 8080, "scheme": "https"}})),
+                "spec.probe.httpGet.scheme",
+                "httpGet.scheme must be one of \"HTTPS\", \"HTTP\"",
+            ),
+            (
+                "WorkloadEntry without address or network",
+                we(json!({})),
+                "spec.address",
+                "address is required",
+            ),
+        ];
+        for (what, r, path, message) in cases {
+            let f = check(&r);
+            assert!(
+                f.errors.contains(&FieldError {
+                    path: path.into(),
+                    message: message.into()
+                }),
+                "{what}: {:?}",
+                f.errors
+            );
+        }
+    }
+
+    /// What Istio accepts is accepted; where Istio only warns, vmesh warns too and applies.
+    #[test]
+    fn istio_validation_parity_accepts_what_istio_accepts() {
+        let cases: Vec<(&str, Resource, Vec<&str>)> = vec![
+            (
+                "ServiceEntry without ports",
+                se(json!({"hosts": ["a.example.com"], "resolution": "DNS"})),
+                vec![],
+            ),
+            (
+                "exportTo ~",
+                se(json!({"hosts": ["a.example.com"], "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                          "exportTo": ["~"]})),
+                vec![],
+            ),
+            (
+                "WorkloadEntry with a network and no address",
+                we(json!({"network": "network-2"})),
+                vec!["address is unset with network \"network-2\""],
+            ),
+            (
+                "NONE with a selector",
+                se(json!({"hosts": ["a.example.com"], "resolution": "NONE",
+                          "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                          "workloadSelector": {"labels": {"app": "a"}}})),
+                vec!["workloadSelector should not be set when resolution mode is NONE"],
+            ),
+            (
+                "partial wildcard host",
+                se(json!({"hosts": ["*foo.example.com"], "resolution": "STATIC",
+                          "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}]})),
+                vec!["partial wildcard \"*foo.example.com\" not allowed"],
+            ),
+            (
+                "TCP port without addresses and auto-allocation opted out",
+                {
+                    let mut r = se(json!({"hosts": ["a.example.com"], "resolution": "DNS",
+                                          "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}]}));
+                    r.meta_mut().labels.insert(
+                        "networking.istio.io/enable-autoallocate-ip".into(),
+                        "false".into(),
+                    );
+                    r
+                },
+                vec!["addresses are required for ports serving TCP (or unset) protocol when IP Autoallocation is not enabled"],
+            ),
+            (
+                "upper-case host and DNS endpoints",
+                se(json!({"hosts": ["DB.Example.com"], "resolution": "DNS",
+                          "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+                          "endpoints": [{"address": "db1.example.com"}]})),
+                vec![],
+            ),
+            (
+                "upper-case probe scheme",
+                wg_probe(json!({"httpGet": {"port": 8080, "scheme": "HTTPS"}})),
+                vec![],
+            ),
+        ];
+        for (what, r, warnings) in cases {
+            let f = check(&r);
+            assert_eq!(f.errors, vec![], "{what}");
+            let got: Vec<&str> = f.warnings.iter().map(|w| w.message.as_str()).collect();
+            assert_eq!(got, warnings, "{what}");
         }
     }
 

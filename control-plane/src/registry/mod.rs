@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use vmesh_istio::cluster_ip::ServiceCidr;
 use vmesh_istio::model::{Kind, ObjectKey, Resource, WorkloadEntry, WorkloadGroup};
 use vmesh_istio::workload::{self, is_auto_registered, Registration};
 
@@ -40,6 +41,8 @@ pub struct Settings {
     pub liveness_timeout: Duration,
     /// TTL of this replica's liveness lease.
     pub lease_ttl: Duration,
+    /// Where Services without a `clusterIP` get one from.
+    pub service_cidr: ServiceCidr,
 }
 
 impl Default for Settings {
@@ -50,6 +53,7 @@ impl Default for Settings {
             heartbeat_interval: Duration::from_secs(5),
             liveness_timeout: Duration::from_secs(15),
             lease_ttl: Duration::from_secs(15),
+            service_cidr: ServiceCidr::default(),
         }
     }
 }

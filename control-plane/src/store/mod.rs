@@ -115,6 +115,13 @@ pub trait Store: Send + Sync + 'static {
 
 pub const OBJECT_PREFIX: &str = "obj/";
 pub const VIPS_KEY: &str = "meta/vips";
+/// One key per allocated ClusterIP, valued with its Service's `namespace/name`: two writers
+/// cannot both take an address (as Kubernetes' `IPAddress` objects guard its allocator).
+pub const CLUSTER_IP_PREFIX: &str = "meta/clusterip/";
+
+pub fn cluster_ip_key(ip: &std::net::IpAddr) -> String {
+    format!("{CLUSTER_IP_PREFIX}{ip}")
+}
 
 pub fn object_key(k: &ObjectKey) -> String {
     format!("{OBJECT_PREFIX}{}/{}/{}", k.kind, k.namespace, k.name)
