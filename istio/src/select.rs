@@ -8,7 +8,7 @@ use super::model::{
     IntOrString, Labels, Service, ServiceEntry, ServiceEntryPort, ServicePort, WorkloadEntry,
     WorkloadEntrySpec,
 };
-use super::workload::is_healthy;
+use super::workload::{effective_labels, is_healthy};
 
 /// Every selector label present with the same value. An empty selector selects everything.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -45,7 +45,8 @@ fn se_target(spec: &WorkloadEntrySpec, port: &ServiceEntryPort) -> u32 {
     }
 }
 
-/// The entries a ServiceEntry's selector picks: same namespace, labels match.
+/// The entries a ServiceEntry's selector picks: same namespace, labels match (an entry's
+/// labels are `metadata.labels` over `spec.labels`, as Istio's `ConvertWorkloadEntry` has them).
 pub fn selected_by_service_entry<'a>(
     se: &ServiceEntry,
     entries: impl IntoIterator<Item = &'a WorkloadEntry>,
@@ -56,7 +57,8 @@ pub fn selected_by_service_entry<'a>(
     entries
         .into_iter()
         .filter(|e| {
-            e.metadata.namespace == se.metadata.namespace && selects(&sel.labels, &e.spec.labels)
+            e.metadata.namespace == se.metadata.namespace
+                && selects(&sel.labels, &effective_labels(e))
         })
         .collect()
 }
@@ -95,7 +97,7 @@ pub fn selected_by_service<'a>(
         .into_iter()
         .filter(|e| {
             e.metadata.namespace == svc.metadata.namespace
-                && selects(&svc.spec.selector, &e.spec.labels)
+                && selects(&svc.spec.selector, &effective_labels(e))
         })
         .collect()
 }
