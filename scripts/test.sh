@@ -39,7 +39,7 @@ if cargo fuzz --version >/dev/null 2>&1 && [ "${VMESH_SKIP_FUZZ:-0}" != 1 ]; the
   # Sanitizer coverage does not link with the workspace's LTO release profile; libFuzzer needs
   # nightly flags, which RUSTC_BOOTSTRAP allows on the stable toolchain. New inputs go to a
   # scratch corpus; the committed seeds are read only.
-  for target in respond name_table tunnel; do
+  for target in respond name_table tunnel forward; do
     mkdir -p "target/fuzz-corpus/$target"
     log="target/fuzz-corpus/$target.log"
     if ! CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_STRIP=false RUSTC_BOOTSTRAP=1 \

@@ -2,14 +2,17 @@
 //!
 //! ```text
 //!  filter (in Envoy) ──HTTP/2──► shim (127.0.0.1:15020) ──HTTPS──► control plane (:15012)
-//!     /dns-query, /v1/name-table,        /v1/register, /v1/heartbeat, /v1/health,
-//!     /v1/agent/report                   /v1/deregister, /v1/name-table
+//!     gRPC Forwarder/Forward,            /v1/register, /v1/heartbeat, /v1/health,
+//!     /v1/name-table, /v1/agent/report   /v1/deregister, /v1/name-table
+//!     (/dns-query for DoH clients)
 //! ```
 //!
 //! - [`paths`]: every path, header name and content type, used by all three parts;
 //! - [`names`]: the name table (what DNS answers and the data plane routes with);
 //! - [`control`]: the VM calls of the control plane's API (`docs/protocol.md`);
 //! - [`agent`]: the filter's agent talking to the shim (registration, liveness reports, probes);
+//! - [`forward`]: the gRPC stream that carries forwarded DNS queries from each Envoy worker to
+//!   the shim, and their answers back;
 //! - [`probe`]: a WorkloadGroup's readiness probe;
 //! - [`json`]: the serde-free JSON reader (and a small writer) the filter uses, because serde_json
 //!   costs the `.wasm` too much; native code uses serde on the same types, and tests check both
@@ -35,6 +38,7 @@
 
 pub mod agent;
 pub mod control;
+pub mod forward;
 pub mod json;
 pub mod names;
 pub mod paths;

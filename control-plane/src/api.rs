@@ -16,12 +16,14 @@ use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use vmesh_istio::model::{Kind, ObjectKey, Resource};
 
 use crate::clock::Clock;
 use crate::config::{decode_all, ConfigError, Document};
-use crate::identity::{constant_time_eq, Identity, Signer, TokenError, Verifier};
+use crate::identity::{constant_time_eq, Identity, KeyError, Signer, TokenError, Verifier};
 use crate::metrics::Metrics;
 use crate::registry::{EntryRequest, HealthRequest, RegisterRequest, Registry, RegistryError};
 use crate::store::Store;
@@ -91,6 +93,14 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+/// Minting fails only when the random source or the signing primitive does: the server's
+/// trouble, maybe passing, never the caller's.
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        ApiError::new(ErrorKind::Unavailable, e.to_string())
+    }
+}
+
 type Resp = Response<Full<Bytes>>;
 
 fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Resp {
@@ -109,6 +119,25 @@ fn error_response(e: &ApiError) -> Resp {
         StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         e,
     )
+}
+
+/// Counts a request in `vmesh_requests_in_flight` while it is handled.
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.requests_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .requests_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 enum Caller {
@@ -162,11 +191,20 @@ pub struct TokenRequest {
     pub ttl_seconds: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenResponse {
     pub token: String,
     pub expires_at: String,
+}
+
+/// Never shows the token.
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: Store> App<S> {
@@ -216,6 +254,7 @@ impl<S: Store> App<S> {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
+        let _in_flight = InFlight::new(&self.metrics);
         let r = self.route(req).await;
         let resp = r.unwrap_or_else(|e| error_response(&e));
         tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
@@ -374,7 +413,7 @@ impl<S: Store> App<S> {
         let token = self
             .signer
             .mint(&body.namespace, &body.service_account, now, ttl)
-            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e.to_string()))?;
+            .map_err(ApiError::from)?;
         let expires_at = vmesh_api::time::format_rfc3339_secs(now + crate::clock::nanos(ttl));
         Ok(json_response(
             StatusCode::OK,
@@ -439,17 +478,31 @@ impl<S: Store> App<S> {
     }
 }
 
-/// Accepts TLS connections until `shutdown` resolves.
+/// How long a client gets to complete its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resolves once `stop` is `true` (or its sender is gone: nobody can stop us any more, so
+/// stop now rather than never).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accepts TLS connections until `stop` turns `true`, then closes the listener and returns the
+/// connections still open. Each of them has been told to finish the request it is serving and
+/// close; the caller decides how long to wait for them.
 pub async fn serve<S: Store>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Arc<App<S>>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+    mut stop: watch::Receiver<bool>,
+) -> JoinSet<()> {
     let acceptor = TlsAcceptor::from(tls);
-    tokio::pin!(shutdown);
+    let mut conns = JoinSet::new();
     loop {
         let (tcp, peer) = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -458,30 +511,83 @@ pub async fn serve<S: Store>(
                     continue;
                 }
             },
-            _ = &mut shutdown => return,
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let svc = hyper::service::service_fn(move |req| app.clone().handle(req));
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        conns.spawn(connection(
+            acceptor.clone(),
+            tcp,
+            peer,
+            app.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(listener);
+    conns
+}
+
+/// One client connection: TLS, then HTTP/1.1 or HTTP/2 until the client closes or `stop`.
+async fn connection<S: Store>(
+    acceptor: TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    app: Arc<App<S>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let tls = tokio::select! {
+        biased;
+        // No request has been read yet: nothing to finish.
+        _ = stopped(&mut stop) => return,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
             }
-        });
+            Err(_) => return,
+        },
+    };
+    let svc = hyper::service::service_fn(move |req| app.clone().handle(req));
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped(&mut stop) => {
+            // HTTP/1.1: the request being served is answered, then the connection closes
+            // (an idle one closes now). HTTP/2: GOAWAY, open streams are answered.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::tests::Failing;
+    use crate::random::RandomError;
+
+    #[test]
+    fn a_failing_random_source_answers_503() {
+        let signer = Signer::from_pkcs8(&Signer::generate_pkcs8().unwrap(), "https://i.test")
+            .unwrap()
+            .with_id_source(Arc::new(Failing));
+        let e = signer
+            .mint(
+                "ns",
+                "sa",
+                1_700_000_000_000_000_000,
+                Duration::from_secs(60),
+            )
+            .map_err(ApiError::from)
+            .unwrap_err();
+        assert_eq!(e.status, 503, "{e:?}");
+        // A registration's new uid: the registry reports it as unavailable.
+        let e = ApiError::from(RegistryError::Unavailable(RandomError.to_string()));
+        assert_eq!(e.status, 503, "{e:?}");
     }
 }

@@ -3,9 +3,10 @@
 //! every replica's view converges on the store's.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
 use vmesh_istio::model::{Kind, ObjectKey, Resource};
 use vmesh_istio::vip::VipTable;
 
@@ -32,6 +33,8 @@ pub struct Snapshot {
 pub struct Cache {
     state: RwLock<Snapshot>,
     applied: watch::Sender<Revision>,
+    /// The task following the store's watch.
+    follower: Mutex<Option<AbortHandle>>,
 }
 
 impl Cache {
@@ -43,9 +46,24 @@ impl Cache {
         let cache = Arc::new(Cache {
             state: RwLock::new(snap),
             applied,
+            follower: Mutex::new(None),
         });
-        tokio::spawn(follow(store, cache.clone(), events));
+        let task = tokio::spawn(follow(store, cache.clone(), events));
+        *cache.follower.lock().unwrap_or_else(|p| p.into_inner()) = Some(task.abort_handle());
         Ok(cache)
+    }
+
+    /// Stops following the store (at shutdown, once the store is closed). What was read stays
+    /// readable.
+    pub fn stop(&self) {
+        if let Some(t) = self
+            .follower
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
     }
 
     pub fn read<T>(&self, f: impl FnOnce(&Snapshot) -> T) -> T {

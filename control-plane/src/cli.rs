@@ -14,6 +14,7 @@ use crate::bundle::{render, BundleOptions};
 use crate::client::Client;
 use crate::clock::SystemClock;
 use crate::config::parse_documents;
+use crate::random::{self, Entropy, SystemEntropy};
 use crate::registry::Settings;
 use crate::server::{start, ServeConfig, ADMIN_TOKEN_FILE};
 use crate::tls::{write_private, ROOT_CERT_FILE};
@@ -31,6 +32,7 @@ pub const ENV_REPLICA: &str = "VMESH_CONTROL_REPLICA";
 pub const ENV_DOMAIN: &str = "VMESH_CONTROL_DOMAIN";
 pub const ENV_LOG: &str = "VMESH_CONTROL_LOG";
 pub const ENV_LOG_FORMAT: &str = "VMESH_CONTROL_LOG_FORMAT";
+pub const ENV_SHUTDOWN_GRACE: &str = "VMESH_CONTROL_SHUTDOWN_GRACE";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -141,6 +143,10 @@ pub struct ServeArgs {
     pub replica: Option<String>,
     #[arg(long, env = ENV_DOMAIN, default_value = vmesh_api::names::DEFAULT_DOMAIN)]
     pub domain: String,
+    /// At SIGTERM/SIGINT: how long in-flight requests get to finish before their connections
+    /// are closed (a second signal ends it early).
+    #[arg(long, env = ENV_SHUTDOWN_GRACE, value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -201,7 +207,10 @@ pub fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(cli))
+    let result = rt.block_on(run(cli));
+    // Whatever is left (a store read on a blocking thread) does not hold up the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 fn admin_client(cli: &Cli) -> anyhow::Result<Client> {
@@ -289,14 +298,13 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             bail!("--jwks: {} is not a readable file", p.display());
         }
     }
-    let replica = a.replica.clone().unwrap_or_else(|| {
-        let mut b = [0u8; 4];
-        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-        format!(
-            "vmesh-control-{}",
-            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-        )
-    });
+    // Before anything is loaded or bound: from here on a SIGTERM or SIGINT is a request to
+    // shut down (answered once start-up is complete), never the default "die at once".
+    let mut signals = Signals::install()?;
+    let replica = match &a.replica {
+        Some(r) => r.clone(),
+        None => replica_name(&SystemEntropy::default())?,
+    };
     let cfg = ServeConfig {
         data_dir: cli.data_dir.clone(),
         listen: a.listen,
@@ -313,28 +321,65 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         },
         tick: Some(Duration::from_secs(1)),
         coalesce: Duration::from_millis(10),
+        shutdown_grace: a.shutdown_grace,
     };
-    let shutdown = async {
+    let running = start(cfg, Arc::new(SystemClock)).await?;
+    let signal = signals.next().await;
+    tracing::info!(signal, grace = ?a.shutdown_grace, "shutting down");
+    // A second signal ends the grace period: the store is still closed cleanly.
+    running
+        .stop_unless(async {
+            let signal = signals.next().await;
+            tracing::warn!(signal, "second signal: not waiting for in-flight requests");
+        })
+        .await;
+    Ok(())
+}
+
+/// `vmesh-control-` and 8 random hex digits.
+fn replica_name(entropy: &dyn Entropy) -> anyhow::Result<String> {
+    let suffix = random::hex(entropy, 4).context("choosing a replica name (or pass --replica)")?;
+    Ok(format!("vmesh-control-{suffix}"))
+}
+
+/// SIGTERM (systemd, Kubernetes, `kill`) and SIGINT (Ctrl-C), both asking for a clean
+/// shutdown. Registered on creation: a signal that arrives before anyone waits is kept.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
         #[cfg(unix)]
         {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => return std::future::pending().await,
-                };
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
             }
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let mut running = start(cfg, Arc::new(SystemClock), shutdown).await?;
-    running.wait().await;
-    tracing::info!("shutting down");
-    running.stop().await;
-    Ok(())
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
+    }
 }
 
 fn manifest_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -612,6 +657,16 @@ mod tests {
             let text = humantime::format_duration(d).to_string();
             assert_eq!(parse_duration(&text), Ok(d), "{text}");
         }
+    }
+
+    #[test]
+    fn no_replica_name_when_the_random_source_fails() {
+        assert!(replica_name(&crate::random::tests::Failing).is_err());
+        let name = replica_name(&SystemEntropy::default()).unwrap();
+        assert!(
+            name.len() == "vmesh-control-".len() + 8 && name != "vmesh-control-00000000",
+            "{name}"
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Clock;
+use crate::random::{self, Entropy, RandomError, SystemEntropy};
 
 pub const AUDIENCE: &str = "istio-ca";
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
@@ -96,6 +97,8 @@ pub enum KeyError {
     BadKey { index: usize, reason: String },
     #[error("signing key: {0}")]
     Signing(String),
+    #[error(transparent)]
+    Random(#[from] RandomError),
 }
 
 /// The header as read before anything is trusted: what classifies a refusal and picks a key.
@@ -132,7 +135,7 @@ struct KubeRef {
     uid: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Claims {
     #[serde(default)]
     iss: String,
@@ -150,6 +153,21 @@ struct Claims {
     jti: Option<String>,
     #[serde(rename = "kubernetes.io", default)]
     kube: Option<KubeClaims>,
+}
+
+/// Leaves out `jti`: a token's id is as good as the token for finding it in someone's logs.
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims")
+            .field("iss", &self.iss)
+            .field("sub", &self.sub)
+            .field("aud", &self.aud)
+            .field("exp", &self.exp)
+            .field("iat", &self.iat)
+            .field("nbf", &self.nbf)
+            .field("kube", &self.kube)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A trusted public key and the one algorithm it verifies.
@@ -362,7 +380,8 @@ pub struct Signer {
     encoding: EncodingKey,
     kid: String,
     issuer: String,
-    rng: SystemRandom,
+    /// Token ids (`jti`).
+    ids: Arc<dyn Entropy>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -394,8 +413,14 @@ impl Signer {
             encoding: EncodingKey::from_ec_der(der),
             kid,
             issuer: issuer.to_string(),
-            rng,
+            ids: Arc::new(SystemEntropy::default()),
         })
+    }
+
+    /// The same signer drawing token ids from `ids` (tests use a failing source).
+    pub fn with_id_source(mut self, ids: Arc<dyn Entropy>) -> Self {
+        self.ids = ids;
+        self
     }
 
     pub fn issuer(&self) -> &str {
@@ -412,9 +437,7 @@ impl Signer {
         ttl: Duration,
     ) -> Result<String, KeyError> {
         let now = now_nanos / 1_000_000_000;
-        let mut jti = [0u8; 16];
-        ring::rand::SecureRandom::fill(&self.rng, &mut jti)
-            .map_err(|e| KeyError::Signing(e.to_string()))?;
+        let jti = random::bytes(&*self.ids, 16).map_err(KeyError::Random)?;
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: format!("{SA_PREFIX}{namespace}:{service_account}"),
@@ -454,4 +477,47 @@ impl Signer {
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     use subtle::ConstantTimeEq;
     bool::from(a.ct_eq(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::tests::Failing;
+
+    fn signer() -> Signer {
+        Signer::from_pkcs8(&Signer::generate_pkcs8().unwrap(), "https://issuer.test").unwrap()
+    }
+
+    #[test]
+    fn a_failing_random_source_refuses_to_mint_instead_of_a_zero_jti() {
+        let s = signer().with_id_source(Arc::new(Failing));
+        assert_eq!(
+            s.mint(
+                "ns",
+                "sa",
+                1_700_000_000_000_000_000,
+                Duration::from_secs(60)
+            ),
+            Err(KeyError::Random(RandomError))
+        );
+    }
+
+    #[test]
+    fn claims_debug_leaves_out_the_jti() {
+        let token = signer()
+            .mint(
+                "ns",
+                "sa",
+                1_700_000_000_000_000_000,
+                Duration::from_secs(60),
+            )
+            .unwrap();
+        let payload = token.split('.').nth(1).unwrap();
+        let claims: Claims = serde_json::from_slice(&B64.decode(payload).unwrap()).unwrap();
+        let jti = claims.jti.clone().unwrap();
+        assert!(jti.len() >= 20, "{jti}");
+        let debug = format!("{claims:?} {claims:#?}");
+        assert!(debug.contains("system:serviceaccount:ns:sa"), "{debug}");
+        assert!(!debug.contains(&jti), "{debug}");
+    }
 }

@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod random;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -140,6 +140,8 @@ pub struct Metrics {
     pub health_reports: LabeledCounter<HealthReportOutcome>,
     pub heartbeats: AtomicU64,
     pub open_long_polls: AtomicI64,
+    /// Requests being handled now (long-polls and the scrape itself included).
+    pub requests_in_flight: AtomicI64,
     pub store_commit: Histogram,
 }
 
@@ -195,6 +197,11 @@ impl Metrics {
             out,
             "# HELP vmesh_name_table_long_polls Name-table long-polls waiting now.\n# TYPE vmesh_name_table_long_polls gauge\nvmesh_name_table_long_polls {}",
             self.open_long_polls.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_requests_in_flight API requests being handled now, this scrape included.\n# TYPE vmesh_requests_in_flight gauge\nvmesh_requests_in_flight {}",
+            self.requests_in_flight.load(Ordering::Relaxed)
         );
         self.store_commit.render(
             "vmesh_store_commit_seconds",

@@ -1,5 +1,8 @@
 //! Starting `vmesh-control serve`: everything is loaded and checked (data dir, CA, serving
-//! certificate, admin credential, signing key, trusted JWKS, store) before the port is bound.
+//! certificate, admin credential, signing key, trusted JWKS, store) before the port is bound;
+//! and stopping it ([`Running::stop_unless`]): stop accepting, answer long-polls, let
+//! in-flight requests finish within a grace period, stop the background tasks, close the
+//! store.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,14 +12,15 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::api::App;
 use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::identity::{KeyError, Signer, Verifier};
 use crate::metrics::Metrics;
+use crate::random::{self, Entropy, RandomError, SystemEntropy};
 use crate::registry::{Registry, Settings};
 use crate::store::redb::RedbStore;
 use crate::store::StoreError;
@@ -43,6 +47,8 @@ pub struct ServeConfig {
     pub tick: Option<Duration>,
     /// How long table rebuilds wait to coalesce a burst of changes.
     pub coalesce: Duration,
+    /// How long in-flight requests get to finish when the server stops.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +69,8 @@ pub enum ServeError {
     },
     #[error("store {path}: {source}")]
     Store { path: String, source: StoreError },
+    #[error("admin credential: {0}")]
+    Random(#[from] RandomError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -70,8 +78,8 @@ pub enum ServeError {
     },
 }
 
-/// A running server.
-#[derive(Debug)]
+/// A running server. [`Running::stop`] (or [`Running::stop_unless`]) shuts it down; every task
+/// it started is owned here and awaited exactly once, by that call.
 pub struct Running {
     pub addr: SocketAddr,
     pub registry: Arc<Registry<RedbStore>>,
@@ -80,28 +88,98 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub admin_token: String,
     pub root_cert_pem: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-    background: Vec<JoinHandle<()>>,
+    cache: Arc<Cache>,
+    grace: Duration,
+    /// `true` once shutdown begins: the accept loop, every connection and the tick task see it.
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<JoinSet<()>>,
+    tick: Option<JoinHandle<()>>,
+    rebuild_stop: oneshot::Sender<()>,
+    rebuild: JoinHandle<()>,
+}
+
+/// Never shows the admin credential.
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped {
+    /// Connections still open when shutdown began (each had been told to finish its request).
+    pub open_connections: usize,
+    /// Of those, how many were still busy when the grace period ran out (or was cut short) and
+    /// were closed with a request unanswered.
+    pub cut_off: usize,
 }
 
 impl Running {
-    /// Stops accepting, releases the lease, and waits for the accept loop to end.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = (&mut self.task).await;
-        for b in &self.background {
-            b.abort();
-        }
-        self.registry.shutdown().await;
-        self.store.close().await;
+    /// Shuts down, giving in-flight requests up to the grace period.
+    pub async fn stop(self) -> Stopped {
+        self.stop_unless(std::future::pending()).await
     }
 
-    /// Resolves when the accept loop ends (a signal, or [`Running::stop`]).
-    pub async fn wait(&mut self) {
-        let _ = (&mut self.task).await;
+    /// Shuts down; `cut_short` resolving (a second signal) ends the grace period early.
+    ///
+    /// 1. Stop accepting (the listener is closed) and tell every connection to finish the
+    ///    request it is serving and close (HTTP/1.1 without keep-alive, HTTP/2 GOAWAY); a
+    ///    connection still in its TLS handshake is closed.
+    /// 2. Long-polls answer 304 at once; a poll arriving now does not wait.
+    /// 3. Wait for the connections, at most the grace period; writes that were in flight
+    ///    commit and are answered. Whatever is left is closed.
+    /// 4. The periodic tick finishes the round it is in and stops; the table task finishes its
+    ///    rebuild and stops.
+    /// 5. The replica's lease is released, the store takes its queued writes and closes its
+    ///    file, and the cache stops following it.
+    pub async fn stop_unless(self, cut_short: impl std::future::Future<Output = ()>) -> Stopped {
+        let started = std::time::Instant::now();
+        self.stop.send_replace(true);
+        self.tables.close();
+        let mut conns = self.accept.await.unwrap_or_default();
+        let open_connections = conns.len();
+        tokio::pin!(cut_short);
+        let drained = tokio::select! {
+            _ = async { while conns.join_next().await.is_some() {} } => true,
+            _ = tokio::time::sleep(self.grace) => false,
+            _ = &mut cut_short => false,
+        };
+        let cut_off = conns.len();
+        if !drained && cut_off > 0 {
+            tracing::warn!(
+                connections = cut_off,
+                "closing connections whose requests did not finish within the grace period"
+            );
+        }
+        conns.shutdown().await;
+        if let Some(mut tick) = self.tick {
+            tokio::select! {
+                _ = &mut tick => {}
+                _ = tokio::time::sleep(self.grace) => {
+                    tracing::warn!("periodic sweep still running after the grace period; stopped");
+                    tick.abort();
+                }
+            }
+        }
+        let _ = self.rebuild_stop.send(());
+        let _ = self.rebuild.await;
+        self.registry.shutdown().await;
+        self.store.close().await;
+        self.cache.stop();
+        tracing::info!(
+            open_connections,
+            cut_off,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "stopped"
+        );
+        Stopped {
+            open_connections,
+            cut_off,
+        }
     }
 }
 
@@ -112,18 +190,13 @@ fn dir_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     }
 }
 
-fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn admin_token(dir: &Path) -> Result<String, ServeError> {
+/// The admin credential of `dir`, created on first start from 32 random bytes.
+fn admin_token(dir: &Path, entropy: &dyn Entropy) -> Result<String, ServeError> {
     let path = dir.join(ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
-            let t = format!("vmesh-admin-{}", random_hex(32));
+            let t = format!("vmesh-admin-{}", random::hex(entropy, 32)?);
             write_private(&path, format!("{t}\n").as_bytes()).map_err(dir_err(&path))?;
             Ok(t)
         }
@@ -163,17 +236,13 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// Loads everything, binds, and serves until [`Running::stop`] or `shutdown` resolves.
-pub async fn start(
-    cfg: ServeConfig,
-    clock: Arc<dyn Clock>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<Running, ServeError> {
+/// Loads everything, binds, and serves until [`Running::stop`].
+pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let dir = &cfg.data_dir;
     std::fs::create_dir_all(dir).map_err(dir_err(dir))?;
     let ca = Ca::load_or_create(dir)?;
     let tls = Arc::new(ca.server_config(&cfg.sans)?);
-    let admin_token = admin_token(dir)?;
+    let admin_token = admin_token(dir, &SystemEntropy::default())?;
     let signer = Arc::new(signer(dir, &cfg.issuer)?);
     let mut verifier = Verifier::new(clock.clone());
     verifier
@@ -230,25 +299,37 @@ pub async fn start(
     ));
     let tables = NameTables::new(metrics.clone(), &cfg.domain);
     tables::rebuild(&*store, &cache, &tables).await;
-    let mut background = vec![tokio::spawn(tables::run(
+    let (rebuild_stop, rebuild_stopped) = oneshot::channel::<()>();
+    let rebuild = tokio::spawn(tables::run(
         store.clone(),
         cache.clone(),
         tables.clone(),
         cfg.coalesce,
-    ))];
-    if let Some(every) = cfg.tick {
+        async move {
+            let _ = rebuild_stopped.await;
+        },
+    ));
+    let (stop, _) = watch::channel(false);
+    let tick = cfg.tick.map(|every| {
         let r = registry.clone();
-        background.push(tokio::spawn(async move {
+        let mut stopping = stop.subscribe();
+        tokio::spawn(async move {
             let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                t.tick().await;
+                // A round that has begun runs to its end: its writes are compare-and-swap
+                // transactions that are fine to finish, and cutting one off saves nothing.
+                tokio::select! {
+                    biased;
+                    _ = crate::api::stopped(&mut stopping) => return,
+                    _ = t.tick() => {}
+                }
                 if let Err(e) = r.tick().await {
                     tracing::warn!(error = %e, "periodic sweep failed");
                 }
             }
-        }));
-    }
+        })
+    });
     let app = Arc::new(App {
         registry: registry.clone(),
         tables: tables.clone(),
@@ -258,13 +339,7 @@ pub async fn start(
         metrics: metrics.clone(),
         clock,
     });
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(crate::api::serve(listener, tls, app, async move {
-        tokio::select! {
-            _ = shutdown => {}
-            _ = stop_rx => {}
-        }
-    }));
+    let accept = tokio::spawn(crate::api::serve(listener, tls, app, stop.subscribe()));
     tracing::info!(%addr, replica = %cfg.settings.replica, data_dir = %dir.display(), "vmesh-control serving");
     Ok(Running {
         addr,
@@ -274,8 +349,32 @@ pub async fn start(
         metrics,
         admin_token,
         root_cert_pem: ca.cert_pem,
-        stop: Some(stop_tx),
-        task,
-        background,
+        cache,
+        grace: cfg.shutdown_grace,
+        stop,
+        accept,
+        tick,
+        rebuild_stop,
+        rebuild,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::random::tests::Failing;
+
+    #[test]
+    fn no_admin_credential_is_written_when_the_random_source_fails() {
+        let dir = vmesh_test_support::TempDir::new();
+        assert!(matches!(
+            admin_token(dir.path(), &Failing),
+            Err(ServeError::Random(_))
+        ));
+        assert!(!dir.path().join(ADMIN_TOKEN_FILE).exists());
+        let t = admin_token(dir.path(), &SystemEntropy::default()).unwrap();
+        assert!(t.starts_with("vmesh-admin-") && t.len() == 12 + 64, "{t}");
+        // Existing credentials are read, not drawn again (the source is not asked).
+        assert_eq!(admin_token(dir.path(), &Failing).unwrap(), t);
+    }
 }

@@ -7,7 +7,7 @@
 //! changed answer.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ struct Inner {
 pub struct NameTables {
     inner: RwLock<Inner>,
     generation: watch::Sender<u64>,
+    /// Set at shutdown: waiting long-polls answer at once and new ones do not wait.
+    closed: AtomicBool,
     metrics: Arc<Metrics>,
     domain: String,
 }
@@ -64,6 +66,7 @@ impl NameTables {
         Arc::new(NameTables {
             inner: RwLock::new(Inner::default()),
             generation,
+            closed: AtomicBool::new(false),
             metrics,
             domain: domain.to_string(),
         })
@@ -85,13 +88,30 @@ impl NameTables {
             .clone()
     }
 
+    /// Ends every long-poll now (they answer "not modified") and makes later ones answer
+    /// without waiting: the server is shutting down and the client should come back (to
+    /// this replica once it is up again, or another).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // Wakes every waiter; each sees `closed` after its version check.
+        self.generation.send_modify(|n| *n += 1);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
     /// The table at once if `known` is not its version; otherwise the next one, or `None`
-    /// after `wait`.
+    /// after `wait` (or at once after [`NameTables::close`]).
     pub async fn poll(&self, ns: &str, known: Option<&str>, wait: Duration) -> Option<Arc<Served>> {
+        // Subscribed before `closed` is read, so a `close` in between still wakes this poll.
         let mut rx = self.generation.subscribe();
         let cur = self.current(ns);
         if known != Some(cur.version.as_str()) {
             return Some(cur);
+        }
+        if self.is_closed() {
+            return None;
         }
         self.metrics.open_long_polls.fetch_add(1, Ordering::Relaxed);
         let _guard = PollGuard(&self.metrics);
@@ -106,6 +126,9 @@ impl NameTables {
                     let cur = self.current(ns);
                     if known != Some(cur.version.as_str()) {
                         return Some(cur);
+                    }
+                    if self.is_closed() {
+                        return None;
                     }
                 }
                 _ = &mut deadline => return None,
@@ -135,7 +158,8 @@ impl NameTables {
     }
 }
 
-/// Rebuilds the tables whenever the cache changes, until the cache goes away.
+/// Rebuilds the tables whenever the cache changes, until `stop` resolves (a rebuild under way
+/// finishes first) or the cache goes away.
 ///
 /// The wait before a rebuild is `coalesce`, or four times the recent rebuild duration if that
 /// is longer, so a storm of registrations into a large mesh spends at most about a fifth of a
@@ -145,17 +169,27 @@ pub async fn run<S: Store>(
     cache: Arc<Cache>,
     tables: Arc<NameTables>,
     coalesce: Duration,
+    stop: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(stop);
     let mut changes = cache.subscribe();
     let mut recent = Duration::ZERO;
     loop {
         let started = std::time::Instant::now();
         rebuild(&*store, &cache, &tables).await;
         recent = started.elapsed().max(recent / 2);
-        if changes.changed().await.is_err() {
-            return;
+        tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            changed = changes.changed() => if changed.is_err() {
+                return;
+            },
         }
-        tokio::time::sleep(coalesce.max(recent * 4)).await;
+        tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(coalesce.max(recent * 4)) => {}
+        }
         changes.borrow_and_update();
     }
 }

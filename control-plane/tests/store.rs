@@ -284,3 +284,37 @@ async fn check(admin: &Client, groups: &BTreeSet<String>, entries: &BTreeSet<Str
     let missing: Vec<_> = entries.difference(&e).collect();
     assert!(missing.is_empty(), "acknowledged entries lost: {missing:?}");
 }
+
+/// `close` racing with commits: whatever was queued before the close is committed, whatever
+/// came after is refused, and the file is released either way (a commit queued right behind
+/// a close used to be dropped and the close answered without releasing the file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_racing_commits_keeps_every_acknowledged_commit_and_releases_the_file() {
+    let dir = vmesh_test_support::TempDir::new();
+    let path = dir.path().join("s.redb");
+    let clock = Arc::new(ManualClock::new(T0));
+    for round in 0..20 {
+        let s = RedbStore::open(&path, clock.clone(), None).unwrap();
+        let commit = |i: usize| {
+            let s = s.clone();
+            async move {
+                let key = format!("obj/r{round}-{i}");
+                (
+                    key.clone(),
+                    s.commit(Txn::default().put(key, vec![1])).await,
+                )
+            }
+        };
+        let (_, a, b, c, d) = tokio::join!(s.close(), commit(0), commit(1), commit(2), commit(3));
+        let again = RedbStore::open(&path, clock.clone(), None).unwrap_or_else(|e| {
+            panic!("round {round}: the closed store still holds its file: {e}")
+        });
+        for (key, r) in [a, b, c, d] {
+            match r {
+                Ok(_) => assert!(again.get(&key).await.is_ok(), "{key} acknowledged but lost"),
+                Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{key}: {e}"),
+            }
+        }
+        again.close().await;
+    }
+}

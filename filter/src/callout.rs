@@ -1,36 +1,7 @@
-//! Forwarding a query to the shim with `dispatch_http_call`, and reading the result.
-
-use std::time::Duration;
+//! Reading what came back from a `dispatch_http_call` (the agent's calls).
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
-use vmesh_api::paths::{content_type, header, shim};
-
-use crate::config::Config;
-
-/// Sends `query` to the shim's DoH forwarder. `transport` ("udp"/"tcp") tells the shim which
-/// transport semantics the client asked with; DoH clients send none. Returns the callout
-/// token, or `None` when Envoy refused the call (the caller answers SERVFAIL).
-pub fn forward(cfg: &Config, query: &[u8], transport: Option<&str>) -> Option<u32> {
-    let mut headers = vec![
-        (":method", "POST"),
-        (":path", shim::DNS_QUERY),
-        (":authority", cfg.shim_authority.as_str()),
-        ("content-type", content_type::DNS_MESSAGE),
-        ("accept", content_type::DNS_MESSAGE),
-    ];
-    if let Some(t) = transport {
-        headers.push((header::TRANSPORT, t));
-    }
-    let timeout = Duration::from_millis(cfg.forward_timeout_ms);
-    match hostcalls::dispatch_http_call(&cfg.shim_cluster, headers, Some(query), vec![], timeout) {
-        Ok(token) => Some(token),
-        Err(e) => {
-            log::warn!("forward to cluster {} not sent: {e:?}", cfg.shim_cluster);
-            None
-        }
-    }
-}
 
 /// What came back from a callout.
 pub struct CalloutResponse {

@@ -35,13 +35,15 @@ impl Role {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
-    /// Envoy cluster of the shim (forwarder and name-table source).
+    /// Envoy cluster of the shim (forwarder and name-table source). The forwarding stream
+    /// names it as its gRPC target, which restricts its first character (see `validate`).
     pub shim_cluster: String,
     pub shim_authority: String,
     /// Names inside this domain get SERVFAIL until the first table arrives.
     pub cluster_domain: String,
-    /// How long a forwarded query may take before the client gets SERVFAIL. Longer than the
-    /// shim's own 5 s upstream budget so the shim's answer (possibly SERVFAIL) wins.
+    /// How long a forwarded query may take before the client gets SERVFAIL. The shim is given
+    /// five sixths of what is left (and its own 5 s cap), so its answer (possibly SERVFAIL)
+    /// wins.
     pub forward_timeout_ms: u64,
     /// Long-poll wait asked of the table source.
     pub table_wait_s: u64,
@@ -178,6 +180,21 @@ impl Config {
         range("table_check_ms", cfg.table_check_ms, 10, 60_000)?;
         range("report_period_ms", cfg.report_period_ms, 100, 60_000)?;
         range("udp_keepalive_ms", cfg.udp_keepalive_ms, 10, 10_000)?;
+        // Envoy reads a gRPC target as a serialized GrpcService first and as a cluster name
+        // only when that fails to parse; a name that parses would make Envoy answer
+        // BadArgument, on which the SDK panics. A first byte whose protobuf wire type is 6 or
+        // 7 (none exists) can never parse: `vmesh_shim` starts with 0x76, wire type 6.
+        if cfg
+            .shim_cluster
+            .bytes()
+            .next()
+            .is_some_and(|b| b >= 0x80 || b & 7 < 6)
+        {
+            return Err(ConfigError::Invalid {
+                field: "shim_cluster",
+                reason: "must start with one of &'./67>?FGNOVW^_fgnovw~ (gRPC target)".into(),
+            });
+        }
         for (field, v) in [
             ("shim_cluster", &cfg.shim_cluster),
             ("shim_authority", &cfg.shim_authority),
@@ -223,6 +240,7 @@ mod tests {
             (r#"{"udp_keepalive_ms":0}"#, "udp_keepalive_ms"),
             (r#"{"table_wait_s":5,"table_wait_s":6}"#, "duplicate"),
             (r#"{"shim_cluster":""}"#, "shim_cluster"),
+            (r#"{"shim_cluster":"shim"}"#, "shim_cluster"),
             (r#"{"admin_cluster":""}"#, "admin_cluster"),
             (r#"{"probe_cluster":""}"#, "probe_cluster"),
             (r#"{"report_period_ms":99}"#, "report_period_ms"),

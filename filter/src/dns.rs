@@ -10,14 +10,15 @@ use std::rc::Rc;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::{Action, BufferType, MapType};
+use vmesh_api::forward::Transport as ForwardTransport;
 use vmesh_core::doh;
 use vmesh_core::names::NameIndex;
-use vmesh_core::responder::{forwarded_answer, respond, servfail, Outcome, Transport};
+use vmesh_core::responder::{respond, servfail, Outcome, Transport};
 use vmesh_core::tunnel::Counts;
 
-use crate::callout;
 use crate::config::Config;
 use crate::metrics::{Counter, Metrics};
+use crate::stream::{self, Owner};
 use crate::table::WorkerTable;
 
 /// Per-worker state shared by every stream on that worker.
@@ -46,23 +47,25 @@ enum Mode {
     /// body, because a reply before it makes HTTP/2 reset the stream and some clients then
     /// report the reset instead of the reply.
     Reject(u32, &'static str),
-    /// Waiting for the POST body (`None`), or for the forwarder's answer to this query.
-    Doh(Option<Vec<u8>>),
+    /// Waiting for the POST body.
+    Body,
+    /// Forwarded: the worker's stream sends the answer as this stream's local reply.
+    Forwarded,
 }
 
 pub struct DnsStream {
     worker: Rc<Worker>,
+    /// This stream's context id: the worker's stream answers a forward through it.
+    id: u32,
     mode: Mode,
-    /// The token of the forward in flight.
-    callout: Option<u32>,
 }
 
 impl DnsStream {
-    pub fn new(worker: Rc<Worker>) -> Self {
+    pub fn new(worker: Rc<Worker>, id: u32) -> Self {
         DnsStream {
             worker,
+            id,
             mode: Mode::Pass,
-            callout: None,
         }
     }
 
@@ -98,9 +101,10 @@ impl DnsStream {
             }
             Outcome::Forward => {
                 worker.metrics.add(Counter::Forwarded, 1);
-                if let Some(token) = callout::forward(&worker.config, &query, None) {
-                    self.callout = Some(token);
-                    self.mode = Mode::Doh(Some(query));
+                let owner = Owner::Doh(self.id, Rc::clone(&worker));
+                if stream::submit(owner, ForwardTransport::Https, &query).is_ok() {
+                    self.mode = Mode::Forwarded;
+                    stream::flush(self.id);
                 } else {
                     worker.metrics.add(Counter::ForwardFailed, 1);
                     send_dns_message(&servfail(&query, Transport::Https).unwrap_or_default());
@@ -115,35 +119,7 @@ impl DnsStream {
     }
 }
 
-impl Context for DnsStream {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        headers: usize,
-        body_size: usize,
-        _trailers: usize,
-    ) {
-        if self.callout != Some(token) {
-            return;
-        }
-        self.callout = None;
-        let reply = callout::response(headers, body_size);
-        let body = (reply.status == Some(200)).then_some(reply.body);
-        match &mut self.mode {
-            Mode::Doh(Some(query)) => {
-                let answer = match &body {
-                    Some(b) => forwarded_answer(query, b, Transport::Https),
-                    None => {
-                        self.worker.metrics.add(Counter::ForwardFailed, 1);
-                        servfail(query, Transport::Https)
-                    }
-                };
-                send_dns_message(&answer.unwrap_or_default());
-            }
-            Mode::Doh(None) | Mode::Pass | Mode::Reject(..) => {}
-        }
-    }
-}
+impl Context for DnsStream {}
 
 impl HttpContext for DnsStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -177,7 +153,7 @@ impl HttpContext for DnsStream {
                         } else if end_of_stream {
                             self.reject(400, "POST without a DNS message\n", true)
                         } else {
-                            self.mode = Mode::Doh(None);
+                            self.mode = Mode::Body;
                             Action::Pause
                         }
                     }
@@ -196,8 +172,8 @@ impl HttpContext for DnsStream {
                 text,
                 end_of_stream || body_size > vmesh_core::dns::TCP_LIMIT,
             ),
-            Mode::Doh(Some(_)) => Action::Pause,
-            Mode::Doh(None) => {
+            Mode::Forwarded => Action::Pause,
+            Mode::Body => {
                 if body_size > vmesh_core::dns::TCP_LIMIT {
                     self.worker.metrics.add(Counter::DohRejected, 1);
                     send_text(413, "DNS message larger than 65535 bytes\n");
@@ -216,7 +192,7 @@ impl HttpContext for DnsStream {
     }
 }
 
-fn send_dns_message(message: &[u8]) {
+pub fn send_dns_message(message: &[u8]) {
     let age = doh::max_age(message).map(|ttl| format!("max-age={ttl}"));
     let mut headers = vec![("content-type", doh::CONTENT_TYPE)];
     if let Some(age) = age.as_deref() {

@@ -7,7 +7,7 @@
 //!   runs the probe the shim names through Envoy;
 //! - `vmesh_dns_udp` / `vmesh_dns_tcp` (network filters in front of echo): answer UDP (through
 //!   udp_proxy's tunnel) and TCP DNS from the table and forward the rest through the shim
-//!   ([`conn`]);
+//!   ([`conn`]), on one gRPC stream per worker that the DNS roots of a VM share ([`stream`]);
 //! - `vmesh_dns` (HTTP filter on the DoH listener): the same for DNS over HTTPS ([`dns`]).
 //!
 //! Decisions live in `vmesh-core` and are tested natively; this crate moves bytes between
@@ -30,6 +30,7 @@ pub mod conn;
 pub mod dns;
 pub mod liveness;
 pub mod metrics;
+pub mod stream;
 pub mod table;
 
 use std::cell::{Cell, RefCell};
@@ -117,6 +118,7 @@ impl Root {
                 if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(period)) {
                     return Err(format!("cannot start the tick: {e:?}"));
                 }
+                stream::init(&worker.config, self.id);
                 let worker = Rc::new(worker);
                 match role {
                     Role::DnsUdp => RootRole::Conn(worker, Carrier::UdpTunnel),
@@ -141,6 +143,15 @@ impl Context for Root {
             agent.on_http_call_response(token, headers, body_size);
         }
     }
+
+    fn on_grpc_stream_message(&mut self, token: u32, message_size: usize) {
+        conn::begin_root_callback();
+        stream::on_message(self.id, token, message_size);
+    }
+
+    fn on_grpc_stream_close(&mut self, token: u32, status_code: u32) {
+        stream::on_close(token, status_code);
+    }
 }
 
 impl RootContext for Root {
@@ -160,25 +171,28 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        conn::begin_root_callback();
         match &mut self.role {
             RootRole::Agent(agent) => agent.on_tick(),
             RootRole::Dns(worker) | RootRole::Conn(worker, Carrier::Tcp) => {
                 worker.table.borrow_mut().refresh();
                 liveness::record_worker_tick();
+                stream::tick(self.id);
             }
             RootRole::Conn(worker, Carrier::UdpTunnel) => {
                 worker.table.borrow_mut().refresh();
                 liveness::record_worker_tick();
+                stream::tick(self.id);
                 conn::send_keepalives(worker, self.id);
             }
             RootRole::Unconfigured => {}
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None makes the SDK panic; a stream we do not serve gets a pass-through.
         Some(match &self.role {
-            RootRole::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker))),
+            RootRole::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker), context_id)),
             RootRole::Agent(_) | RootRole::Conn(..) | RootRole::Unconfigured => {
                 Box::new(PassThrough)
             }

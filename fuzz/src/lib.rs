@@ -8,6 +8,10 @@
 //! - [`tunnel`]: any capsule or TCP byte stream, or any bytes on udp_proxy's HTTP/1.1 tunnel,
 //!   in any chunking, yields answers in frames (on the tunnel: a 200 head, then chunks), or
 //!   a refusal; never a panic.
+//! - [`forward`]: the forwarding stream. Bytes as the shim reads them (gRPC framing, in any
+//!   chunking, then `ForwardRequest`/`ForwardResponse` decoding) never panic, and whatever
+//!   decodes encodes back to the same values; and any sequence of link operations (submit,
+//!   flush, answer, close, reopen, expire) hands every query back exactly once.
 
 use std::sync::OnceLock;
 
@@ -202,4 +206,116 @@ fn udp_tunnel(cut: usize, rest: &[u8]) {
                 .expect("chunk data ends with CRLF");
         }
     }
+}
+
+/// The forwarding stream's codec and the filter's link state machine.
+pub fn forward(data: &[u8]) {
+    use vmesh_api::forward::{answers, frame, push_answer, push_query, queries, GrpcFrames};
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    if mode % 2 == 1 {
+        return link_ops(rest);
+    }
+    // gRPC framing at a cut chosen by the input, then both message kinds.
+    let cut = usize::from(mode / 2).min(rest.len());
+    let mut frames = GrpcFrames::default();
+    let mut messages = Vec::new();
+    for part in [&rest[..cut], &rest[cut..]] {
+        frames.push(part);
+        while let Ok(Some(m)) = frames.next_message() {
+            messages.push(m.to_vec());
+        }
+    }
+    messages.push(rest.to_vec());
+    for m in &messages {
+        let qs: Vec<_> = queries(m).filter_map(Result::ok).collect();
+        let mut again = Vec::new();
+        for q in &qs {
+            push_query(q, &mut again);
+        }
+        let back: Vec<_> = queries(&again)
+            .collect::<Result<_, _>>()
+            .expect("re-encoded decodes");
+        assert_eq!(back, qs, "queries round trip");
+        let ans: Vec<_> = answers(m).filter_map(Result::ok).collect();
+        let mut again = Vec::new();
+        for a in &ans {
+            push_answer(a, &mut again);
+        }
+        let back: Vec<_> = answers(&again)
+            .collect::<Result<_, _>>()
+            .expect("re-encoded decodes");
+        assert_eq!(back, ans, "answers round trip");
+        let mut framed = Vec::new();
+        frame(m, &mut framed);
+        let mut f = GrpcFrames::default();
+        f.push(&framed);
+        if m.len() <= vmesh_api::forward::MAX_MESSAGE {
+            assert_eq!(f.next_message(), Ok(Some(&m[..])), "framing round trips");
+        }
+    }
+}
+
+/// Bytes as link operations; checks that each submitted query comes back exactly once (as an
+/// answer or expired) and only through the stream it may come from.
+fn link_ops(ops: &[u8]) {
+    use vmesh_api::forward::{queries, Transport};
+    use vmesh_core::link::Link;
+    let mut link: Link<u32> = Link::new(0);
+    let mut now = 0u64;
+    let mut next = 0u32;
+    let mut token = 0u32;
+    let mut returned = std::collections::BTreeSet::new();
+    let mut sent: Vec<(u32, u32)> = Vec::new(); // (token, id) seen on the wire
+    let mut give_back =
+        |owner: u32| assert!(returned.insert(owner), "query {owner} returned twice");
+    for &op in ops {
+        match op % 7 {
+            0 | 1 => {
+                next += 1;
+                let deadline = now + u64::from(op / 7) * 10;
+                if let Err(owner) = link.submit(next, Transport::Udp, vec![op], deadline) {
+                    give_back(owner);
+                }
+            }
+            2 => {
+                let t = link.token();
+                for m in link.flush(now) {
+                    for q in queries(&m) {
+                        let q = q.expect("the link writes what it reads");
+                        sent.push((t.expect("flush sends only on a stream"), q.id));
+                    }
+                }
+            }
+            3 => {
+                if let Some(&(t, id)) = sent.get(usize::from(op) % sent.len().max(1)) {
+                    if let Some(p) = link.answer(t, id) {
+                        assert_eq!(Some(t), link.token(), "answers only from the open stream");
+                        give_back(p.owner);
+                    }
+                }
+            }
+            4 => {
+                if let Some(t) = link.token() {
+                    assert!(link.closed(t, now));
+                } else if link.wants_stream(now) {
+                    token += 1;
+                    link.opened(token);
+                }
+            }
+            5 => now += u64::from(op),
+            _ => {
+                for p in link.expire(now) {
+                    assert!(p.deadline <= now);
+                    give_back(p.owner);
+                }
+            }
+        }
+    }
+    for p in link.expire(u64::MAX) {
+        give_back(p.owner);
+    }
+    assert_eq!(link.in_flight(), 0);
+    assert_eq!(returned.len() as u32, next, "every query came back");
 }

@@ -36,3 +36,8 @@ fn name_table_corpus_keeps_the_image_invariants() {
 fn tunnel_corpus_keeps_the_framing_invariants() {
     replay("tunnel", vmesh_fuzz::tunnel);
 }
+
+#[test]
+fn forward_corpus_keeps_the_stream_invariants() {
+    replay("forward", vmesh_fuzz::forward);
+}

@@ -1061,11 +1061,21 @@ pub struct TokenClaims {
 }
 
 /// A token as read from its file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Token {
     /// The JWT, without surrounding whitespace: the bearer credential.
     pub jwt: String,
     pub claims: TokenClaims,
+}
+
+/// Never shows the JWT (a bearer credential); the claims that matter to the VM are enough to
+/// tell tokens apart in a log.
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("claims", &self.claims)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

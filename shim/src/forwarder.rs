@@ -2,7 +2,8 @@
 //!
 //! A query is parsed by core (anything that is not a standard query is refused, so the shim
 //! never relays garbage), sent under a fresh random ID to each upstream in turn within one time
-//! budget, and the first upstream's answer goes back byte-for-byte under the client's ID. An
+//! budget (over UDP from the upstream's socket pool, [`crate::pool`]; over TCP on a new
+//! connection when a client that takes whole answers got a truncated one), and the first upstream's answer goes back byte-for-byte under the client's ID. An
 //! upstream's SERVFAIL or NXDOMAIN is an answer like any other; only transport failures,
 //! timeouts and non-answers move on to the next upstream. When none answers, the client gets a
 //! SERVFAIL that core builds for its query.
@@ -16,7 +17,8 @@ use vmesh_core::dns::response::set_id;
 use vmesh_core::dns::{Query, QueryError};
 use vmesh_core::responder::{servfail, Transport};
 
-use crate::upstream::{exchange, ExchangeError, Protocol};
+use crate::pool::UdpPool;
+use crate::upstream::{exchange_tcp_until, ExchangeError, Protocol};
 
 /// The request header the filter uses to say how the client asked.
 pub use vmesh_api::paths::header::TRANSPORT as TRANSPORT_HEADER;
@@ -93,6 +95,7 @@ pub struct Forwarder {
     upstreams: RwLock<Arc<[SocketAddr]>>,
     budget: Duration,
     failures: FailureLog,
+    pool: UdpPool,
 }
 
 impl Forwarder {
@@ -102,6 +105,7 @@ impl Forwarder {
             upstreams: RwLock::new(upstreams.into()),
             budget,
             failures: FailureLog::default(),
+            pool: UdpPool::new(),
         }
     }
 
@@ -125,9 +129,20 @@ impl Forwarder {
 
     /// Relays `query`. Fails only when `query` is not a standard DNS query.
     pub async fn forward(&self, query: &[u8], mode: Mode) -> Result<Answer, QueryError> {
+        self.forward_within(query, mode, self.budget).await
+    }
+
+    /// [`Forwarder::forward`] within `budget` (or the forwarder's own budget, if shorter): the
+    /// forwarding stream's queries say how long their client still waits.
+    pub async fn forward_within(
+        &self,
+        query: &[u8],
+        mode: Mode,
+        budget: Duration,
+    ) -> Result<Answer, QueryError> {
         let client = Query::parse(query)?;
         let client_id = client.header.id;
-        let deadline = Instant::now() + self.budget;
+        let deadline = Instant::now() + budget.min(self.budget);
         let mut sent = query.to_vec();
         let mut fallback = None;
         let upstreams = self.upstreams();
@@ -188,6 +203,11 @@ impl Forwarder {
         }
     }
 
+    /// The UDP sockets and what their readers ignored (tests, metrics).
+    pub fn pool(&self) -> &UdpPool {
+        &self.pool
+    }
+
     /// One exchange under a fresh random ID, so an off-path attacker cannot guess which
     /// answer the shim would take.
     async fn ask(
@@ -197,11 +217,14 @@ impl Forwarder {
         sent: &mut [u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, ExchangeError> {
+        if protocol == Protocol::Udp {
+            return self.pool.exchange(addr, sent, deadline).await;
+        }
         let id = random_id().map_err(ExchangeError::Random)?;
         set_id(sent, id);
         // The message parsed when the request came in; only its ID changed.
         let asked = Query::parse(sent).map_err(|_| ExchangeError::Mismatch)?;
-        exchange(addr, protocol, sent, &asked, deadline).await
+        exchange_tcp_until(addr, sent, &asked, deadline).await
     }
 }
 

@@ -5,6 +5,7 @@
 //! | `/dns-query`      | POST, GET | RFC 8484 DoH, relayed by [`crate::forwarder`]           |
 //! | `/v1/name-table`  | GET       | long-poll for the name table ([`crate::names`])         |
 //! | `/healthz`        | GET       | `ok`                                                   |
+//! | `/vmesh.dns.v1.Forwarder/Forward` | POST (gRPC) | the filter's forwarding stream ([`crate::grpc`]) |
 //!
 //! HTTP/1.1 and h2c with prior knowledge share the port (hyper-util's `auto` builder).
 
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -27,6 +28,7 @@ use vmesh_api::agent::{AgentReply, AgentReport};
 
 use crate::dataplane::Tracker;
 use crate::forwarder::{Forwarder, Mode, UnknownTransport, TRANSPORT_HEADER};
+use crate::grpc::{self, AnswerStream};
 use crate::metrics::Metrics;
 use crate::names::{long_poll, Poll, Tables, DEFAULT_WAIT, MAX_WAIT};
 use crate::probe::ProbePlan;
@@ -42,6 +44,8 @@ pub const MAX_DNS_MESSAGE: usize = 65535;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 type Body = Full<Bytes>;
+/// A plain response, or the forwarding stream's.
+type AnyBody = Either<Body, AnswerStream>;
 
 /// What requests are served from.
 #[derive(Debug)]
@@ -71,7 +75,14 @@ pub const MAX_REPORT: usize = 64 << 10;
 /// Accepts connections until `stop` flips, then lets open ones finish (up to
 /// [`SHUTDOWN_GRACE`]).
 pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The forwarding stream carries every query of an Envoy worker: windows large enough
+    // that flow control does not pace a burst, and BDP-adaptive beyond that.
+    builder
+        .http2()
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .adaptive_window(true);
     let graceful = GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -90,7 +101,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
         let app = app.clone();
         let service = hyper::service::service_fn(move |req| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req).await) }
+            async move { Ok::<_, Infallible>(route(&app, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -115,6 +126,22 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     // A dropped sender also means stop; the guard `wait_for` returns must not live across an
     // await, so it is dropped here.
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// The forwarding stream, or [`handle`] for everything else.
+async fn route(app: &Arc<App>, req: Request<Incoming>) -> Response<AnyBody> {
+    if req.uri().path() == vmesh_api::forward::PATH && req.method() == Method::POST {
+        if grpc::is_grpc(&req) {
+            let stop = app.stop.clone();
+            return grpc::forward_stream(Arc::clone(&app.forwarder), req, stop).map(Either::Right);
+        }
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/grpc",
+        )
+        .map(Either::Left);
+    }
+    handle(app, req).await.map(Either::Left)
 }
 
 /// Routes one request. Never fails: every problem is a status code.

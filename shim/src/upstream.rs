@@ -2,19 +2,19 @@
 //!
 //! Which resolvers: the `nameserver` lines of resolv.conf (parsed here, as glibc reads them,
 //! with its `search` list), or addresses given on the command line, minus any address that is the shim itself or the
-//! Envoy DNS listener in front of it (forwarding there would loop). How: UDP from a fresh
-//! connected socket with a random source port, or TCP with the RFC 1035 §4.2.2 length prefix.
+//! Envoy DNS listener in front of it (forwarding there would loop). How: UDP through the
+//! socket pool ([`crate::pool`]), or TCP with the RFC 1035 §4.2.2 length prefix (here).
 //! An answer is only taken when [`vmesh_core::dns::inspect::answers`] says it answers the query
-//! that was sent (ID and question), so stray and spoofed datagrams are skipped.
+//! that was sent (ID and question), so stray and spoofed answers are skipped.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::path::Path;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
-use vmesh_core::dns::{inspect, Query, TCP_LIMIT};
+use vmesh_core::dns::{inspect, Query};
 use vmesh_core::framing::{self, Framing};
 
 /// The port resolv.conf nameservers listen on; resolv.conf has no way to say another.
@@ -266,60 +266,18 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ExchangeError {
     move |source| ExchangeError::Io { op, source }
 }
 
-/// Sends `query` (whose parsed form is `asked`) to `upstream` and returns the first message that
-/// answers it, byte-for-byte, or an error at `deadline`.
-pub async fn exchange(
+/// Sends `query` (whose parsed form is `asked`) to `upstream` over a new TCP connection and
+/// returns its answer, byte-for-byte, or an error at `deadline`. (UDP goes through the socket
+/// pool, [`crate::pool`].)
+pub async fn exchange_tcp_until(
     upstream: SocketAddr,
-    protocol: Protocol,
     query: &[u8],
     asked: &Query<'_>,
     deadline: Instant,
 ) -> Result<Vec<u8>, ExchangeError> {
-    let attempt = async {
-        match protocol {
-            Protocol::Udp => exchange_udp(upstream, query, asked).await,
-            Protocol::Tcp => exchange_tcp(upstream, query, asked).await,
-        }
-    };
-    timeout_at(deadline, attempt)
+    timeout_at(deadline, exchange_tcp(upstream, query, asked))
         .await
         .unwrap_or(Err(ExchangeError::Timeout))
-}
-
-async fn exchange_udp(
-    upstream: SocketAddr,
-    query: &[u8],
-    asked: &Query<'_>,
-) -> Result<Vec<u8>, ExchangeError> {
-    let any: IpAddr = match upstream {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    // A fresh socket per query gets a fresh random source port from the kernel; connecting it
-    // makes the kernel drop datagrams from other senders and report ICMP refusals to us.
-    let socket = UdpSocket::bind(SocketAddr::new(any, 0))
-        .await
-        .map_err(io_err("UDP bind"))?;
-    socket
-        .connect(upstream)
-        .await
-        .map_err(io_err("UDP connect"))?;
-    socket.send(query).await.map_err(io_err("UDP send"))?;
-    // Large EDNS answers must arrive whole, so the buffer takes the largest datagram; recv_buf
-    // fills spare capacity, so the 64 KiB are not zeroed for every query.
-    let mut buf = Vec::with_capacity(TCP_LIMIT);
-    loop {
-        buf.clear();
-        let n = socket
-            .recv_buf(&mut buf)
-            .await
-            .map_err(io_err("UDP receive"))?;
-        if inspect::answers(asked, buf.get(..n).unwrap_or_default()) {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-        tracing::debug!(%upstream, len = n, "ignoring a datagram that does not answer the query");
-    }
 }
 
 async fn exchange_tcp(

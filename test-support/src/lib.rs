@@ -23,6 +23,22 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// A built artifact under the workspace's `target/` (`relative`, e.g. `release/vmesh-shim`), or
+/// the path in `env` when it is set; a panic that says how to build it when it is missing.
+/// `scripts/build.sh` builds every artifact the suites use.
+pub fn artifact(env: &str, relative: &str, build: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let path = repo_root().join("target").join(relative);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `{build}` (or set {env})",
+        path.display()
+    );
+    path
+}
+
 /// A port free for both UDP and TCP on 127.0.0.1 right now.
 pub fn free_port() -> u16 {
     loop {

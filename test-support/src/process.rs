@@ -93,6 +93,13 @@ impl Proc {
         )
     }
 
+    /// The exit status if the process has exited (reaping it), `None` while it runs.
+    pub fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, `TERM`, `KILL`, ...) to the process.
     pub fn signal(&self, signal: &str) {
         if let Some(pid) = self.pid() {
@@ -108,10 +115,8 @@ impl Proc {
     pub fn wait_exit(&mut self, patience: std::time::Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + patience;
         loop {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    return Some(status);
-                }
+            if let Some(status) = self.try_status() {
+                return Some(status);
             }
             if std::time::Instant::now() >= deadline {
                 return None;

@@ -10,6 +10,9 @@
 //! it back) and hold the whole connection while a forward is in flight.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use vmesh_api::forward::Transport;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -17,14 +20,12 @@ use vmesh_core::dns::inspect::{RData, Response};
 use vmesh_core::framing::Framing;
 use vmesh_core::udp_tunnel::{KEEPALIVE, REJECTION};
 use vmesh_tests::wasm_host::vmesh::{
-    self, capsule_chunk, chunk, framed, query, responses, single_callout, small_table,
-    tunnel_response, tunnel_responses, upstream_answer, TunnelResponse, WorkerVm, A, AAAA,
-    IMAGE_KEY, LAST_CHUNK, SHIM_AUTHORITY, SHIM_CLUSTER, TUNNEL_RESPONSE_HEAD, UDP_TUNNEL_HEAD,
-    VERSION_KEY, VM_ID,
+    self, capsule_chunk, chunk, framed, query, responses, small_table, tunnel_response,
+    tunnel_responses, upstream_answer, TunnelResponse, WorkerVm, A, AAAA, IMAGE_KEY, LAST_CHUNK,
+    SHIM_CLUSTER, TUNNEL_RESPONSE_HEAD, UDP_TUNNEL_HEAD, VERSION_KEY, VM_ID,
 };
 use vmesh_tests::wasm_host::{
-    Action, BufferType, Host, HostCall, HttpResponse, MapType, PeerType, Plugin, Status,
-    StreamType, Vm, VmError,
+    Action, BufferType, Host, HostCall, PeerType, Plugin, Status, StreamType, Vm, VmError,
 };
 
 const MESH: &str = "reviews.apps.svc.cluster.local";
@@ -138,6 +139,16 @@ fn stream_calls(vm: &Vm, mark: usize, call: &HostCall) -> usize {
         .iter()
         .filter(|r| r.status == Status::Ok && r.call == *call)
         .count()
+}
+
+/// Whether anything was written to a connection or resumed after `mark`.
+fn writes_anything(vm: &Vm, mark: usize) -> bool {
+    vm.calls_since(mark).iter().any(|r| {
+        matches!(
+            r.call,
+            HostCall::SetBuffer { .. } | HostCall::ContinueStream { .. }
+        )
+    })
 }
 
 fn resumed_reading(vm: &Vm, mark: usize) -> bool {
@@ -470,16 +481,37 @@ fn udp_non_mesh_query_is_forwarded_through_the_shim_and_the_connection_paused(
         "paused, so the read buffer can carry the answer later"
     );
 
-    let call = single_callout(&worker, mark);
-    assert_eq!(call.upstream, SHIM_CLUSTER);
-    assert_eq!(call.header(":method"), Some("POST"));
-    assert_eq!(call.header(":path"), Some("/dns-query"));
-    assert_eq!(call.header(":authority"), Some(SHIM_AUTHORITY));
-    assert_eq!(call.header("content-type"), Some(DNS_MESSAGE));
-    assert_eq!(call.header("accept"), Some(DNS_MESSAGE));
-    assert_eq!(call.header("x-vmesh-transport"), Some("udp"));
-    assert_eq!(call.body, q, "the query goes as received");
-    assert_eq!(call.timeout_ms, 6000);
+    let token = vmesh::forward_stream(&worker);
+    let stream = worker
+        .grpc_stream(token)
+        .expect("the worker's stream")
+        .clone();
+    assert_eq!(
+        (
+            stream.cluster.as_str(),
+            stream.service.as_str(),
+            stream.method.as_str()
+        ),
+        (SHIM_CLUSTER, "vmesh.dns.v1.Forwarder", "Forward")
+    );
+    assert_eq!(
+        stream.root,
+        worker.root_id(),
+        "the first DNS root opened it and owns it"
+    );
+    let sends: Vec<_> = worker
+        .calls_since(mark)
+        .into_iter()
+        .filter(|r| matches!(r.call, HostCall::GrpcSend { .. }))
+        .collect();
+    assert_eq!(sends.len(), 1, "one message for the read's one query");
+    assert_eq!(sends[0].context, stream.root, "sent as the owning root");
+    assert_eq!(sends[0].status, Status::Ok);
+    let sent = vmesh::forwards(&worker);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].message, q, "the query goes as received");
+    assert_eq!(sent[0].transport, Transport::Udp);
+    assert_eq!(sent[0].budget_ms, 5000, "five sixths of the 6 s deadline");
     assert_eq!(
         set_buffer_calls(&worker, mark),
         [(0, datagram.len() as u32, Vec::new())],
@@ -505,20 +537,25 @@ fn forwarded_answer_goes_out_through_the_paused_read_buffer_with_the_clients_id(
     let c = udp_tunnel(&mut worker, udp)?;
     let q = query(0x4242, OTHER, A);
     worker.downstream_data(c, &capsule_chunk(&[&q]), false)?;
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
 
     let upstream = upstream_answer(&q, 0x7777, Ipv4Addr::new(93, 184, 216, 34), 300);
     let mark = worker.mark();
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
 
     let calls = worker.calls_since(mark);
+    let root = worker.root_id();
     assert_eq!(
         calls.first().map(|r| (&r.call, r.status)),
-        Some((&HostCall::SetEffectiveContext { context: c }, Status::Ok)),
-        "the SDK switches to the connection that made the call"
+        Some((&HostCall::SetEffectiveContext { context: root }, Status::Ok)),
+        "the SDK delivers the message to the root that owns the stream"
     );
-    assert!(calls.iter().any(|r| r.context == c
-        && matches!(&r.call, HostCall::GetHeaderMapValue { map: MapType::HttpCallResponseHeaders, key } if key == ":status")));
+    assert!(
+        calls
+            .iter()
+            .any(|r| r.call == HostCall::SetEffectiveContext { context: c }),
+        "the root writes to the connection as the connection"
+    );
     let writes = set_buffer_calls(&worker, mark);
     assert_eq!(writes.len(), 1);
     assert_eq!(
@@ -562,9 +599,9 @@ fn a_forward_in_flight_holds_only_its_own_answer_and_the_last_chunk() -> Result<
         "the head and the mesh answer left; the response waits for the forward"
     );
 
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 7), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     let out = udp_answers(&worker, c);
     assert_eq!(out.ids_and_rcodes(), [(8, 0), (7, 0)]);
     assert_eq!(
@@ -658,9 +695,9 @@ fn a_tunnel_waiting_for_a_forward_gets_a_keepalive_on_every_udp_tick_until_the_a
         assert_eq!(udp_answers(&worker, idle).keepalives, 0, "it may expire");
     }
 
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let upstream = upstream_answer(&q, 9, Ipv4Addr::new(192, 0, 2, 9), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     let mark = worker.mark();
     worker.tick_root(udp)?;
     assert_eq!(tick_calls(&worker, mark), [], "nothing owed, nothing sent");
@@ -714,12 +751,9 @@ fn forwarder_503_becomes_servfail_for_that_query() -> Result<(), VmError> {
     } = mesh()?;
     let c = udp_tunnel(&mut worker, udp)?;
     send_capsules(&mut worker, c, &[&query(0x5151, OTHER, A)])?;
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let mark = worker.mark();
-    worker.http_call_response(
-        token,
-        HttpResponse::status(503).body("upstream connect error"),
-    )?;
+    vmesh::answer_forward(&mut worker, &fwd, &[])?;
     assert!(resumed_reading(&worker, mark));
     assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5151, 2)]);
     assert_eq!(host.stat_value("vmesh_dns_forward_failed"), 1);
@@ -740,8 +774,8 @@ fn forwarder_garbage_becomes_servfail() -> Result<(), VmError> {
         let c = udp_tunnel(&mut worker, udp)?;
         let id = 0x6000 + i as u16;
         send_capsules(&mut worker, c, &[&query(id, OTHER, A)])?;
-        let token = worker.pending_callouts()[0];
-        worker.http_call_response(token, HttpResponse::status(200).body(garbage))?;
+        let fwd = vmesh::forwards(&worker).remove(0);
+        vmesh::answer_forward(&mut worker, &fwd, garbage)?;
         assert_eq!(
             udp_answers(&worker, c).ids_and_rcodes(),
             [(id, 2)],
@@ -752,32 +786,130 @@ fn forwarder_garbage_becomes_servfail() -> Result<(), VmError> {
 }
 
 #[test]
-fn forward_reset_by_envoy_becomes_servfail_without_killing_the_vm() -> Result<(), VmError> {
+fn a_stream_reset_sends_the_query_again_on_the_next_stream_and_answers_it_once(
+) -> Result<(), VmError> {
     let Mesh {
-        mut worker, udp, ..
+        host,
+        mut worker,
+        udp,
+        ..
     } = mesh()?;
     let c = udp_tunnel(&mut worker, udp)?;
-    send_capsules(&mut worker, c, &[&query(0x5252, OTHER, A)])?;
-    let token = worker.pending_callouts()[0];
-    worker.http_call_reset(token)?;
-    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5252, 2)]);
-    assert_eq!(worker.connection(c).resumed, 1);
+    let q = query(0x5252, OTHER, A);
+    send_capsules(&mut worker, c, &[&q])?;
+    let first = vmesh::forwards(&worker).remove(0);
+    // The shim went away: Envoy reports the stream closed (UNAVAILABLE).
+    worker.grpc_close(first.token, 14)?;
+    assert!(worker.grpc_streams().is_empty());
+    assert!(
+        udp_answers(&worker, c).responses.is_empty(),
+        "no SERVFAIL yet"
+    );
+    // The next tick after the backoff opens a new stream and sends the query again.
+    host.advance(Duration::from_millis(100));
+    worker.tick_root(udp)?;
+    let again = vmesh::forwards(&worker);
+    assert_eq!(again.len(), 1);
+    assert_ne!(again[0].token, first.token);
+    assert_eq!((again[0].id, &again[0].message), (first.id, &q));
+    // Answered once, however often the shim answers.
+    let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 52), 60);
+    vmesh::answer_forward(&mut worker, &again[0], &upstream)?;
+    vmesh::answer_forward(&mut worker, &again[0], &upstream)?;
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5252, 0)]);
     still_answers(&mut worker, udp)
 }
 
 #[test]
-fn a_forward_the_host_refuses_to_dispatch_is_servfail_at_once() -> Result<(), VmError> {
+fn a_forward_without_an_answer_is_servfail_at_its_deadline() -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        tcp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(0x5454, OTHER, A)])?;
+    let t = worker.create_connection_on(tcp)?;
+    worker.downstream_data(t, &framed(Framing::Tcp, &[&query(0x5455, OTHER, A)]), false)?;
+    let token = vmesh::forward_stream(&worker);
+    host.advance(Duration::from_millis(5999));
+    worker.tick_root(udp)?;
+    assert!(udp_answers(&worker, c).responses.is_empty());
+    host.advance(Duration::from_millis(1));
+    worker.tick_root(tcp)?;
+    assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5454, 2)]);
+    let out = responses(Framing::Tcp, &worker.connection(t).written);
+    assert_eq!((out[0].header.id, out[0].rcode()), (0x5455, 2));
+    // A late answer finds nothing to write to.
+    let late = vmesh::sent_on(&worker, token);
+    let answer = upstream_answer(&late[0].message, 1, Ipv4Addr::LOCALHOST, 1);
+    let mark = worker.mark();
+    vmesh::answer_forward(&mut worker, &late[0], &answer)?;
+    assert!(!writes_anything(&worker, mark));
+    assert_eq!(udp_answers(&worker, c).responses.len(), 1);
+    still_answers(&mut worker, udp)
+}
+
+#[test]
+fn many_queries_in_one_read_go_out_in_one_message_and_answers_may_come_batched(
+) -> Result<(), VmError> {
+    let Mesh {
+        mut worker, tcp, ..
+    } = mesh()?;
+    let t = worker.create_connection_on(tcp)?;
+    let qs: Vec<Vec<u8>> = (0..50u16).map(|i| query(100 + i, OTHER, A)).collect();
+    let refs: Vec<&[u8]> = qs.iter().map(Vec::as_slice).collect();
+    let mark = worker.mark();
+    worker.downstream_data(t, &framed(Framing::Tcp, &refs), false)?;
+    let sends = worker
+        .calls_since(mark)
+        .into_iter()
+        .filter(|r| matches!(r.call, HostCall::GrpcSend { .. }))
+        .count();
+    assert_eq!(sends, 1);
+    let fwds = vmesh::forwards(&worker);
+    assert_eq!(fwds.len(), 50);
+    let answers: Vec<Vec<u8>> = fwds
+        .iter()
+        .rev()
+        .map(|f| upstream_answer(&f.message, 7, Ipv4Addr::new(192, 0, 2, 50), 60))
+        .collect();
+    let batch: Vec<(u32, &[u8])> = fwds
+        .iter()
+        .rev()
+        .zip(&answers)
+        .map(|(f, a)| (f.id, a.as_slice()))
+        .collect();
+    vmesh::answer_forwards(&mut worker, fwds[0].token, &batch)?;
+    let out = responses(Framing::Tcp, &worker.connection(t).written);
+    let mut ids: Vec<u16> = out.iter().map(|r| r.header.id).collect();
+    assert_eq!(ids.len(), 50, "each once");
+    ids.sort_unstable();
+    assert_eq!(ids, (100..150).collect::<Vec<u16>>());
+    Ok(())
+}
+
+#[test]
+fn an_unknown_shim_cluster_is_servfail_at_once_and_never_traps() -> Result<(), VmError> {
+    // Envoy answers BadArgument to a gRPC stream on an unknown cluster, on which the SDK
+    // panics; the filter checks the cluster with a callout first.
     let Mesh {
         mut worker, udp, ..
     } = mesh_with(r#"{"shim_cluster":"gone"}"#)?;
+    assert!(worker.grpc_streams().is_empty());
+    assert!(!worker
+        .calls()
+        .iter()
+        .any(|r| matches!(r.call, HostCall::GrpcStream { .. })));
     let c = udp_tunnel(&mut worker, udp)?;
-    let mark = worker.mark();
     assert_eq!(
         send_capsules(&mut worker, c, &[&query(0x5353, OTHER, A)])?,
         Action::Continue
     );
-    assert_eq!(worker.http_calls_since(mark)[0].1, Status::BadArgument);
     assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(0x5353, 2)]);
+    assert!(!worker.is_failed());
     Ok(())
 }
 
@@ -819,9 +951,9 @@ fn answers_leave_as_they_are_ready_while_a_forward_is_in_flight() -> Result<(), 
     assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(1, 0), (3, 0)]);
     assert!(worker.connection(c).held().is_empty());
 
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let upstream = upstream_answer(&q2, 9, Ipv4Addr::new(192, 0, 2, 1), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     let ids: Vec<u16> = udp_answers(&worker, c)
         .responses
         .iter()
@@ -848,18 +980,18 @@ fn out_of_order_callout_responses_each_leave_when_they_arrive() -> Result<(), Vm
     let c = udp_tunnel(&mut worker, udp)?;
     let (qa, qb) = (query(10, OTHER, A), query(11, "example.net", A));
     assert_eq!(send_capsules(&mut worker, c, &[&qa, &qb])?, Action::Pause);
-    let tokens = worker.pending_callouts();
+    let tokens = vmesh::forwards(&worker);
     assert_eq!(tokens.len(), 2);
     let mark = worker.mark();
     let answer_b = upstream_answer(&qb, 1, Ipv4Addr::new(192, 0, 2, 11), 60);
-    worker.http_call_response(tokens[1], HttpResponse::status(200).body(answer_b))?;
+    vmesh::answer_forward(&mut worker, &tokens[1], &answer_b)?;
     assert!(
         resumed_reading(&worker, mark),
         "the second answer does not wait for the first"
     );
     assert_eq!(udp_answers(&worker, c).ids_and_rcodes(), [(11, 0)]);
     let answer_a = upstream_answer(&qa, 2, Ipv4Addr::new(192, 0, 2, 10), 60);
-    worker.http_call_response(tokens[0], HttpResponse::status(200).body(answer_a))?;
+    vmesh::answer_forward(&mut worker, &tokens[0], &answer_a)?;
     let out = udp_answers(&worker, c);
     let got: Vec<(u16, Vec<String>)> = out
         .responses
@@ -918,18 +1050,10 @@ fn any_split_of_a_tunnel_request_around_a_forward_gets_the_same_response() -> Re
             for part in [&input[..split], &input[split..]] {
                 worker.downstream_data(c, part, false)?;
                 if answer_between_reads {
-                    for token in worker.pending_callouts() {
-                        worker.http_call_response(
-                            token,
-                            HttpResponse::status(200).body(upstream.clone()),
-                        )?;
-                    }
+                    answer_all(&mut worker, &upstream)?;
                 }
             }
-            for token in worker.pending_callouts() {
-                worker
-                    .http_call_response(token, HttpResponse::status(200).body(upstream.clone()))?;
-            }
+            answer_all(&mut worker, &upstream)?;
             let out = udp_answers(&worker, c);
             let mut got = out.ids_and_rcodes();
             // Answers leave in the order they are ready, which depends on the split.
@@ -978,10 +1102,11 @@ fn tcp_root_answers_two_byte_framed_queries_split_across_callbacks() -> Result<(
         worker.downstream_data(c, &framed(Framing::Tcp, &[&q_other]), false)?,
         Action::Pause
     );
-    let call = single_callout(&worker, mark);
-    assert_eq!(call.header("x-vmesh-transport"), Some("tcp"));
+    let _ = mark;
+    let fwd = vmesh::forwards(&worker).remove(0);
+    assert_eq!(fwd.transport, Transport::Tcp);
     let upstream = upstream_answer(&q_other, 1, Ipv4Addr::new(192, 0, 2, 3), 60);
-    worker.http_call_response(call.token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     assert_eq!(worker.connection(c).resumed, 1);
     let out = responses(Framing::Tcp, &worker.connection(c).written);
     assert_eq!(out[2].header.id, 0x0303);
@@ -1049,10 +1174,10 @@ fn a_request_udp_proxy_never_sends_gets_a_400_and_nothing_more() -> Result<(), V
     assert!(closed_connection(&worker, mark));
     assert_eq!(worker.connection(c).closed, Some(PeerType::Local));
     // The forward's answer finds nothing to write to.
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let mark = worker.mark();
-    worker.http_call_response(token, HttpResponse::status(503))?;
-    assert!(worker.calls_since(mark).is_empty());
+    vmesh::answer_forward(&mut worker, &fwd, &[])?;
+    assert!(!writes_anything(&worker, mark));
     still_answers(&mut worker, udp)
 }
 
@@ -1101,8 +1226,8 @@ fn metrics_count_each_query_by_outcome_on_both_network_roots() -> Result<(), VmE
             &query(3, OTHER, A),
         ],
     )?;
-    let token = worker.pending_callouts()[0];
-    worker.http_call_response(token, HttpResponse::status(503))?;
+    let fwd = vmesh::forwards(&worker).remove(0);
+    vmesh::answer_forward(&mut worker, &fwd, &[])?;
     assert_eq!(
         udp_answers(&worker, c).ids_and_rcodes(),
         [(1, 0), (2, 0), (3, 2)],
@@ -1113,9 +1238,9 @@ fn metrics_count_each_query_by_outcome_on_both_network_roots() -> Result<(), VmE
     let q = query(4, OTHER, A);
     let body = framed(Framing::Tcp, &[&query(5, "vm-db.example.com", A), &q]);
     worker.downstream_data(t, &body, false)?;
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 4), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     assert_eq!(
         responses(Framing::Tcp, &worker.connection(t).written).len(),
         2
@@ -1156,14 +1281,14 @@ fn a_forward_answered_after_its_connection_closed_is_dropped() -> Result<(), VmE
     let c = udp_tunnel(&mut worker, udp)?;
     let q = query(0x0808, OTHER, A);
     send_capsules(&mut worker, c, &[&q])?;
-    let token = worker.pending_callouts()[0];
+    let fwd = vmesh::forwards(&worker).remove(0);
     worker.finish_connection(c)?;
     assert_eq!(worker.connection(c).closed, Some(PeerType::Remote));
     let mark = worker.mark();
     let upstream = upstream_answer(&q, 1, Ipv4Addr::new(192, 0, 2, 8), 60);
-    worker.http_call_response(token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     assert!(
-        worker.calls_since(mark).is_empty(),
+        !writes_anything(&worker, mark),
         "{:?}",
         worker.calls_since(mark)
     );
@@ -1251,16 +1376,17 @@ fn doh_non_mesh_query_is_forwarded_and_replied_with_the_clients_id() -> Result<(
     let q = query(0x7002, OTHER, A);
     let mark = worker.mark();
     assert_eq!(worker.request_body(s, &q, true)?, Action::Pause);
-    let call = single_callout(&worker, mark);
-    assert_eq!(call.header(":path"), Some("/dns-query"));
+    let _ = mark;
+    let fwd = vmesh::forwards(&worker).remove(0);
     assert_eq!(
-        call.header("x-vmesh-transport"),
-        None,
+        fwd.transport,
+        Transport::Https,
         "DoH has no transport limit"
     );
+    assert_eq!(fwd.message, q);
     assert!(worker.stream(s).local_response.is_none());
     let upstream = upstream_answer(&q, 0x9999, Ipv4Addr::new(192, 0, 2, 7), 42);
-    worker.http_call_response(call.token, HttpResponse::status(200).body(upstream))?;
+    vmesh::answer_forward(&mut worker, &fwd, &upstream)?;
     let (status, _, body) = local_reply(&worker, s);
     let r = Response::parse(&body).expect("a DNS message");
     assert_eq!((status, r.header.id, r.rcode()), (200, 0x7002, 0));
@@ -1276,8 +1402,8 @@ fn doh_non_mesh_query_is_forwarded_and_replied_with_the_clients_id() -> Result<(
     // A failed forward is a SERVFAIL DNS answer, still HTTP 200.
     let (s, _) = doh_stream(&mut worker, "POST", "/dns-query", Some(DNS_MESSAGE), false)?;
     worker.request_body(s, &query(0x7003, OTHER, A), true)?;
-    let token = worker.pending_callouts()[0];
-    worker.http_call_response(token, HttpResponse::status(504))?;
+    let fwd = vmesh::forwards(&worker).remove(0);
+    vmesh::answer_forward(&mut worker, &fwd, &[])?;
     let (status, _, body) = local_reply(&worker, s);
     let r = Response::parse(&body).expect("a DNS message");
     assert_eq!((status, r.header.id, r.rcode()), (200, 0x7003, 2));
@@ -1375,10 +1501,11 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Answers every callout in flight (with `response`) so paused connections complete.
-fn answer_all(vm: &mut Vm, response: &HttpResponse) -> Result<(), VmError> {
-    for token in vm.pending_callouts() {
-        vm.http_call_response(token, response.clone())?;
+/// Answers every forward in flight (with `answer`; empty: SERVFAIL) so paused connections
+/// complete.
+fn answer_all(vm: &mut Vm, answer: &[u8]) -> Result<(), VmError> {
+    for f in vmesh::forwards(vm) {
+        vmesh::answer_forward(vm, &f, answer)?;
     }
     Ok(())
 }
@@ -1414,7 +1541,7 @@ fn random_bytes_on_the_dns_connections_never_trap_the_vm() -> Result<(), VmError
         tcp,
         ..
     } = mesh()?;
-    let servfail = HttpResponse::status(503);
+    let servfail: &[u8] = &[];
     for seed in 0..150u64 {
         let len = [1, 2, 3, 12, 40, 200, 1500, 9000][seed as usize % 8];
         let junk = noise(seed, len);
@@ -1446,7 +1573,7 @@ fn random_bytes_on_the_dns_connections_never_trap_the_vm() -> Result<(), VmError
                 }
                 worker.downstream_data(c, part, eos && last)?;
             }
-            answer_all(&mut worker, &servfail)?;
+            answer_all(&mut worker, servfail)?;
             check_written(&worker, c, framing, &what);
             worker.finish_connection(c)?;
         }
@@ -1458,7 +1585,7 @@ fn random_bytes_on_the_dns_connections_never_trap_the_vm() -> Result<(), VmError
     let refs: Vec<&[u8]> = junk.iter().map(Vec::as_slice).collect();
     let c = udp_tunnel(&mut worker, udp)?;
     worker.downstream_data(c, &capsule_chunk(&refs), false)?;
-    answer_all(&mut worker, &HttpResponse::status(200).body(noise(7, 30)))?;
+    answer_all(&mut worker, &noise(7, 30))?;
     assert!(
         !worker.connection(c).is_closed(),
         "capsule framing was valid"
@@ -1466,7 +1593,7 @@ fn random_bytes_on_the_dns_connections_never_trap_the_vm() -> Result<(), VmError
     udp_answers(&worker, c);
     let t = worker.create_connection_on(tcp)?;
     worker.downstream_data(t, &framed(Framing::Tcp, &refs), false)?;
-    answer_all(&mut worker, &HttpResponse::status(200).body(noise(8, 30)))?;
+    answer_all(&mut worker, &noise(8, 30))?;
     assert!(!worker.connection(t).is_closed());
     responses(Framing::Tcp, &worker.connection(t).written);
 
@@ -1483,9 +1610,7 @@ fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmErro
         let (s, _) = doh_stream(&mut worker, "POST", "/dns-query", Some(DNS_MESSAGE), false)?;
         let junk = noise(seed + 5000, [1, 11, 12, 13, 64, 512][seed as usize % 6]);
         worker.request_body(s, &junk, true)?;
-        for token in worker.pending_callouts() {
-            worker.http_call_response(token, HttpResponse::status(503))?;
-        }
+        answer_all(&mut worker, &[])?;
         let (status, _, body) = local_reply(&worker, s);
         match status {
             200 => {
@@ -1501,4 +1626,88 @@ fn hostile_doh_bodies_get_http_or_dns_errors_never_a_trap() -> Result<(), VmErro
     worker.request_body(s, &vec![0u8; 70_000], false)?;
     assert_eq!(local_reply(&worker, s).0, 413);
     still_answers(&mut worker, udp)
+}
+
+#[test]
+fn answers_for_one_tunnel_in_one_stream_message_leave_with_one_resume() -> Result<(), VmError> {
+    // Two resumes queued for one connection in one callback run nested in Envoy 1.40, which
+    // crashed it: the answers go out together instead.
+    let Mesh {
+        mut worker, udp, ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    let (qa, qb) = (query(21, OTHER, A), query(22, "example.net", A));
+    send_capsules(&mut worker, c, &[&qa, &qb])?;
+    let fwds = vmesh::forwards(&worker);
+    let (aa, ab) = (
+        upstream_answer(&qa, 1, Ipv4Addr::new(192, 0, 2, 21), 60),
+        upstream_answer(&qb, 1, Ipv4Addr::new(192, 0, 2, 22), 60),
+    );
+    let mark = worker.mark();
+    vmesh::answer_forwards(
+        &mut worker,
+        fwds[0].token,
+        &[(fwds[1].id, &ab), (fwds[0].id, &aa)],
+    )?;
+    let resumes = worker
+        .calls_since(mark)
+        .iter()
+        .filter(|r| matches!(r.call, HostCall::ContinueStream { .. }))
+        .count();
+    assert_eq!(resumes, 1);
+    let out = udp_answers(&worker, c);
+    assert_eq!(
+        out.ids_and_rcodes(),
+        [(22, 0), (21, 0)],
+        "in the order answered"
+    );
+    assert_eq!(out.chunks, 2, "each answer whole in its chunk");
+    Ok(())
+}
+
+#[test]
+fn a_shim_unreachable_for_a_second_makes_forwards_servfail_at_once_until_it_greets_again(
+) -> Result<(), VmError> {
+    let Mesh {
+        host,
+        mut worker,
+        udp,
+        ..
+    } = mesh()?;
+    let c = udp_tunnel(&mut worker, udp)?;
+    send_capsules(&mut worker, c, &[&query(31, OTHER, A)])?;
+    let token = vmesh::forward_stream(&worker);
+    worker.grpc_close(token, 14)?;
+    // Reopened streams fail too (the shim is gone).
+    for _ in 0..4 {
+        host.advance(Duration::from_millis(250));
+        worker.tick_root(udp)?;
+        if let Some(&t) = worker.grpc_streams().keys().next() {
+            worker.grpc_close(t, 14)?;
+        }
+    }
+    assert_eq!(
+        udp_answers(&worker, c).ids_and_rcodes(),
+        [(31, 2)],
+        "after 1 s the waiting query gets SERVFAIL, not at its 6 s deadline"
+    );
+    let c2 = udp_tunnel(&mut worker, udp)?;
+    assert_eq!(
+        send_capsules(&mut worker, c2, &[&query(32, OTHER, A)])?,
+        Action::Continue,
+        "new queries do not wait"
+    );
+    assert_eq!(udp_answers(&worker, c2).ids_and_rcodes(), [(32, 2)]);
+    // The shim is back: a stream opens and the shim greets it with an empty message.
+    host.advance(Duration::from_millis(500));
+    worker.tick_root(udp)?;
+    let token = vmesh::forward_stream(&worker);
+    worker.grpc_receive(token, &[])?;
+    let c3 = udp_tunnel(&mut worker, udp)?;
+    assert_eq!(
+        send_capsules(&mut worker, c3, &[&query(33, OTHER, A)])?,
+        Action::Pause,
+        "forwarded again"
+    );
+    Ok(())
 }

@@ -36,7 +36,7 @@ impl<S: Store> Registry<S> {
         let ApplyPlan { outcomes, groups } = self
             .with_cas(
                 || "objects kept changing during apply".into(),
-                |_| std::future::ready(Ok(self.plan_apply(&order, &by_key))),
+                |_| std::future::ready(self.plan_apply(&order, &by_key)),
             )
             .await?;
         for (ns, g) in groups {
@@ -51,7 +51,7 @@ impl<S: Store> Registry<S> {
         &self,
         order: &[ObjectKey],
         by_key: &BTreeMap<ObjectKey, Resource>,
-    ) -> Attempt<ApplyPlan> {
+    ) -> Result<Attempt<ApplyPlan>, RegistryError> {
         let now = self.clock.now();
         let mut txn = Txn::default();
         let mut outcomes = Vec::new();
@@ -84,7 +84,7 @@ impl<S: Store> Registry<S> {
                     }
                 }
                 None => {
-                    meta.uid = new_uid();
+                    meta.uid = new_uid()?;
                     meta.creation_timestamp = format_rfc3339_secs(now);
                     meta.generation = 1;
                     ApplyAction::Created
@@ -113,11 +113,11 @@ impl<S: Store> Registry<S> {
                 .put(skey, encode(&r));
         }
         let plan = ApplyPlan { outcomes, groups };
-        if txn.ops.is_empty() {
+        Ok(if txn.ops.is_empty() {
             Attempt::Done(plan)
         } else {
             Attempt::Commit(txn, plan)
-        }
+        })
     }
 
     /// Deletes an object; deleting a WorkloadGroup deletes its entries in the same commit.

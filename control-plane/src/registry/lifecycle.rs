@@ -213,7 +213,7 @@ impl<S: Store> Registry<S> {
                             .map_err(name_error)?;
                         may_control(&e, &id.namespace, &id.service_account)
                             .map_err(|r| refused(id, key, &r))?;
-                        e.metadata.uid = new_uid();
+                        e.metadata.uid = new_uid()?;
                         (e, Precondition::Absent, now)
                     }
                     Some((mut old, mod_revision)) => {

@@ -177,11 +177,11 @@ fn as_entry(c: &Cached) -> Option<&WorkloadEntry> {
     }
 }
 
-/// A random (version 4) UUID, as Kubernetes gives every object.
-fn new_uid() -> String {
-    let mut b = [0u8; 16];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+/// A random (version 4) UUID, as Kubernetes gives every object; a failing random source is an
+/// error (the request answers 503), never an all-zero uid.
+fn new_uid() -> Result<String, RegistryError> {
+    crate::random::uuid_v4(&crate::random::SystemEntropy::default())
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))
 }
 
 impl<S: Store> Registry<S> {

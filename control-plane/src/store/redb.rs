@@ -246,42 +246,41 @@ struct Writer {
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Work>) {
         while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
+            // Everything queued before a `Close` is committed; nothing after it is taken.
+            let mut batch = Vec::new();
             let mut close = None;
-            while batch.len() < MAX_BATCH {
+            match first {
+                Work::Close(tx) => close = Some(tx),
+                w => batch.push(w),
+            }
+            while close.is_none() && batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Work::Close(tx)) => {
-                        close = Some(tx);
-                        break;
-                    }
+                    Ok(Work::Close(tx)) => close = Some(tx),
                     Ok(w) => batch.push(w),
                     Err(_) => break,
                 }
             }
-            if let Some(Work::Close(_)) = batch.first() {
-                if let Some(Work::Close(tx)) = batch.pop() {
-                    close = Some(tx);
-                }
-            }
-            let started = Instant::now();
-            let n = batch.len();
-            match self.apply(batch) {
-                Ok((replies, changes)) => {
-                    if let Some(o) = &self.observer {
-                        o(started.elapsed(), n);
+            if !batch.is_empty() {
+                let started = Instant::now();
+                let n = batch.len();
+                match self.apply(batch) {
+                    Ok((replies, changes)) => {
+                        if let Some(o) = &self.observer {
+                            o(started.elapsed(), n);
+                        }
+                        // Durable now: publish, then acknowledge.
+                        for c in changes {
+                            let _ = self.events.send(c);
+                        }
+                        for (tx, r) in replies {
+                            let _ = tx.send(r);
+                        }
                     }
-                    // Durable now: publish, then acknowledge.
-                    for c in changes {
-                        let _ = self.events.send(c);
-                    }
-                    for (tx, r) in replies {
-                        let _ = tx.send(r);
-                    }
-                }
-                Err((replies, e)) => {
-                    tracing::error!(error = %e, "store commit failed");
-                    for tx in replies {
-                        let _ = tx.send(Err(e.clone()));
+                    Err((replies, e)) => {
+                        tracing::error!(error = %e, "store commit failed");
+                        for tx in replies {
+                            let _ = tx.send(Err(e.clone()));
+                        }
                     }
                 }
             }

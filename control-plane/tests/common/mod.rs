@@ -87,10 +87,9 @@ impl TestServer {
             settings: o.settings,
             tick: None,
             coalesce: Duration::from_millis(5),
+            shutdown_grace: Duration::from_secs(10),
         };
-        let running = start(cfg, clock.clone(), std::future::pending())
-            .await
-            .unwrap();
+        let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);
         let admin =
             Client::new(&url, running.root_cert_pem.as_bytes(), &running.admin_token).unwrap();

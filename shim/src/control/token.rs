@@ -25,11 +25,21 @@ pub struct TokenSource {
     state: Mutex<State>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     fingerprint: Option<Fingerprint>,
     token: String,
     generation: u64,
+}
+
+/// Never shows the token: it is a credential, and its `jti` finds it in anyone's logs.
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("fingerprint", &self.fingerprint)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TokenSource {
@@ -106,5 +116,17 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(t.get(), Err(TokenError::Unreadable { .. })));
         assert_eq!(t.generation(), 2);
+    }
+
+    #[test]
+    fn debug_output_leaves_out_the_token() {
+        let dir = vmesh_test_support::TempDir::new();
+        let path = dir.path().join("istio-token");
+        std::fs::write(&path, "aaa.secret-claims.ccc\n").unwrap();
+        let t = TokenSource::new(&path);
+        t.get().unwrap();
+        let debug = format!("{t:?} {t:#?}");
+        assert!(debug.contains("generation: 1"), "{debug}");
+        assert!(!debug.contains("secret-claims"), "{debug}");
     }
 }

@@ -13,20 +13,4 @@ pub mod slow_upstream;
 pub mod stubs;
 pub mod vm;
 
-use std::path::PathBuf;
-
-use vmesh_test_support::repo_root;
-
-/// A built artifact under `target/`, or a panic that says how to build it.
-pub fn artifact(env: &str, relative: &str, build: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(env) {
-        return PathBuf::from(p);
-    }
-    let path = repo_root().join("target").join(relative);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `{build}` (or set {env})",
-        path.display()
-    );
-    path
-}
+pub use vmesh_test_support::artifact;

@@ -12,7 +12,7 @@ use super::abi::{
     StreamType,
 };
 use super::record::{HostCall, HttpCallRequest, LocalResponse, WasiCall};
-use super::state::{Callout, Context, Deferred, Phase, Stat, VmState};
+use super::state::{Callout, Context, Deferred, GrpcStream, Phase, Stat, VmState};
 
 type C<'a> = Caller<'a, VmState>;
 type HostResult = wasmtime::Result<i32>;
@@ -170,9 +170,8 @@ fn buffer(state: &VmState, buffer: BufferType) -> Option<Vec<u8>> {
         BufferType::PluginConfiguration => state
             .plugin_configuration_visible
             .then(|| state.plugin_of(ctx).configuration.clone()),
-        BufferType::HttpResponseBody | BufferType::GrpcReceiveBuffer | BufferType::CallData => {
-            Some(Vec::new())
-        }
+        BufferType::GrpcReceiveBuffer => Some(state.grpc_receive.clone().unwrap_or_default()),
+        BufferType::HttpResponseBody | BufferType::CallData => Some(Vec::new()),
     }
 }
 
@@ -228,6 +227,7 @@ pub(crate) fn define(linker: &mut Linker<VmState>, engine: &Engine) -> wasmtime:
     define_buffers_and_maps(linker)?;
     define_shared_data_and_callouts(linker)?;
     define_stream_control(linker)?;
+    define_grpc_streams(linker)?;
     define_metrics(linker)?;
     define_unsupported(linker, engine)?;
     define_wasi(linker)
@@ -799,6 +799,131 @@ fn define_shared_data_and_callouts(linker: &mut Linker<VmState>) -> wasmtime::Re
     Ok(())
 }
 
+/// gRPC streams as Envoy's `Context::grpcStream` / `grpcSend` / `grpcClose` / `grpcCancel`:
+/// all act on the root of the effective context, so a stream is found only through the root
+/// that opened it (NotFound from another root's contexts).
+fn define_grpc_streams(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |mut c: C<'_>,
+         svc_ptr: i32,
+         svc_len: i32,
+         name_ptr: i32,
+         name_len: i32,
+         method_ptr: i32,
+         method_len: i32,
+         _md_ptr: i32,
+         _md_len: i32,
+         token_ptr: i32|
+         -> HostResult {
+            enter(&c, "env", "proxy_grpc_stream")?;
+            let cluster = read_string(&c, svc_ptr, svc_len);
+            let service = read_string(&c, name_ptr, name_len);
+            let method = read_string(&c, method_ptr, method_len);
+            let ok = cluster.is_some() && service.is_some() && method.is_some();
+            let mut call = HostCall::GrpcStream {
+                token: 0,
+                cluster: cluster.clone().unwrap_or_default(),
+                service: service.clone().unwrap_or_default(),
+                method: method.clone().unwrap_or_default(),
+            };
+            if !ok {
+                return done(&mut c, call, Status::InvalidMemoryAccess);
+            }
+            let cluster = cluster.unwrap_or_default();
+            // An unknown cluster: BadArgument (on which the SDK panics).
+            if !c.data().process.borrow().clusters.contains(&cluster) {
+                return done(&mut c, call, Status::BadArgument);
+            }
+            let state = c.data_mut();
+            let token = state.next_grpc_stream_id;
+            state.next_grpc_stream_id += 4;
+            let root = state.root_of(state.context_id());
+            state.grpc_streams.insert(
+                token,
+                GrpcStream {
+                    root,
+                    cluster,
+                    service: service.unwrap_or_default(),
+                    method: method.unwrap_or_default(),
+                    ..GrpcStream::default()
+                },
+            );
+            if let HostCall::GrpcStream { token: t, .. } = &mut call {
+                *t = token;
+            }
+            set_word(&mut c, token_ptr, token);
+            done(&mut c, call, Status::Ok)
+        },
+    )?;
+    linker.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |mut c: C<'_>, token: i32, ptr: i32, len: i32, end_stream: i32| -> HostResult {
+            enter(&c, "env", "proxy_grpc_send")?;
+            let token = token as u32;
+            let message = if len == 0 {
+                Some(Vec::new())
+            } else {
+                read(&c, ptr, len)
+            };
+            let call = HostCall::GrpcSend {
+                token,
+                message: message.clone().unwrap_or_default(),
+                end_stream: end_stream != 0,
+            };
+            let Some(message) = message else {
+                return done(&mut c, call, Status::InvalidMemoryAccess);
+            };
+            let state = c.data_mut();
+            let root = state.root_of(state.context_id());
+            let status = if token & 3 != 2 {
+                Status::BadArgument
+            } else {
+                match state.grpc_streams.get_mut(&token) {
+                    Some(s) if s.root == root && !s.local_closed => {
+                        s.sent.push(message);
+                        s.local_closed |= end_stream != 0;
+                        Status::Ok
+                    }
+                    _ => Status::NotFound,
+                }
+            };
+            done(&mut c, call, status)
+        },
+    )?;
+    for (name, cancel) in [("proxy_grpc_close", false), ("proxy_grpc_cancel", true)] {
+        linker.func_wrap("env", name, move |mut c: C<'_>, token: i32| -> HostResult {
+            enter(&c, "env", name)?;
+            let token = token as u32;
+            let state = c.data_mut();
+            let root = state.root_of(state.context_id());
+            let status = match state.grpc_streams.get(&token) {
+                Some(s) if s.root == root => {
+                    if cancel {
+                        if let Some(mut s) = state.grpc_streams.remove(&token) {
+                            s.cancelled = true;
+                            state.closed_grpc_streams.insert(token, s);
+                        }
+                    } else if let Some(s) = state.grpc_streams.get_mut(&token) {
+                        s.local_closed = true;
+                    }
+                    Status::Ok
+                }
+                _ => Status::NotFound,
+            };
+            let call = if cancel {
+                HostCall::GrpcCancel { token }
+            } else {
+                HostCall::GrpcClose { token }
+            };
+            done(&mut c, call, status)
+        })?;
+    }
+    Ok(())
+}
+
 fn define_stream_control(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
     for (name, close) in [
         ("proxy_continue_stream", false),
@@ -1028,10 +1153,6 @@ fn define_metrics(linker: &mut Linker<VmState>) -> wasmtime::Result<()> {
 fn define_unsupported(linker: &mut Linker<VmState>, engine: &Engine) -> wasmtime::Result<()> {
     const UNSUPPORTED: &[(&str, usize)] = &[
         ("proxy_grpc_call", 12),
-        ("proxy_grpc_stream", 9),
-        ("proxy_grpc_send", 4),
-        ("proxy_grpc_cancel", 1),
-        ("proxy_grpc_close", 1),
         ("proxy_register_shared_queue", 3),
         ("proxy_resolve_shared_queue", 5),
         ("proxy_enqueue_shared_queue", 3),

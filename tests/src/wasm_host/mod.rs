@@ -43,7 +43,7 @@ pub use abi::{
 };
 pub use imports::WASI_ALLOWED;
 pub use record::{HostCall, HttpCallRequest, HttpResponse, LocalResponse, Recorded, WasiCall};
-pub use state::{Connection, Stat, Stream};
+pub use state::{Connection, GrpcStream, Stat, Stream};
 
 use state::{Context, Deferred, Phase, Process, RootContext, SharedProcess, VmState};
 
@@ -620,6 +620,67 @@ impl Vm {
         }
         result?;
         self.apply_deferred()
+    }
+
+    /// A message arrives on a gRPC stream, as Envoy's `onGrpcReceive`: to the root that owns
+    /// it, readable only during the callback.
+    pub fn grpc_receive(&mut self, token: u32, message: &[u8]) -> Result<(), VmError> {
+        let root = self
+            .store
+            .data()
+            .grpc_streams
+            .get(&token)
+            .map(|s| s.root)
+            .ok_or(VmError::UnknownToken(token))?;
+        let state = self.store.data_mut();
+        state.grpc_receive = Some(message.to_vec());
+        if let Some(s) = state.grpc_streams.get_mut(&token) {
+            s.received.push(message.to_vec());
+        }
+        let result = self.call::<(i32, i32, i32), ()>(
+            "proxy_on_grpc_receive",
+            root,
+            (root as i32, token as i32, message.len() as i32),
+        );
+        self.store.data_mut().grpc_receive = None;
+        result?;
+        self.apply_deferred()
+    }
+
+    /// A gRPC stream ends (the peer's trailers, a reset, the upstream gone), as Envoy's
+    /// `onGrpcClose`: `proxy_on_grpc_close` on its root; Envoy forgets the token.
+    pub fn grpc_close(&mut self, token: u32, status: u32) -> Result<(), VmError> {
+        let stream = self
+            .store
+            .data_mut()
+            .grpc_streams
+            .remove(&token)
+            .ok_or(VmError::UnknownToken(token))?;
+        let root = stream.root;
+        self.store
+            .data_mut()
+            .closed_grpc_streams
+            .insert(token, stream);
+        self.call::<(i32, i32, i32), ()>(
+            "proxy_on_grpc_close",
+            root,
+            (root as i32, token as i32, status as i32),
+        )?;
+        self.apply_deferred()
+    }
+
+    /// Open gRPC streams by token.
+    pub fn grpc_streams(&self) -> &std::collections::BTreeMap<u32, GrpcStream> {
+        &self.store.data().grpc_streams
+    }
+
+    /// A gRPC stream, open or closed.
+    pub fn grpc_stream(&self, token: u32) -> Option<&GrpcStream> {
+        let state = self.store.data();
+        state
+            .grpc_streams
+            .get(&token)
+            .or_else(|| state.closed_grpc_streams.get(&token))
     }
 
     /// Ends a stream: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.

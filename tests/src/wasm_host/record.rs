@@ -90,6 +90,24 @@ pub enum HostCall {
     GetMetric {
         id: u32,
     },
+    GrpcStream {
+        /// 0 when the host refused to open it.
+        token: u32,
+        cluster: String,
+        service: String,
+        method: String,
+    },
+    GrpcSend {
+        token: u32,
+        message: Vec<u8>,
+        end_stream: bool,
+    },
+    GrpcClose {
+        token: u32,
+    },
+    GrpcCancel {
+        token: u32,
+    },
     SetEffectiveContext {
         context: u32,
     },

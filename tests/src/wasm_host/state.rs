@@ -185,6 +185,25 @@ pub(crate) struct Callout {
     pub root: u32,
 }
 
+/// A gRPC stream a root opened (`proxy_grpc_stream`), as Envoy's `Context::grpc_stream_` holds
+/// it: what the module sent on it, until Envoy reports it closed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpcStream {
+    /// The root context that owns it (the root of the effective context at open).
+    pub root: u32,
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    /// Messages sent, in order (unframed, as the module passed them).
+    pub sent: Vec<Vec<u8>>,
+    /// Messages the test delivered on it, in order.
+    pub received: Vec<Vec<u8>>,
+    /// The module ended its side (`end_stream`, or `proxy_grpc_close`).
+    pub local_closed: bool,
+    /// `proxy_grpc_cancel`: Envoy reset it and will report nothing more.
+    pub cancelled: bool,
+}
+
 /// Effects Envoy applies after the VM call returns (`DeferAfterCallActions`).
 #[derive(Debug, Clone)]
 pub(crate) enum Deferred {
@@ -216,6 +235,12 @@ pub(crate) struct VmState {
     pub call_response: Option<HttpResponse>,
     pub callouts: BTreeMap<u32, Callout>,
     pub next_http_call_id: u32,
+    /// Open gRPC streams by token; closed ones move to `closed_grpc_streams`.
+    pub grpc_streams: BTreeMap<u32, GrpcStream>,
+    pub closed_grpc_streams: BTreeMap<u32, GrpcStream>,
+    pub next_grpc_stream_id: u32,
+    /// The message `proxy_get_buffer_bytes(GrpcReceiveBuffer)` reads during a receive callback.
+    pub grpc_receive: Option<Vec<u8>>,
     pub metric_ids: HashMap<u32, (MetricType, String)>,
     pub next_metric_id: [u32; 3],
     pub properties: HashMap<Vec<String>, Vec<u8>>,
@@ -244,6 +269,11 @@ impl VmState {
             callouts: BTreeMap::new(),
             // Envoy: ids step by 4, the low bits telling HTTP (0) from gRPC callouts.
             next_http_call_id: 0,
+            grpc_streams: BTreeMap::new(),
+            closed_grpc_streams: BTreeMap::new(),
+            // Envoy: gRPC stream tokens are 2 mod 4.
+            next_grpc_stream_id: 2,
+            grpc_receive: None,
             metric_ids: HashMap::new(),
             // Envoy: ids step by 4, the low bits carrying the metric type.
             next_metric_id: [0, 1, 2],

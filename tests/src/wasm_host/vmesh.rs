@@ -13,6 +13,8 @@ use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
 use vmesh_core::framing::{encode, Frames, Framing};
 use vmesh_core::names::{NameInfo, NameTable, Registry};
 
+use vmesh_api::forward::{self, Transport};
+
 use super::{Host, HttpCallRequest, HttpResponse, Plugin, Status, Vm, VmError};
 
 pub const VM_ID: &str = "vmesh";
@@ -142,6 +144,92 @@ pub fn worker_vm(host: &Host, configuration: &str) -> Result<WorkerVm, VmError> 
     let udp = added(&mut vm, plugin(DNS_UDP_ROOT_ID, configuration))?;
     let tcp = added(&mut vm, plugin(DNS_TCP_ROOT_ID, configuration))?;
     Ok(WorkerVm { vm, doh, udp, tcp })
+}
+
+/// A query the filter sent on its forwarding stream (`vmesh_api::forward`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The stream it went on.
+    pub token: u32,
+    pub id: u32,
+    pub transport: Transport,
+    pub budget_ms: u32,
+    pub message: Vec<u8>,
+}
+
+/// Every query sent on `token`, in order, answered or not.
+pub fn sent_on(vm: &Vm, token: u32) -> Vec<Forward> {
+    let Some(stream) = vm.grpc_stream(token) else {
+        return Vec::new();
+    };
+    stream
+        .sent
+        .iter()
+        .flat_map(|m| forward::queries(m).collect::<Vec<_>>())
+        .map(|q| {
+            let q = q.expect("the filter sends well-formed queries");
+            Forward {
+                token,
+                id: q.id,
+                transport: q.transport,
+                budget_ms: q.budget_ms,
+                message: q.message.to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// The open forwarding stream; panics unless there is exactly one.
+pub fn forward_stream(vm: &Vm) -> u32 {
+    let open: Vec<u32> = vm.grpc_streams().keys().copied().collect();
+    match open.as_slice() {
+        [token] => *token,
+        other => panic!("expected one open forwarding stream, got {other:?}"),
+    }
+}
+
+/// Queries sent on the open streams that the test has not answered, oldest first.
+pub fn forwards(vm: &Vm) -> Vec<Forward> {
+    let mut out = Vec::new();
+    for (&token, stream) in vm.grpc_streams() {
+        let answered: Vec<u32> = stream
+            .received
+            .iter()
+            .flat_map(|m| {
+                forward::answers(m)
+                    .filter_map(Result::ok)
+                    .map(|a| a.id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.extend(
+            sent_on(vm, token)
+                .into_iter()
+                .filter(|f| !answered.contains(&f.id)),
+        );
+    }
+    out
+}
+
+/// The shim answers `forward` with `answer` (empty: it will not relay it), alone in one
+/// message.
+pub fn answer_forward(vm: &mut Vm, forward: &Forward, answer: &[u8]) -> Result<(), VmError> {
+    answer_forwards(vm, forward.token, &[(forward.id, answer)])
+}
+
+/// One `ForwardResponse` with these answers, on stream `token`.
+pub fn answer_forwards(vm: &mut Vm, token: u32, answers: &[(u32, &[u8])]) -> Result<(), VmError> {
+    let mut message = Vec::new();
+    for &(id, answer) in answers {
+        forward::push_answer(
+            &forward::Answer {
+                id,
+                message: answer,
+            },
+            &mut message,
+        );
+    }
+    vm.grpc_receive(token, &message)
 }
 
 /// The one callout accepted after `mark`; panics if there is not exactly one.
