@@ -56,6 +56,20 @@ pub struct RegisterResponse {
     /// The group's probe with Istio's defaults filled in; absent when the group has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ReadinessProbe>,
+    /// This registration's number (the control plane's clock, ns since the epoch): health
+    /// reports carry it with their own sequence. 0 from servers that predate it.
+    #[serde(default)]
+    pub registration: u64,
+}
+
+/// The answer to `POST /v1/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResponse {
+    /// The registration number of this connection, as [`RegisterResponse::registration`]; a
+    /// client of a manual WorkloadEntry (which never registers) takes it from here.
+    #[serde(default)]
+    pub registration: u64,
 }
 
 /// `POST /v1/heartbeat` and `POST /v1/deregister`.
@@ -76,6 +90,10 @@ impl From<&EntryRef> for EntryRequest {
 }
 
 /// `POST /v1/health`.
+///
+/// The control plane stamps `lastProbeTime` with its own clock and orders reports by
+/// `(registration, sequence)`, so a VM's clock can neither freeze the entry's health nor make
+/// it deaf. Reports without a sequence (clients older than it) are taken in arrival order.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HealthRequest {
@@ -84,9 +102,22 @@ pub struct HealthRequest {
     pub healthy: bool,
     #[serde(default)]
     pub message: String,
-    /// RFC 3339 time the probe ran; reports older than the recorded one are ignored.
+    /// The `registration` of the register (or heartbeat) answer this report belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration: Option<u64>,
+    /// Increases with every report of one registration; a report not after the recorded one
+    /// is ignored, so retrying is always safe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
+    /// Optional, RFC 3339: when the VM ran the probe. Only checked (a time more than
+    /// [`HEALTH_FUTURE_LEEWAY_SECS`] ahead of the control plane's clock is refused); never
+    /// recorded.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub probe_time: String,
 }
+
+/// How far ahead of the control plane's clock a health report's times may be.
+pub const HEALTH_FUTURE_LEEWAY_SECS: u64 = 30;
 
 /// Longest `message` a health report may carry, in bytes.
 pub const MAX_HEALTH_MESSAGE: usize = 1024;

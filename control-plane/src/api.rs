@@ -297,8 +297,8 @@ impl<S: Store> App<S> {
             (&Method::POST, path::HEARTBEAT) => {
                 let id = self.vm(caller)?;
                 let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
-                self.registry.heartbeat(&id, &body).await?;
-                Ok(json_response(StatusCode::OK, &serde_json::json!({})))
+                let r = self.registry.heartbeat(&id, &body).await?;
+                Ok(json_response(StatusCode::OK, &r))
             }
             (&Method::POST, path::HEALTH) => {
                 let id = self.vm(caller)?;

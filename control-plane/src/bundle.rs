@@ -44,27 +44,90 @@ fn canonical(labels: &Labels, group: &str) -> (String, String) {
     )
 }
 
-/// The proxy metadata both cluster.env and mesh.yaml carry, in istioctl's key names.
-pub fn proxy_metadata(group: &WorkloadGroup, o: &BundleOptions) -> BTreeMap<String, String> {
-    let name = &group.metadata.name;
-    let ns = &group.metadata.namespace;
+/// Ports the VM's inbound capture leaves alone (istioctl's `createClusterEnv`): 22 so a
+/// broken mesh cannot lock the operator out, 15090 (Prometheus), 15021 and 15020 (the agent's
+/// status ports).
+pub const LOCAL_EXCLUDE_PORTS: &str = "22,15090,15021,15020";
+
+/// The labels the VM's proxy carries (istioctl's `createMeshConfig`): the group's metadata
+/// labels, then the template's over them, then the canonical service labels.
+fn proxy_labels(group: &WorkloadGroup) -> (Labels, String, String) {
     let mut labels = group
         .spec
         .metadata
         .as_ref()
         .map(|m| m.labels.clone())
         .unwrap_or_default();
-    let (svc, rev) = canonical(&labels, name);
+    labels.extend(
+        group
+            .spec
+            .template
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone())),
+    );
+    let (svc, rev) = canonical(&labels, &group.metadata.name);
     labels.insert(CANONICAL_NAME.into(), svc.clone());
     labels.insert(CANONICAL_REVISION.into(), rev.clone());
+    (labels, svc, rev)
+}
+
+/// `ISTIO_META_POD_PORTS`: the template's named ports as Kubernetes container ports, sorted by
+/// name (istioctl's `marshalWorkloadEntryPodPorts`); `None` without ports.
+fn pod_ports(group: &WorkloadGroup) -> Option<String> {
+    let ports = &group.spec.template.ports;
+    if ports.is_empty() {
+        return None;
+    }
+    // Istio's `model.PodPort`, in its field order.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct PodPort<'a> {
+        name: &'a str,
+        container_port: u32,
+        protocol: &'a str,
+    }
+    let list: Vec<PodPort> = ports
+        .iter()
+        .map(|(name, port)| PodPort {
+            name,
+            container_port: *port,
+            protocol: "",
+        })
+        .collect();
+    serde_json::to_string(&list).ok()
+}
+
+/// `ISTIO_INBOUND_PORTS`: the template's port numbers (by port name, istioctl takes Go's map
+/// order), or `*` to capture every port when there are none.
+fn inbound_ports(group: &WorkloadGroup) -> String {
+    let ports: Vec<String> = group
+        .spec
+        .template
+        .ports
+        .values()
+        .map(u32::to_string)
+        .collect();
+    if ports.is_empty() {
+        "*".into()
+    } else {
+        ports.join(",")
+    }
+}
+
+/// The proxy metadata both cluster.env and mesh.yaml carry, in istioctl's key names.
+pub fn proxy_metadata(group: &WorkloadGroup, o: &BundleOptions) -> BTreeMap<String, String> {
+    let name = &group.metadata.name;
+    let ns = &group.metadata.namespace;
+    let (labels, svc, rev) = proxy_labels(group);
     let mut m = BTreeMap::new();
     let mut put = |k: &str, v: String| {
         m.insert(k.to_string(), v);
     };
     put("CANONICAL_REVISION", rev);
     put("CANONICAL_SERVICE", svc);
-    put("ISTIO_INBOUND_PORTS", "*".into());
-    put("ISTIO_LOCAL_EXCLUDE_PORTS", "15090,15021,15020".into());
+    put("ISTIO_INBOUND_PORTS", inbound_ports(group));
+    put("ISTIO_LOCAL_EXCLUDE_PORTS", LOCAL_EXCLUDE_PORTS.into());
     put(
         "ISTIO_METAJSON_LABELS",
         serde_json::to_string(&labels).unwrap_or_default(),
@@ -74,6 +137,9 @@ pub fn proxy_metadata(group: &WorkloadGroup, o: &BundleOptions) -> BTreeMap<Stri
     put("ISTIO_META_DNS_CAPTURE", "true".into());
     put("ISTIO_META_MESH_ID", o.mesh_id.clone());
     put("ISTIO_META_NETWORK", group.spec.template.network.clone());
+    if let Some(p) = pod_ports(group) {
+        put("ISTIO_META_POD_PORTS", p);
+    }
     put("ISTIO_META_WORKLOAD_NAME", name.clone());
     put("ISTIO_NAMESPACE", ns.clone());
     put("ISTIO_SERVICE", format!("{name}.{ns}"));
@@ -168,5 +234,36 @@ mod tests {
         assert_eq!(dc["readinessProbe"]["periodSeconds"], 5);
         assert_eq!(dc["readinessProbe"]["timeoutSeconds"], 1);
         assert_eq!(f["hosts"], "10.0.0.1 istiod.istio-system.svc\n");
+        for line in [
+            "ISTIO_INBOUND_PORTS='*'",
+            "ISTIO_LOCAL_EXCLUDE_PORTS='22,15090,15021,15020'",
+        ] {
+            assert!(env.lines().any(|l| l == line), "missing {line} in\n{env}");
+        }
+        assert!(!env.contains("ISTIO_META_POD_PORTS"));
+    }
+
+    #[test]
+    fn template_ports_and_labels_reach_the_bundle_as_istioctl_writes_them() {
+        let g: WorkloadGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+            "metadata": {"name": "reviews", "namespace": "bookinfo"},
+            "spec": {"metadata": {"labels": {"app": "reviews", "tier": "meta"}},
+                     "template": {"ports": {"http": 9080, "grpc": 9090},
+                                  "labels": {"tier": "template", "version": "v2"}}}
+        }))
+        .unwrap();
+        let m = proxy_metadata(&g, &BundleOptions::default());
+        assert_eq!(m["ISTIO_INBOUND_PORTS"], "9090,9080");
+        assert_eq!(
+            m["ISTIO_META_POD_PORTS"],
+            r#"[{"name":"grpc","containerPort":9090,"protocol":""},{"name":"http","containerPort":9080,"protocol":""}]"#
+        );
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&m["ISTIO_METAJSON_LABELS"]).unwrap();
+        assert_eq!(labels["tier"], "template", "the template's labels win");
+        assert_eq!(labels["service.istio.io/canonical-revision"], "v2");
+        assert_eq!(m["CANONICAL_REVISION"], "v2");
+        assert_eq!(m["SERVICE_ACCOUNT"], "default");
     }
 }

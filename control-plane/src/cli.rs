@@ -165,8 +165,10 @@ pub struct BundleArgs {
     /// host:port the VM dials; default: the istiod name on the server's port.
     #[arg(long)]
     pub discovery_address: Option<String>,
-    #[arg(long, value_parser = parse_duration, default_value = "24h")]
-    pub token_ttl: Duration,
+    /// Lifetime of the token written to `istio-token` (istioctl's `--tokenDuration`, 3600 s);
+    /// a bare number is seconds.
+    #[arg(long = "token-duration", alias = "token-ttl", value_parser = parse_duration, default_value = "3600")]
+    pub token_duration: Duration,
     #[arg(long, default_value = "Kubernetes")]
     pub cluster_id: String,
     #[arg(long, default_value = "")]
@@ -613,7 +615,7 @@ async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
         )
         .await?;
     let sa = vmesh_istio::workload::expected_service_account(&group).to_string();
-    let tok = c.mint_token(&a.namespace, &sa, a.token_ttl).await?;
+    let tok = c.mint_token(&a.namespace, &sa, a.token_duration).await?;
     let server = cli
         .server
         .trim_start_matches("https://")

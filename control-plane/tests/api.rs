@@ -109,7 +109,7 @@ async fn vm_registers_and_its_endpoint_appears_after_a_healthy_report() {
     let r = register(&vm, python_http("10.0.0.5")).await.unwrap();
     assert_eq!(r.workload_entry.name, "python-http-10.0.0.5");
     assert_eq!(r.workload_entry.namespace, "vm-namespace");
-    let probe = r.probe.expect("the group has a probe");
+    let probe = r.probe.clone().expect("the group has a probe");
     assert_eq!((probe.period_seconds, probe.timeout_seconds), (5, 1));
     assert_eq!(probe.http_get.unwrap().path, "/ready");
 
@@ -160,7 +160,7 @@ async fn vm_registers_and_its_endpoint_appears_after_a_healthy_report() {
             "/v1/health",
             Some(
                 &json!({"namespace": "vm-namespace", "name": "python-http-10.0.0.5",
-            "healthy": true, "probeTime": "2030-01-01T00:00:00Z"}),
+            "healthy": true, "registration": r.registration, "sequence": 2}),
             ),
         )
         .await
@@ -179,7 +179,7 @@ async fn vm_registers_and_its_endpoint_appears_after_a_healthy_report() {
             "/v1/health",
             Some(
                 &json!({"namespace": "vm-namespace", "name": "python-http-10.0.0.5",
-            "healthy": false, "probeTime": "2029-01-01T00:00:00Z"}),
+            "healthy": false, "registration": r.registration, "sequence": 1}),
             ),
         )
         .await

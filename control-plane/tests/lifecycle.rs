@@ -270,11 +270,13 @@ async fn entries_of_a_replica_whose_lease_expired_are_cleaned_by_another() {
 }
 
 #[tokio::test]
-async fn health_is_monotonic_and_an_entry_with_a_probe_is_unhealthy_until_a_healthy_report() {
+async fn health_is_ordered_by_sequence_across_replicas_and_an_entry_with_a_probe_is_unhealthy_until_a_healthy_report(
+) {
     let m = mesh().await;
-    m.a.register(&vm_identity(), req("10.0.0.5")).await.unwrap();
+    let r = m.a.register(&vm_identity(), req("10.0.0.5")).await.unwrap();
+    assert_eq!(r.registration, m.clock.now());
     assert!(!is_healthy(&entry(&m.a, NAME).unwrap()));
-    let report = |healthy, secs: u64| HealthRequest {
+    let report = |healthy, sequence: u64| HealthRequest {
         namespace: "vm-namespace".into(),
         name: NAME.into(),
         healthy,
@@ -283,7 +285,9 @@ async fn health_is_monotonic_and_an_entry_with_a_probe_is_unhealthy_until_a_heal
         } else {
             "connection refused".into()
         },
-        probe_time: format_rfc3339_nanos(T0 + secs * 1_000_000_000),
+        registration: Some(r.registration),
+        sequence: Some(sequence),
+        probe_time: String::new(),
     };
     assert!(
         m.a.health(&vm_identity(), &report(true, 10))
@@ -301,6 +305,7 @@ async fn health_is_monotonic_and_an_entry_with_a_probe_is_unhealthy_until_a_heal
     assert!(is_healthy(&entry(&m.a, NAME).unwrap()));
     // Another replica records a newer failure; the entry follows it.
     m.settle().await;
+    m.advance(1);
     assert!(
         m.b.health(&vm_identity(), &report(false, 11))
             .await
@@ -321,6 +326,7 @@ async fn health_is_monotonic_and_an_entry_with_a_probe_is_unhealthy_until_a_heal
         (c.status.as_str(), c.message.as_str()),
         ("False", "connection refused")
     );
+    assert_eq!(c.last_probe_time, format_rfc3339_nanos(m.clock.now()));
     // Health survives a reconnect.
     m.a.register(&vm_identity(), req("10.0.0.5")).await.unwrap();
     assert!(!is_healthy(&entry(&m.a, NAME).unwrap()));
@@ -380,4 +386,5 @@ async fn identity_must_match_the_group() {
         m.a.deregister(&wrong_ns, &entry_ref(NAME)).await,
         Err(RegistryError::Forbidden(_))
     ));
+    assert!(entry(&m.a, NAME).is_some(), "a refusal changes nothing");
 }

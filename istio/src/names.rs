@@ -645,8 +645,9 @@ mod tests {
             &HealthReport {
                 healthy: true,
                 message: String::new(),
-                probe_time: 1,
+                order: None,
             },
+            1,
         );
         let t2 = f2.names().table_for("sample");
         assert_eq!(
@@ -769,8 +770,9 @@ mod tests {
             &HealthReport {
                 healthy: true,
                 message: String::new(),
-                probe_time: 1,
+                order: None,
             },
+            1,
         );
         e
     }

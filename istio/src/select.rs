@@ -16,7 +16,7 @@ use super::model::{
     IntOrString, Labels, Resolution, Service, ServiceEntry, ServiceEntryPort, ServicePort,
     WorkloadEntry, WorkloadEntrySpec,
 };
-use super::workload::is_healthy;
+use super::workload::{effective_labels, is_healthy};
 
 /// Every selector label present with the same value. An empty selector selects everything.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -66,7 +66,8 @@ pub fn is_dns(se: &ServiceEntry) -> bool {
     )
 }
 
-/// The entries a ServiceEntry's selector picks: same namespace, labels match.
+/// The entries a ServiceEntry's selector picks: same namespace, labels match (an entry's
+/// labels are `metadata.labels` over `spec.labels`, as Istio's `ConvertWorkloadEntry` has them).
 pub fn selected_by_service_entry<'a>(
     se: &ServiceEntry,
     entries: impl IntoIterator<Item = &'a WorkloadEntry>,
@@ -79,7 +80,7 @@ pub fn selected_by_service_entry<'a>(
         .into_iter()
         .filter(|e| {
             e.metadata.namespace == se.metadata.namespace
-                && selects(&sel.labels, &e.spec.labels)
+                && selects(&sel.labels, &effective_labels(e))
                 && (dns || !dns_only(e))
         })
         .collect()
@@ -119,7 +120,7 @@ pub fn selected_by_service<'a>(
         .into_iter()
         .filter(|e| {
             e.metadata.namespace == svc.metadata.namespace
-                && selects(&svc.spec.selector, &e.spec.labels)
+                && selects(&svc.spec.selector, &effective_labels(e))
                 && !dns_only(e)
         })
         .collect()

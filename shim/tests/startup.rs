@@ -315,7 +315,7 @@ async fn binary_reads_env_fallbacks_and_exits_cleanly_on_sigterm() {
 /// vmesh-control serve --data-dir D --listen 127.0.0.1:15012 &
 /// vmesh-control apply --data-dir D -f control-plane/tests/fixtures/istio-vm.yaml
 /// vmesh-control vm-bundle --data-dir D --group python-http -n vm-namespace \
-///     --token-ttl 8760h -o shim/tests/fixtures/vm-bundle
+///     --token-duration 8760h -o shim/tests/fixtures/vm-bundle
 /// ```
 ///
 /// The root CA and token come from a throwaway data dir (its keys were deleted): they are
@@ -358,7 +358,7 @@ fn assert_python_http_bundle(settings: &Settings, dir: &Path, state_dir: &Path, 
     assert_eq!(b.canonical_revision, "latest");
     assert_eq!(b.trust_domain, "cluster.local");
     assert_eq!(b.inbound_ports, "*");
-    assert_eq!(b.local_exclude_ports, "15090,15021,15020");
+    assert_eq!(b.local_exclude_ports, "22,15090,15021,15020");
     assert_eq!(b.vars["ISTIO_META_DNS_CAPTURE"], "true");
     assert_eq!(b.address, "10.0.0.5".parse::<std::net::IpAddr>().unwrap());
     assert_eq!(b.address_source, AddressSource::Interface("eth0".into()));

@@ -1,24 +1,46 @@
 //! A VM's own calls: register, heartbeat, health, deregister. The connection is remembered in
 //! memory (as istiod does a gRPC stream); the entry is written on connect, reconnect, health
 //! changes and deregistration, never per heartbeat.
+//!
+//! Every call on an existing entry is authorized against that entry (Istio's
+//! `ensureProxyCanControlEntry`, see [`may_control`]): a refusal is a 403 and writes nothing.
 
+use vmesh_api::control::HEALTH_FUTURE_LEEWAY_SECS;
 use vmesh_api::time::parse_rfc3339;
 use vmesh_istio::model::{Kind, Labels, ObjectKey, Resource, WorkloadEntry};
-use vmesh_istio::validate::validate_labels;
+use vmesh_istio::validate::{is_dns1123_subdomain, validate_labels};
 use vmesh_istio::workload::{
-    self, apply_health, entry_from_group, expected_service_account, is_auto_registered,
-    probe_with_defaults, HealthOutcome, HealthReport, Registration,
-    ANNOTATION_AUTO_REGISTRATION_GROUP,
+    self, apply_health, auto_registration_group, canonical_address, connect, entry_from_group,
+    entry_name, is_auto_registered, may_control, next_registration, probe_with_defaults,
+    ControlRefusal, EntryNameError, HealthOrder, HealthOutcome, HealthReport, Registration,
 };
 
 use super::{
     as_entry, bad, encode, entry_key, new_uid, Attempt, Conn, EntryRef, EntryRequest,
-    HealthRequest, HealthResponse, RegisterRequest, RegisterResponse, Registry, RegistryError,
+    HealthRequest, HealthResponse, HeartbeatResponse, RegisterRequest, RegisterResponse, Registry,
+    RegistryError,
 };
 use crate::cache::Cached;
 use crate::identity::Identity;
 use crate::metrics::{HealthReportOutcome, RegistrationResult};
 use crate::store::{object_key, Precondition, Store, StoreError, Txn};
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+fn name_error(e: EntryNameError) -> RegistryError {
+    match e {
+        EntryNameError::Address(_) => bad("address", e.to_string()),
+        // The group name was checked and the address is canonical: the network broke it.
+        EntryNameError::Name(_) => bad("network", e.to_string()),
+    }
+}
+
+/// A refusal to let `id` control `key`, logged with its reason.
+fn refused(id: &Identity, key: &ObjectKey, r: &ControlRefusal) -> RegistryError {
+    tracing::warn!(namespace = %key.namespace, entry = %key.name, token_namespace = %id.namespace,
+        token_service_account = %id.service_account, reason = r.reason(), "request refused");
+    RegistryError::Forbidden(format!("{}/{}: {r}", key.namespace, key.name))
+}
 
 impl<S: Store> Registry<S> {
     /// A VM joins: identity checked against the group, entry created or taken over.
@@ -50,12 +72,16 @@ impl<S: Store> Registry<S> {
         if req.group.is_empty() {
             return Err(bad("group", "Required value"));
         }
-        if req.address.parse::<std::net::IpAddr>().is_err() {
+        if !is_dns1123_subdomain(&req.group) {
             return Err(bad(
-                "address",
-                format!("Invalid value: {:?}: must be an IP address", req.address),
+                "group",
+                format!(
+                    "Invalid value: {:?}: must be a lowercase RFC 1123 subdomain",
+                    req.group
+                ),
             ));
         }
+        let address = canonical_address(&req.address).map_err(name_error)?;
         for (field, v) in [("network", &req.network), ("locality", &req.locality)] {
             if v.len() > 253 || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 return Err(bad(
@@ -79,33 +105,22 @@ impl<S: Store> Registry<S> {
         let reg = Registration {
             group: req.group.clone(),
             namespace: req.namespace.clone(),
-            address: req.address.clone(),
+            address,
             network: req.network.clone(),
             locality: req.locality.clone(),
             labels,
         };
-        self.register_inner(reg, &id.service_account).await
+        self.register_inner(reg, id).await
     }
 
     pub(super) async fn register_inner(
         &self,
         reg: Registration,
-        service_account: &str,
+        id: &Identity,
     ) -> Result<RegisterResponse, RegistryError> {
-        let group = self.group(&reg.namespace, &reg.group).ok_or_else(|| {
-            RegistryError::NotFound(format!("WorkloadGroup {}/{}", reg.namespace, reg.group))
-        })?;
-        let want = expected_service_account(&group);
-        if service_account != want {
-            tracing::warn!(namespace = %reg.namespace, group = %reg.group, token_service_account = %service_account,
-                expected = %want, reason = "service_account_mismatch", "registration refused");
-            return Err(RegistryError::Forbidden(format!(
-                "token service account {service_account:?} does not match the group's {want:?}"
-            )));
-        }
+        let name = entry_name(&reg).map_err(name_error)?;
+        let key = entry_key(&reg.namespace, &name);
         let now = self.clock.now();
-        let fresh = entry_from_group(&group, &reg, &self.settings.replica, now);
-        let key = entry_key(&fresh.metadata.namespace, &fresh.metadata.name);
         // Remember the connection first, so a sweep between commit and here cannot see an
         // entry of ours without one.
         let previous = self.conns().insert(
@@ -113,19 +128,32 @@ impl<S: Store> Registry<S> {
             Conn {
                 conn_time: now,
                 last_seen: now,
-                reg: reg.clone(),
-                service_account: service_account.to_string(),
+                reg: Some(reg.clone()),
+                service_account: id.service_account.clone(),
+                registration: now,
             },
         );
-        let result = self.write_registration(&key, fresh, &reg.group).await;
-        if result.is_err() {
-            let mut conns = self.conns();
-            match previous {
-                Some(p) => conns.insert(key.clone(), p),
-                None => conns.remove(&key),
-            };
+        let result = self.write_registration(&key, &reg, id, now).await;
+        let registration = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let mut conns = self.conns();
+                match previous {
+                    Some(p) => conns.insert(key.clone(), p),
+                    None => conns.remove(&key),
+                };
+                return Err(e);
+            }
+        };
+        if let Some(c) = self.conns().get_mut(&key) {
+            if c.conn_time == now {
+                c.registration = registration;
+            }
         }
-        result?;
+        // An imported entry may outlive its group: then there is no probe to hand out.
+        let probe = self
+            .group(&reg.namespace, &reg.group)
+            .and_then(|g| g.spec.probe.as_ref().map(probe_with_defaults));
         Ok(RegisterResponse {
             workload_entry: EntryRef {
                 namespace: key.namespace,
@@ -133,18 +161,22 @@ impl<S: Store> Registry<S> {
             },
             heartbeat_interval_seconds: self.settings.heartbeat_interval.as_secs().max(1),
             liveness_timeout_seconds: self.settings.liveness_timeout.as_secs().max(1),
-            probe: group.spec.probe.as_ref().map(probe_with_defaults),
+            probe,
+            registration,
         })
     }
 
+    /// Creates the entry from the group, or (it exists) only marks it connected: a reconnect
+    /// never rewrites labels or spec from the group as it is now, and needs no group at all
+    /// (Istio's `registerWorkload`). Returns the registration number.
     async fn write_registration(
         &self,
         key: &ObjectKey,
-        fresh: WorkloadEntry,
-        group: &str,
-    ) -> Result<(), RegistryError> {
+        reg: &Registration,
+        id: &Identity,
+        now: u64,
+    ) -> Result<u64, RegistryError> {
         let skey = &object_key(key);
-        let fresh = &fresh;
         self.with_cas(
             || format!("{key} kept changing"),
             move |lost| async move {
@@ -169,74 +201,134 @@ impl<S: Store> Registry<S> {
                         .get(key)
                         .and_then(|c| as_entry(&c).cloned().map(|e| (e, c.revision)))
                 };
-                let (entry, check) = match existing {
+                let (entry, check, registration) = match existing {
                     None => {
-                        let mut e = fresh.clone();
+                        let group = self.group(&reg.namespace, &reg.group).ok_or_else(|| {
+                            RegistryError::NotFound(format!(
+                                "WorkloadGroup {}/{}",
+                                reg.namespace, reg.group
+                            ))
+                        })?;
+                        let mut e = entry_from_group(&group, reg, &self.settings.replica, now)
+                            .map_err(name_error)?;
+                        may_control(&e, &id.namespace, &id.service_account)
+                            .map_err(|r| refused(id, key, &r))?;
                         e.metadata.uid = new_uid()?;
-                        (e, Precondition::Absent)
+                        (e, Precondition::Absent, now)
                     }
-                    Some((old, mod_revision)) => {
-                        let same_group = old
-                            .metadata
-                            .annotations
-                            .get(ANNOTATION_AUTO_REGISTRATION_GROUP)
-                            .is_some_and(|g| g == group);
-                        if !same_group {
+                    Some((mut old, mod_revision)) => {
+                        if auto_registration_group(&old) != Some(reg.group.as_str()) {
                             return Err(RegistryError::Conflict(format!(
-                            "WorkloadEntry {}/{} exists and was not auto-registered by this group",
-                            key.namespace, key.name
-                        )));
+                                "WorkloadEntry {}/{} exists and was not auto-registered by this group",
+                                key.namespace, key.name
+                            )));
                         }
-                        // Reconnect: keep identity and health, take the new connection's metadata.
-                        let mut e = fresh.clone();
-                        e.metadata.uid = old.metadata.uid;
-                        e.metadata.creation_timestamp = old.metadata.creation_timestamp;
-                        e.status = old.status;
-                        (e, Precondition::Revision(mod_revision))
+                        may_control(&old, &id.namespace, &id.service_account)
+                            .map_err(|r| refused(id, key, &r))?;
+                        let registration = next_registration(Some(&old), now);
+                        connect(&mut old, &self.settings.replica, now);
+                        (old, Precondition::Revision(mod_revision), registration)
                     }
                 };
                 let txn = Txn::default()
                     .check(skey.clone(), check)
                     .put(skey.clone(), encode(&Resource::WorkloadEntry(entry)));
-                Ok(Attempt::Commit(txn, ()))
+                Ok(Attempt::Commit(txn, registration))
             },
         )
         .await
     }
 
+    /// The entry `key` if `id` may control it; `None` if there is none. Namespace first, so a
+    /// foreign token learns nothing about which entries exist.
     fn authorize(&self, id: &Identity, key: &ObjectKey) -> Result<Option<Cached>, RegistryError> {
         if id.namespace != key.namespace {
-            tracing::warn!(token_namespace = %id.namespace, namespace = %key.namespace, reason = "namespace_mismatch", "request refused");
-            return Err(RegistryError::Forbidden(format!(
-                "token namespace {:?} does not match {:?}",
-                id.namespace, key.namespace
-            )));
+            let r = ControlRefusal::Namespace {
+                token: id.namespace.clone(),
+                entry: key.namespace.clone(),
+            };
+            return Err(refused(id, key, &r));
         }
-        let cached = self.cache.get(key);
-        let sa = match cached.as_ref().and_then(as_entry) {
-            Some(e) if e.spec.service_account.is_empty() => {
-                workload::DEFAULT_SERVICE_ACCOUNT.to_string()
-            }
-            Some(e) => e.spec.service_account.clone(),
-            None => match self.conns().get(key) {
-                Some(c) => c.service_account.clone(),
-                None => return Ok(None),
-            },
+        let Some(cached) = self.cache.get(key) else {
+            return Ok(None);
         };
-        if sa != id.service_account {
-            tracing::warn!(namespace = %key.namespace, entry = %key.name, token_service_account = %id.service_account,
-                expected = %sa, reason = "service_account_mismatch", "request refused");
-            return Err(RegistryError::Forbidden(format!(
-                "token service account {:?} does not own {}/{}",
-                id.service_account, key.namespace, key.name
-            )));
+        let entry = as_entry(&cached).ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+        may_control(entry, &id.namespace, &id.service_account).map_err(|r| refused(id, key, &r))?;
+        Ok(Some(cached))
+    }
+
+    /// Makes sure this replica holds the VM's connection to `entry`: cheap when it already
+    /// does; otherwise a reconnect, a takeover from another replica, or (a manual
+    /// health-checked entry) the VM becoming its controller (Istio's `becomeControllerOf`).
+    /// Returns the connection's registration number.
+    async fn ensure_connected(
+        &self,
+        id: &Identity,
+        key: &ObjectKey,
+        entry: &WorkloadEntry,
+        now: u64,
+    ) -> Result<u64, RegistryError> {
+        {
+            let mut conns = self.conns();
+            if let Some(c) = conns.get_mut(key) {
+                if workload::owned_by(entry, &self.settings.replica, c.conn_time) {
+                    c.last_seen = now;
+                    return Ok(c.registration);
+                }
+            }
         }
-        Ok(cached)
+        // The connection is recorded before the write, as in `register_inner`, so a sweep in
+        // between cannot find our entry without one.
+        let reg = match self.conns().get(key) {
+            Some(c) => c.reg.clone(),
+            // Taken over from another replica: what the entry says about the VM. Its labels
+            // already include the group's, which only matters if the group is re-created.
+            None => auto_registration_group(entry).map(|group| Registration {
+                group: group.to_string(),
+                namespace: entry.metadata.namespace.clone(),
+                address: entry.spec.address.clone(),
+                network: entry.spec.network.clone(),
+                locality: entry.spec.locality.clone(),
+                labels: entry.spec.labels.clone(),
+            }),
+        };
+        let registration = next_registration(Some(entry), now);
+        let conn = Conn {
+            conn_time: now,
+            last_seen: now,
+            reg,
+            service_account: id.service_account.clone(),
+            registration,
+        };
+        let previous = self.conns().insert(key.clone(), conn);
+        let replica = self.settings.replica.clone();
+        let result = self
+            .update_entry(key, |e| {
+                // The entry may have changed since it was authorized.
+                may_control(e, &id.namespace, &id.service_account)
+                    .map_err(|r| refused(id, key, &r))?;
+                connect(e, &replica, now);
+                Ok(true)
+            })
+            .await;
+        if let Err(e) = result {
+            let mut conns = self.conns();
+            match previous {
+                Some(p) => conns.insert(key.clone(), p),
+                None => conns.remove(key),
+            };
+            return Err(e);
+        }
+        Ok(registration)
     }
 
     /// A liveness report. Cheap when this replica already holds the connection; otherwise
     /// a reconnect (taking the entry over from another replica if need be).
-    pub async fn heartbeat(&self, id: &Identity, req: &EntryRequest) -> Result<(), RegistryError> {
+    pub async fn heartbeat(
+        &self,
+        id: &Identity,
+        req: &EntryRequest,
+    ) -> Result<HeartbeatResponse, RegistryError> {
         self.metrics
             .heartbeats
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -245,16 +337,17 @@ impl<S: Store> Registry<S> {
         let now = self.clock.now();
         let Some(cached) = cached else {
             // Entry gone (group deleted, or swept). If we know the VM, register it again.
-            let conn = self.conns().get(&key).cloned();
-            return match conn {
-                Some(c) => {
-                    if let Some(c) = self.conns().get_mut(&key) {
-                        c.last_seen = now;
-                    }
-                    self.register_inner(c.reg, &c.service_account)
-                        .await
-                        .map(drop)
-                }
+            let reg = self.conns().get_mut(&key).and_then(|c| {
+                c.last_seen = now;
+                c.reg.clone()
+            });
+            return match reg {
+                Some(reg) => self
+                    .register_inner(reg, id)
+                    .await
+                    .map(|r| HeartbeatResponse {
+                        registration: r.registration,
+                    }),
                 None => Err(RegistryError::NotFound(format!(
                     "WorkloadEntry {}/{}: register again",
                     key.namespace, key.name
@@ -262,63 +355,8 @@ impl<S: Store> Registry<S> {
             };
         };
         let entry = as_entry(&cached).ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
-        {
-            let mut conns = self.conns();
-            if let Some(c) = conns.get_mut(&key) {
-                if workload::owned_by(entry, &self.settings.replica, c.conn_time) {
-                    c.last_seen = now;
-                    return Ok(());
-                }
-            }
-        }
-        if !is_auto_registered(entry) {
-            return Err(RegistryError::Conflict(format!(
-                "{}/{} is not auto-registered",
-                key.namespace, key.name
-            )));
-        }
-        // Reconnect or takeover. The connection is recorded before the write, as in
-        // `register_inner`, so a sweep in between cannot find our entry without one.
-        let reg = match self.conns().get(&key) {
-            Some(c) => c.reg.clone(),
-            // Taken over from another replica: what the entry says about the VM. Its labels
-            // already include the group's, which only matters if the group is re-created.
-            None => Registration {
-                group: entry
-                    .metadata
-                    .annotations
-                    .get(ANNOTATION_AUTO_REGISTRATION_GROUP)
-                    .cloned()
-                    .unwrap_or_default(),
-                namespace: entry.metadata.namespace.clone(),
-                address: entry.spec.address.clone(),
-                network: entry.spec.network.clone(),
-                locality: entry.spec.locality.clone(),
-                labels: entry.spec.labels.clone(),
-            },
-        };
-        let conn = Conn {
-            conn_time: now,
-            last_seen: now,
-            reg,
-            service_account: id.service_account.clone(),
-        };
-        let previous = self.conns().insert(key.clone(), conn);
-        let replica = self.settings.replica.clone();
-        let result = self
-            .update_entry(&key, |e| {
-                workload::connect(e, &replica, now);
-                Ok(true)
-            })
-            .await;
-        if result.is_err() {
-            let mut conns = self.conns();
-            match previous {
-                Some(p) => conns.insert(key, p),
-                None => conns.remove(&key),
-            };
-        }
-        result.map(drop)
+        let registration = self.ensure_connected(id, &key, entry, now).await?;
+        Ok(HeartbeatResponse { registration })
     }
 
     pub async fn health(
@@ -327,29 +365,65 @@ impl<S: Store> Registry<S> {
         req: &HealthRequest,
     ) -> Result<HealthResponse, RegistryError> {
         let key = entry_key(&req.namespace, &req.name);
-        let probe_time = parse_rfc3339(&req.probe_time).ok_or_else(|| {
-            bad(
-                "probeTime",
-                format!("Invalid value: {:?}: must be RFC 3339", req.probe_time),
-            )
-        })?;
-        if req.message.len() > 1024 {
+        if req.message.len() > vmesh_api::control::MAX_HEALTH_MESSAGE {
             return Err(bad("message", "Too long: at most 1024 bytes"));
         }
-        if self.authorize(id, &key)?.is_none() {
+        let now = self.clock.now();
+        let latest = now.saturating_add(HEALTH_FUTURE_LEEWAY_SECS * NANOS_PER_SEC);
+        if !req.probe_time.is_empty() {
+            let t = parse_rfc3339(&req.probe_time).ok_or_else(|| {
+                bad(
+                    "probeTime",
+                    format!("Invalid value: {:?}: must be RFC 3339", req.probe_time),
+                )
+            })?;
+            if t > latest {
+                return Err(bad(
+                    "probeTime",
+                    format!(
+                        "Invalid value: {:?}: more than {HEALTH_FUTURE_LEEWAY_SECS} s ahead of the control plane's clock",
+                        req.probe_time
+                    ),
+                ));
+            }
+        }
+        let order = match (req.registration, req.sequence) {
+            (Some(registration), Some(sequence)) => {
+                if registration > latest {
+                    return Err(bad(
+                        "registration",
+                        "Invalid value: not a registration this control plane handed out",
+                    ));
+                }
+                Some(HealthOrder {
+                    registration,
+                    sequence,
+                })
+            }
+            (None, None) => None,
+            (None, Some(_)) => return Err(bad("registration", "Required value with sequence")),
+            (Some(_), None) => return Err(bad("sequence", "Required value with registration")),
+        };
+        let Some(cached) = self.authorize(id, &key)? else {
             return Err(RegistryError::NotFound(format!(
                 "WorkloadEntry {}/{}",
                 key.namespace, key.name
             )));
-        }
+        };
+        let entry = as_entry(&cached).ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+        // Health comes over the VM's connection in Istio; here it counts as a heartbeat and
+        // makes this replica the entry's controller if it was not.
+        self.ensure_connected(id, &key, entry, now).await?;
         let report = HealthReport {
             healthy: req.healthy,
             message: req.message.clone(),
-            probe_time,
+            order,
         };
         let updated = self
             .update_entry(&key, |e| {
-                Ok(apply_health(e, &report) == HealthOutcome::Applied)
+                may_control(e, &id.namespace, &id.service_account)
+                    .map_err(|r| refused(id, &key, &r))?;
+                Ok(apply_health(e, &report, now) == HealthOutcome::Applied)
             })
             .await?;
         let applied = updated.is_some();
@@ -358,17 +432,15 @@ impl<S: Store> Registry<S> {
         } else {
             &HealthReportOutcome::Stale
         });
-        if let Some(c) = self.conns().get_mut(&key) {
-            c.last_seen = c.last_seen.max(self.clock.now());
-        }
         Ok(HealthResponse { applied })
     }
 
-    /// A clean shutdown of the VM: its auto-registered entry goes at once.
+    /// A clean shutdown of the VM: its auto-registered entry goes at once; a manual
+    /// health-checked one is marked disconnected (its health goes after the grace period).
     pub async fn deregister(&self, id: &Identity, req: &EntryRequest) -> Result<(), RegistryError> {
         let key = entry_key(&req.namespace, &req.name);
         let cached = self.authorize(id, &key)?;
-        self.conns().remove(&key);
+        let conn = self.conns().remove(&key);
         let Some(c) = cached else {
             return Err(RegistryError::NotFound(format!(
                 "WorkloadEntry {}/{}",
@@ -376,10 +448,14 @@ impl<S: Store> Registry<S> {
             )));
         };
         if !as_entry(&c).is_some_and(is_auto_registered) {
-            return Err(RegistryError::Conflict(format!(
-                "{}/{} is not auto-registered",
-                key.namespace, key.name
-            )));
+            let Some(conn) = conn else { return Ok(()) };
+            let (replica, now) = (self.settings.replica.clone(), self.clock.now());
+            return self
+                .update_entry(&key, |e| {
+                    Ok(workload::disconnect(e, &replica, conn.conn_time, now))
+                })
+                .await
+                .map(drop);
         }
         // After a lost race (a reconnect or health write), the entry as the store has it.
         let (skey, key, c) = (&object_key(&key), &key, &c);

@@ -90,7 +90,8 @@ fn bad(field: &str, message: impl Into<String>) -> RegistryError {
 }
 
 pub use vmesh_api::control::{
-    EntryRef, EntryRequest, HealthRequest, HealthResponse, RegisterRequest, RegisterResponse,
+    EntryRef, EntryRequest, HealthRequest, HealthResponse, HeartbeatResponse, RegisterRequest,
+    RegisterResponse,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,8 +141,12 @@ enum Attempt<T> {
 struct Conn {
     conn_time: u64,
     last_seen: u64,
-    reg: Registration,
+    /// What the VM registered with; `None` for a manual entry the VM connected to, which is
+    /// never re-created.
+    reg: Option<Registration>,
     service_account: String,
+    /// The registration number handed to the VM (see `workload::HealthOrder`).
+    registration: u64,
 }
 
 pub struct Registry<S: Store> {

@@ -4,12 +4,11 @@
 use std::collections::BTreeSet;
 
 use vmesh_istio::model::{Kind, ObjectKey, Resource};
-use vmesh_istio::workload::{
-    self, controller_of, is_auto_registered, Sweep, ANNOTATION_AUTO_REGISTRATION_GROUP,
-};
+use vmesh_istio::workload::{self, controller_of, is_auto_registered, is_health_checked, Sweep};
 
 use super::{as_entry, encode, entry_key, Conn, Registry, RegistryError};
 use crate::clock::nanos;
+use crate::identity::Identity;
 use crate::store::{object_key, Precondition, Store, Txn};
 
 impl<S: Store> Registry<S> {
@@ -63,17 +62,10 @@ impl<S: Store> Registry<S> {
         let entries = self.cache.list(Kind::WorkloadEntry, None);
         for c in entries {
             let Some(e) = as_entry(&c) else { continue };
-            if !is_auto_registered(e) {
+            if !is_auto_registered(e) && !is_health_checked(e) {
                 continue;
             }
             let key = entry_key(&e.metadata.namespace, &e.metadata.name);
-            let group = e
-                .metadata
-                .annotations
-                .get(ANNOTATION_AUTO_REGISTRATION_GROUP)
-                .cloned()
-                .unwrap_or_default();
-            let orphan = !groups.contains(&(e.metadata.namespace.clone(), group));
             let alive = |ctl: &str| {
                 if ctl == self.settings.replica {
                     self.conns().contains_key(&key)
@@ -81,14 +73,27 @@ impl<S: Store> Registry<S> {
                     leases.contains_key(ctl)
                 }
             };
-            let decision = if orphan {
-                Sweep::Delete
-            } else {
-                workload::sweep(e, now, grace, alive)
-            };
+            // Whether the group still exists does not matter (an imported entry of a missing
+            // group lives until it is disconnected past grace); deleting a group deletes its
+            // entries in the same commit.
+            let decision = workload::sweep(e, now, grace, alive);
             let r = match decision {
                 Sweep::Keep { .. } => Ok(()),
                 Sweep::Delete => self.delete_entry_at(&key, c.revision).await,
+                Sweep::ClearHealth => {
+                    tracing::info!(entry = %key.name, namespace = %key.namespace,
+                        "health-checked entry disconnected past the grace period; removing its health");
+                    let mut e = e.clone();
+                    workload::clear_health(&mut e);
+                    let skey = object_key(&key);
+                    self.commit(
+                        Txn::default()
+                            .check(skey.clone(), Precondition::Revision(c.revision))
+                            .put(skey, encode(&Resource::WorkloadEntry(e))),
+                    )
+                    .await
+                    .map(drop)
+                }
                 Sweep::MarkDisconnected => {
                     tracing::info!(entry = %key.name, namespace = %key.namespace,
                         controller = controller_of(e).unwrap_or_default(), "entry's replica is gone; marking disconnected");
@@ -116,11 +121,10 @@ impl<S: Store> Registry<S> {
             let conns = self.conns();
             conns
                 .iter()
-                .filter(|(k, c)| {
-                    self.cache.get(k).is_none()
-                        && groups.contains(&(c.reg.namespace.clone(), c.reg.group.clone()))
-                })
-                .map(|(_, c)| (c.reg.namespace.clone(), c.reg.group.clone()))
+                .filter(|(k, _)| self.cache.get(k).is_none())
+                .filter_map(|(_, c)| c.reg.as_ref())
+                .map(|r| (r.namespace.clone(), r.group.clone()))
+                .filter(|g| groups.contains(g))
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect()
@@ -136,14 +140,24 @@ impl<S: Store> Registry<S> {
         let conns: Vec<(ObjectKey, Conn)> = self
             .conns()
             .iter()
-            .filter(|(_, c)| c.reg.namespace == namespace && c.reg.group == group)
+            .filter(|(_, c)| {
+                c.reg
+                    .as_ref()
+                    .is_some_and(|r| r.namespace == namespace && r.group == group)
+            })
             .map(|(k, c)| (k.clone(), c.clone()))
             .collect();
         for (key, c) in conns {
+            let Some(reg) = c.reg else { continue };
             if self.cache.get(&key).is_some() {
                 continue;
             }
-            match self.register_inner(c.reg.clone(), &c.service_account).await {
+            let id = Identity {
+                namespace: reg.namespace.clone(),
+                service_account: c.service_account.clone(),
+                issuer: String::new(),
+            };
+            match self.register_inner(reg, &id).await {
                 Ok(_) => {
                     tracing::info!(entry = %key.name, namespace, "re-registered into re-created group")
                 }

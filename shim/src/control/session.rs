@@ -15,8 +15,9 @@
 //!   gone and it registers again at once.
 //! - Health is decided from the data plane and the probe ([`decide`]) and sent on every
 //!   change, one report at a time and retried until the control plane acknowledges it, so
-//!   transitions are neither lost nor reordered; each report's `probeTime` is later than the
-//!   one before.
+//!   transitions are neither lost nor reordered; each report carries the registration number
+//!   of the last register answer and a sequence higher than the one before, which is how the
+//!   control plane orders them (this VM's clock plays no part).
 //! - When the data plane stops reporting, it reports the entry unhealthy at once and stops
 //!   heartbeating: the control plane then disconnects the entry and deletes it after its grace
 //!   period, as for any VM that went away.
@@ -125,7 +126,15 @@ struct Health {
     acked: Option<(bool, String)>,
     retry_at: Option<Instant>,
     backoff: Backoff,
-    /// The last `probeTime` sent, in ns since the epoch: the next is always later.
+    /// The `registration` of the last register answer: reports carry it with `sequence`, and
+    /// the control plane orders them by the pair with no regard for this VM's clock. 0 from a
+    /// control plane older than that: then reports carry `probeTime` instead.
+    registration: u64,
+    /// Of the last report sent; the next is always higher (never reset, so it also increases
+    /// within every registration).
+    sequence: u64,
+    /// The last `probeTime` sent (old control planes only), in ns since the epoch: the next is
+    /// always later.
     last_time: u64,
 }
 
@@ -214,6 +223,7 @@ impl Session {
                                 tracing::info!(entry = %resp.workload_entry, "registered again");
                             }
                             entry = Some(resp.workload_entry);
+                            health.registration = resp.registration;
                             // A (re)created entry starts unhealthy until told otherwise, and a
                             // reconnect may follow a report the control plane never saw.
                             health.acked = None;
@@ -397,19 +407,26 @@ impl Session {
         }
         let mut text = message.clone();
         truncate(&mut text, MAX_HEALTH_MESSAGE);
-        let req = HealthRequest {
+        let mut req = HealthRequest {
             namespace: entry.namespace.clone(),
             name: entry.name.clone(),
             healthy,
             message: text,
-            probe_time: format_rfc3339_nanos(self.now_nanos(health)),
+            ..HealthRequest::default()
         };
+        if health.registration > 0 {
+            health.sequence += 1;
+            req.registration = Some(health.registration);
+            req.sequence = Some(health.sequence);
+        } else {
+            req.probe_time = format_rfc3339_nanos(self.now_nanos(health));
+        }
         match self.cp.health(&req).await {
             Ok(resp) => {
                 self.metrics.count_health(Outcome::Ok);
                 self.board.contact();
                 if !resp.applied {
-                    tracing::warn!(entry = %entry, "the control plane holds a newer health report (is this VM's clock behind?)");
+                    tracing::warn!(entry = %entry, "the control plane holds a newer health report");
                 }
                 tracing::info!(entry = %entry, healthy, %message, "health reported");
                 health.acked = Some((healthy, message));
