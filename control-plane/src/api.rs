@@ -690,9 +690,10 @@ pub async fn serve<S: Store>(
                 }
                 Err(e) => {
                     // Out of descriptors (EMFILE/ENFILE) or memory: retrying at once would spin
-                    // and log thousands of times a second. Back off, doubling to a second.
+                    // and log thousands of times a second. Back off, doubling to 250 ms (longer
+                    // would keep the VMs queued behind the failure waiting after it has passed).
                     app.metrics.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_millis(250));
                     if let Some(suppressed) = accept_errors.hit() {
                         tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "accept failed");
                     }

@@ -20,10 +20,16 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// Descriptors kept back from the connection cap: the listener, the store file, the runtime's
-/// epoll and wake-up descriptors, stdio, the accepted-but-not-yet-admitted socket, and room for
-/// a TLS key file or two. Far more than those need, far less than any real limit.
+/// Descriptors kept back from the connection cap: [`CLOSING_SLACK`] evicted connections whose
+/// tasks have not yet closed them, and the rest for the listener, the store file, the
+/// runtime's epoll and wake-up descriptors, stdio, the accepted-but-not-yet-admitted socket and
+/// key files read at renewal. Far less than any real limit.
 pub const FD_RESERVE: u64 = 64;
+/// Evicted connections still being closed, at most: an eviction only tells a connection's task
+/// to close, and under a flood of new connections those tasks may run later than `accept`
+/// does. Beyond this many, newcomers are refused until they catch up, so the descriptors in use
+/// never exceed the open-file limit (measured without it: `accept` failed with EMFILE).
+pub const CLOSING_SLACK: usize = 32;
 
 /// The most connections an open-file limit of `nofile` can hold without `accept` failing.
 pub fn fd_budget(nofile: u64) -> usize {
@@ -68,6 +74,8 @@ pub enum Refusal {
     PerSource,
     /// The server holds `total` connections, all proven.
     Full,
+    /// [`CLOSING_SLACK`] evicted connections are still being closed.
+    Draining,
 }
 
 impl Refusal {
@@ -75,6 +83,7 @@ impl Refusal {
         match self {
             Refusal::PerSource => "per_source",
             Refusal::Full => "full",
+            Refusal::Draining => "draining",
         }
     }
 }
@@ -83,42 +92,63 @@ struct Slot {
     source: IpAddr,
     proven: Arc<AtomicBool>,
     evict: Arc<Notify>,
+    /// Evicted: told to close, its descriptor not yet released. Counts against no cap but
+    /// [`CLOSING_SLACK`].
+    closing: bool,
 }
 
 #[derive(Default)]
 struct State {
     next: u64,
-    /// By admission order: the first unproven slot found is the oldest.
+    /// By admission order: the first unproven slot found is the oldest. Closing ones included.
     open: BTreeMap<u64, Slot>,
+    closing: usize,
+    /// Connections not closing, per address.
     per_source: HashMap<IpAddr, usize>,
 }
 
 impl State {
-    fn remove(&mut self, id: u64) -> Option<Slot> {
-        let slot = self.open.remove(&id)?;
-        if let Some(n) = self.per_source.get_mut(&slot.source) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_source.remove(&slot.source);
-            }
-        }
-        Some(slot)
+    fn active(&self) -> usize {
+        self.open.len() - self.closing
     }
 
-    /// Closes the oldest unproven connection (from `source` if given).
-    fn evict_oldest_unproven(&mut self, source: Option<IpAddr>) -> bool {
-        let victim = self.open.iter().find_map(|(id, s)| {
-            (source.is_none_or(|src| s.source == src) && !s.proven.load(Ordering::Relaxed))
-                .then_some(*id)
-        });
-        match victim.and_then(|id| self.remove(id)) {
-            Some(slot) => {
-                // A stored permit: the connection sees it even if it is not waiting yet.
-                slot.evict.notify_one();
-                true
+    fn uncount(&mut self, source: IpAddr) {
+        if let Some(n) = self.per_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(&source);
             }
-            None => false,
         }
+    }
+
+    /// The connection's descriptor is released.
+    fn remove(&mut self, id: u64) {
+        if let Some(slot) = self.open.remove(&id) {
+            if slot.closing {
+                self.closing -= 1;
+            } else {
+                self.uncount(slot.source);
+            }
+        }
+    }
+
+    /// Tells the oldest unproven connection (from `source` if given) to close.
+    fn evict_oldest_unproven(&mut self, source: Option<IpAddr>) -> bool {
+        let victim = self.open.iter_mut().find(|(_, s)| {
+            !s.closing
+                && source.is_none_or(|src| s.source == src)
+                && !s.proven.load(Ordering::Relaxed)
+        });
+        let Some((_, slot)) = victim else {
+            return false;
+        };
+        slot.closing = true;
+        // A stored permit: the connection sees it even if it is not waiting yet.
+        slot.evict.notify_one();
+        let source = slot.source;
+        self.closing += 1;
+        self.uncount(source);
+        true
     }
 }
 
@@ -197,7 +227,7 @@ impl Admission {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Connections open now.
+    /// Connections open now, those being closed included.
     pub fn open(&self) -> usize {
         self.lock().open.len()
     }
@@ -205,6 +235,9 @@ impl Admission {
     /// Admits a connection from `source`, evicting unproven ones if a cap is reached.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admitted, Refusal> {
         let mut st = self.lock();
+        if st.closing >= CLOSING_SLACK {
+            return Err(Refusal::Draining);
+        }
         let mut evicted = 0;
         if st.per_source.get(&source).copied().unwrap_or(0) >= self.limits.per_source {
             if !st.evict_oldest_unproven(Some(source)) {
@@ -212,7 +245,7 @@ impl Admission {
             }
             evicted += 1;
         }
-        if st.open.len() >= self.limits.total {
+        if st.active() >= self.limits.total {
             if !st.evict_for_total() {
                 return Err(Refusal::Full);
             }
@@ -228,6 +261,7 @@ impl Admission {
                 source,
                 proven: proven.clone(),
                 evict: evict.clone(),
+                closing: false,
             },
         );
         *st.per_source.entry(source).or_default() += 1;
@@ -272,17 +306,36 @@ mod tests {
         let idle2 = a.admit(ip(2)).unwrap().ticket;
         let newcomer = a.admit(ip(4)).unwrap();
         assert_eq!(newcomer.evicted, 1);
-        assert_eq!(a.open(), 4);
+        // Four connections and one being closed: its descriptor is not free yet.
+        assert_eq!(a.open(), 5);
         // idle1 was told; idle2, the VM's newcomer and the proven VM were not.
         assert!(futures_ready(&idle1.evicted));
         assert!(!futures_ready(&idle2.evicted));
         assert!(!futures_ready(&newcomer_vm.evicted));
         assert!(!futures_ready(&vm.evicted));
-        // The evicted ticket's drop frees nothing twice.
         drop(idle1);
         assert_eq!(a.open(), 4);
         drop(idle2);
         assert_eq!(a.open(), 3);
+        // The freed slot is usable without evicting anyone.
+        assert_eq!(a.admit(ip(6)).unwrap().evicted, 0);
+    }
+
+    #[test]
+    fn newcomers_wait_while_too_many_evicted_connections_are_still_open() {
+        let a = Admission::new(Limits {
+            total: 1,
+            per_source: 1000,
+        });
+        // Each newcomer evicts the one before; none of the evicted has closed yet.
+        let held: Vec<Ticket> = (0..=CLOSING_SLACK)
+            .map(|_| a.admit(ip(2)).unwrap().ticket)
+            .collect();
+        assert_eq!(a.admit(ip(3)).unwrap_err(), Refusal::Draining);
+        assert_eq!(a.open(), CLOSING_SLACK + 1);
+        drop(held);
+        assert_eq!(a.open(), 0);
+        assert_eq!(a.admit(ip(3)).unwrap().evicted, 0);
     }
 
     #[test]
