@@ -161,10 +161,13 @@ impl ErrorKind {
         }
     }
 
-    /// Whether the same request may succeed later without anything changing (503 and unknown
-    /// server errors); connection errors are retried the same way.
+    /// Whether the same request may succeed later without anything changing (503, 408 and
+    /// unknown server errors); connection errors are retried the same way.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorKind::Unavailable | ErrorKind::Unknown)
+        matches!(
+            self,
+            ErrorKind::Unavailable | ErrorKind::Unknown | ErrorKind::Timeout
+        )
     }
 }
 
