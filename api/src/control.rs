@@ -147,6 +147,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// 409: a manual entry of that name exists, or writers kept racing.
     Conflict,
+    /// 408: the request body did not arrive in time; retry, on a faster path.
+    Timeout,
+    /// 431: the bearer token (or another header) is over the size limit; do not retry unchanged.
+    HeaderTooLarge,
     /// 503: the store cannot commit or read; retry with backoff.
     Unavailable,
     /// A kind this client does not know (a newer server), or no error body at all.
@@ -165,6 +169,8 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::MethodNotAllowed => "method_not_allowed",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Unknown => "unknown",
         }
@@ -179,15 +185,20 @@ impl ErrorKind {
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
             ErrorKind::Conflict => 409,
+            ErrorKind::Timeout => 408,
+            ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Unavailable => 503,
             ErrorKind::Unknown => 500,
         }
     }
 
-    /// Whether the same request may succeed later without anything changing (503 and unknown
-    /// server errors); connection errors are retried the same way.
+    /// Whether the same request may succeed later without anything changing (503, 408 and
+    /// unknown server errors); connection errors are retried the same way.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorKind::Unavailable | ErrorKind::Unknown)
+        matches!(
+            self,
+            ErrorKind::Unavailable | ErrorKind::Unknown | ErrorKind::Timeout
+        )
     }
 }
 

@@ -47,6 +47,8 @@ pub struct App<S: Store> {
     pub admin_token: String,
     pub metrics: Arc<Metrics>,
     pub clock: Arc<dyn Clock>,
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
 }
 
 impl<S: Store> std::fmt::Debug for App<S> {
@@ -150,17 +152,28 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     vmesh_api::paths::query::param(Some(query), name).filter(|v| !v.is_empty())
 }
 
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    Limited::new(req.into_body(), limit)
-        .collect()
+/// The body, refused once it is over `limit` bytes or still arriving after `timeout`: a client
+/// trickling a body a byte at a time would otherwise hold its request (and its connection)
+/// for as long as it liked.
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let collected = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
         .await
-        .map(|c| c.to_bytes())
-        .map_err(|e| {
-            ApiError::bad(
-                "",
-                format!("request body unreadable or larger than {limit} bytes: {e}"),
+        .map_err(|_| {
+            ApiError::new(
+                ErrorKind::Timeout,
+                format!("request body not received within {timeout:?}"),
             )
-        })
+        })?;
+    collected.map(|c| c.to_bytes()).map_err(|e| {
+        ApiError::bad(
+            "",
+            format!("request body unreadable or larger than {limit} bytes: {e}"),
+        )
+    })
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -220,16 +233,30 @@ impl<S: Store> App<S> {
             .map(str::trim);
         let refuse = |e: TokenError| {
             self.metrics.token_refusals.inc(&e);
-            tracing::warn!(reason = e.reason(), error = %e, "token refused");
+            // The error's text quotes what the client sent (an issuer, a kid): a Debug field,
+            // so it is escaped and quoted, never a line of its own.
+            tracing::warn!(reason = e.reason(), error = ?e.to_string(), "token refused");
+            if e == TokenError::TooLarge {
+                return ApiError::new(ErrorKind::HeaderTooLarge, e.to_string());
+            }
             unauthorized(&e)
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(refuse(TokenError::Missing));
         };
-        if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
-            return Ok(Caller::Admin);
+        let caller = if constant_time_eq(token.as_bytes(), self.admin_token.as_bytes()) {
+            Caller::Admin
+        } else {
+            self.verifier
+                .verify(token)
+                .map(Caller::Vm)
+                .map_err(refuse)?
+        };
+        // Authenticated: this connection is no longer one an idle attacker could be holding.
+        if let Some(Proven(p)) = req.extensions().get::<Proven>() {
+            p.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        self.verifier.verify(token).map(Caller::Vm).map_err(refuse)
+        Ok(caller)
     }
 
     fn vm(&self, caller: Caller) -> Result<Identity, ApiError> {
@@ -243,7 +270,7 @@ impl<S: Store> App<S> {
         match caller {
             Caller::Admin => Ok(()),
             Caller::Vm(id) => {
-                tracing::warn!(namespace = %id.namespace, service_account = %id.service_account, "VM token used on an admin call");
+                tracing::warn!(namespace = ?id.namespace, service_account = ?id.service_account, "VM token used on an admin call");
                 Err(forbidden(
                     "only the admin credential may change config or mint tokens",
                 ))
@@ -257,7 +284,7 @@ impl<S: Store> App<S> {
         let _in_flight = InFlight::new(&self.metrics);
         let r = self.route(req).await;
         let resp = r.unwrap_or_else(|e| error_response(&e));
-        tracing::debug!(%method, %path, status = resp.status().as_u16(), "request");
+        tracing::debug!(%method, path = ?path, status = resp.status().as_u16(), "request");
         Ok(resp)
     }
 
@@ -290,32 +317,37 @@ impl<S: Store> App<S> {
         match (&method, path.as_str()) {
             (&Method::POST, path::REGISTER) => {
                 let id = self.vm(caller)?;
-                let body: RegisterRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let body: RegisterRequest =
+                    parse_json(&read_body(req, MAX_VM_BODY, self.body_timeout).await?)?;
                 let r = self.registry.register(&id, body).await?;
                 Ok(json_response(StatusCode::OK, &r))
             }
             (&Method::POST, path::HEARTBEAT) => {
                 let id = self.vm(caller)?;
-                let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let body: EntryRequest =
+                    parse_json(&read_body(req, MAX_VM_BODY, self.body_timeout).await?)?;
                 let r = self.registry.heartbeat(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &r))
             }
             (&Method::POST, path::HEALTH) => {
                 let id = self.vm(caller)?;
-                let body: HealthRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let body: HealthRequest =
+                    parse_json(&read_body(req, MAX_VM_BODY, self.body_timeout).await?)?;
                 let r = self.registry.health(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &r))
             }
             (&Method::POST, path::DEREGISTER) => {
                 let id = self.vm(caller)?;
-                let body: EntryRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let body: EntryRequest =
+                    parse_json(&read_body(req, MAX_VM_BODY, self.body_timeout).await?)?;
                 self.registry.deregister(&id, &body).await?;
                 Ok(json_response(StatusCode::OK, &serde_json::json!({})))
             }
             (&Method::GET, path::NAME_TABLE) => self.name_table(caller, &query).await,
             (&Method::POST, path::ADMIN_APPLY) => {
                 self.admin(&caller)?;
-                let body: ApplyRequest = parse_json(&read_body(req, MAX_ADMIN_BODY).await?)?;
+                let body: ApplyRequest =
+                    parse_json(&read_body(req, MAX_ADMIN_BODY, self.body_timeout).await?)?;
                 let ns = if body.namespace.is_empty() {
                     "default"
                 } else {
@@ -333,7 +365,8 @@ impl<S: Store> App<S> {
             }
             (&Method::POST, path::ADMIN_TOKENS) => {
                 self.admin(&caller)?;
-                let body: TokenRequest = parse_json(&read_body(req, MAX_VM_BODY).await?)?;
+                let body: TokenRequest =
+                    parse_json(&read_body(req, MAX_VM_BODY, self.body_timeout).await?)?;
                 self.mint(&body)
             }
             (m, p) if p.starts_with(path::ADMIN_OBJECTS) => {
@@ -481,13 +514,155 @@ impl<S: Store> App<S> {
     }
 }
 
-/// How long a client gets to complete its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What keeps a client from holding a connection (and so a file descriptor) for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hygiene {
+    /// From accept to a finished TLS handshake.
+    pub handshake_timeout: Duration,
+    /// HTTP/1.1: from the connection being ready for a request to that request's head having
+    /// arrived in full. hyper starts this clock when it starts waiting, so an idle HTTP/1.1
+    /// keep-alive connection closes after it too.
+    pub header_read_timeout: Duration,
+    /// From the head to the whole body.
+    pub body_timeout: Duration,
+    /// No request in flight for this long: the connection is closed (HTTP/2: GOAWAY). A
+    /// long-poll is a request in flight, so a parked VM is never idle.
+    pub idle_timeout: Duration,
+    /// Open connections, at most (further capped by the open-file limit, see
+    /// [`crate::conns::fd_budget`]).
+    pub max_connections: usize,
+    pub max_connections_per_source: usize,
+}
+
+impl Default for Hygiene {
+    fn default() -> Self {
+        Hygiene {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(20),
+            max_connections: 20_000,
+            max_connections_per_source: 1_000,
+        }
+    }
+}
+
+/// Largest request head: a 16 KiB token and ordinary headers fit twice over.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Concurrent HTTP/2 streams per connection: a VM needs two (a long-poll and a heartbeat).
+const MAX_H2_STREAMS: u32 = 32;
+/// How long a connection told to close (idle, evicted) gets to do so before it is dropped.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Resolves once `stop` is `true` (or its sender is gone: nobody can stop us any more, so
 /// stop now rather than never).
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Logs a recurring failure at most once per `every`, with how many were left out: under
+/// attack the log stays readable and its writes cost nothing noticeable.
+#[derive(Debug)]
+pub struct RateLimited {
+    every: Duration,
+    last: Option<tokio::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    pub fn new(every: Duration) -> Self {
+        RateLimited {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(suppressed since the last one)` when this occurrence should be logged.
+    pub fn hit(&mut self) -> Option<u64> {
+        self.hit_at(tokio::time::Instant::now())
+    }
+
+    fn hit_at(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(t) if now.duration_since(t) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Counts a connection in `vmesh_connections_open` while it is open.
+struct OpenConnection(Arc<Metrics>);
+
+impl OpenConnection {
+    fn new(m: &Arc<Metrics>) -> Self {
+        m.connections_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection(m.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .connections_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Marks the connection a request arrived on as authenticated (see [`crate::conns`]).
+#[derive(Clone)]
+struct Proven(Arc<std::sync::atomic::AtomicBool>);
+
+/// Requests in flight on one connection and when the last one ended.
+struct Activity {
+    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Activity {
+            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn begin(self: &Arc<Self>) -> Busy {
+        self.lock().0 += 1;
+        Busy(self.clone())
+    }
+
+    /// Resolves once no request has been in flight for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let (busy, since) = *self.lock();
+            let now = tokio::time::Instant::now();
+            if busy == 0 && now.duration_since(since) >= idle {
+                return;
+            }
+            let next = if busy == 0 { since + idle } else { now + idle };
+            tokio::time::sleep_until(next).await;
+        }
+    }
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.0 -= 1;
+        st.1 = tokio::time::Instant::now();
+    }
 }
 
 /// Accepts TLS connections until `stop` turns `true`, then closes the listener and returns the
@@ -497,30 +672,67 @@ pub async fn serve<S: Store>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Arc<App<S>>,
+    hygiene: Hygiene,
+    admission: Arc<crate::conns::Admission>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
     let acceptor = TlsAcceptor::from(tls);
     let mut conns = JoinSet::new();
+    let mut accept_errors = RateLimited::new(Duration::from_secs(10));
+    let mut refusals = RateLimited::new(Duration::from_secs(10));
+    let mut backoff = Duration::ZERO;
     loop {
         let (tcp, peer) = tokio::select! {
             biased;
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             r = listener.accept() => match r {
-                Ok(x) => x,
+                Ok(x) => {
+                    backoff = Duration::ZERO;
+                    x
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors (EMFILE/ENFILE) or memory: retrying at once would spin
+                    // and log thousands of times a second. Back off, doubling to 250 ms (longer
+                    // would keep the VMs queued behind the failure waiting after it has passed).
+                    app.metrics.accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_millis(250));
+                    if let Some(suppressed) = accept_errors.hit() {
+                        tracing::warn!(error = %e, suppressed, retry_in = ?backoff, "accept failed");
+                    }
+                    tokio::select! {
+                        _ = stopped(&mut stop) => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
                     continue;
                 }
             },
         };
+        let admitted = match admission.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                app.metrics.connections_refused.inc(&refusal);
+                if let Some(suppressed) = refusals.hit() {
+                    tracing::warn!(reason = refusal.reason(), source = %peer.ip(), suppressed,
+                        "connection refused: at the connection cap with every connection authenticated");
+                }
+                continue;
+            }
+        };
+        if admitted.evicted > 0 {
+            app.metrics.connections_evicted.fetch_add(
+                admitted.evicted as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
         let _ = tcp.set_nodelay(true);
         conns.spawn(connection(
             acceptor.clone(),
             tcp,
             peer,
             app.clone(),
+            hygiene,
+            admitted.ticket,
             stop.clone(),
         ));
     }
@@ -528,43 +740,115 @@ pub async fn serve<S: Store>(
     conns
 }
 
-/// One client connection: TLS, then HTTP/1.1 or HTTP/2 until the client closes or `stop`.
+/// One client connection: TLS, then HTTP/1.1 or HTTP/2 (as ALPN chose) until the client
+/// closes, the connection idles out or is evicted, or `stop`.
 async fn connection<S: Store>(
     acceptor: TlsAcceptor,
     tcp: tokio::net::TcpStream,
     peer: std::net::SocketAddr,
     app: Arc<App<S>>,
+    hygiene: Hygiene,
+    ticket: crate::conns::Ticket,
     mut stop: watch::Receiver<bool>,
 ) {
+    let evicted = ticket.evicted.clone();
+    let _open = OpenConnection::new(&app.metrics);
     let tls = tokio::select! {
         biased;
         // No request has been read yet: nothing to finish.
         _ = stopped(&mut stop) => return,
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)) => match r {
+        _ = evicted.notified() => return,
+        r = tokio::time::timeout(hygiene.handshake_timeout, acceptor.accept(tcp)) => match r {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }
-            Err(_) => return,
+            Err(_) => {
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
         },
     };
-    let svc = hyper::service::service_fn(move |req| app.clone().handle(req));
-    let builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), svc);
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    let activity = Activity::new();
+    let proven = Proven(ticket.proven.clone());
+    let act = activity.clone();
+    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let busy = act.begin();
+        req.extensions_mut().insert(proven.clone());
+        let app = app.clone();
+        async move {
+            let r = app.handle(req).await;
+            drop(busy);
+            r
+        }
+    });
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let timer = hyper_util::rt::TokioTimer::new();
+    let result = if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        b.timer(timer)
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            // Pings find peers that vanished without a FIN; idleness is `idle_timeout`'s.
+            .keep_alive_interval(Some(hygiene.idle_timeout))
+            .keep_alive_timeout(hygiene.header_read_timeout);
+        drive(
+            b.serve_connection(io, svc),
+            &activity,
+            hygiene,
+            &evicted,
+            &mut stop,
+        )
+        .await
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(timer)
+            .header_read_timeout(hygiene.header_read_timeout)
+            .max_buf_size(MAX_HEADER_BYTES);
+        drive(
+            b.serve_connection(io, svc),
+            &activity,
+            hygiene,
+            &evicted,
+            &mut stop,
+        )
+        .await
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+    drop(ticket);
+}
+
+/// Runs a connection until it ends, is idle for `idle_timeout`, is evicted, or `stop`.
+async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    hygiene: Hygiene,
+    evicted: &tokio::sync::Notify,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), C::Error>
+where
+    C: hyper_util::server::graceful::GracefulConnection<Error = hyper::Error>,
+{
     tokio::pin!(conn);
-    let result = tokio::select! {
+    tokio::select! {
         r = conn.as_mut() => r,
-        _ = stopped(&mut stop) => {
+        _ = stopped(stop) => {
             // HTTP/1.1: the request being served is answered, then the connection closes
             // (an idle one closes now). HTTP/2: GOAWAY, open streams are answered.
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+        _ = activity.idle_for(hygiene.idle_timeout) => {
+            conn.as_mut().graceful_shutdown();
+            // A client that ignores GOAWAY does not keep the descriptor.
+            tokio::time::timeout(CLOSE_PATIENCE, conn).await.unwrap_or(Ok(()))
+        }
+        // Never authenticated, and its slot is wanted: nothing of value is lost.
+        _ = evicted.notified() => Ok(()),
     }
 }
 
@@ -573,6 +857,18 @@ mod tests {
     use super::*;
     use crate::random::tests::Failing;
     use crate::random::RandomError;
+
+    #[test]
+    fn a_recurring_failure_is_logged_once_per_period_with_the_count_left_out() {
+        let mut r = RateLimited::new(Duration::from_secs(10));
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(r.hit_at(t0), Some(0));
+        for ms in 1..100 {
+            assert_eq!(r.hit_at(t0 + Duration::from_millis(ms * 10)), None);
+        }
+        assert_eq!(r.hit_at(t0 + Duration::from_secs(10)), Some(99));
+        assert_eq!(r.hit_at(t0 + Duration::from_secs(11)), None);
+    }
 
     #[test]
     fn a_failing_random_source_answers_503() {

@@ -34,6 +34,13 @@ pub const ENV_LOG: &str = "VMESH_CONTROL_LOG";
 pub const ENV_LOG_FORMAT: &str = "VMESH_CONTROL_LOG_FORMAT";
 pub const ENV_SERVICE_CIDR: &str = "VMESH_CONTROL_SERVICE_CLUSTER_IP_RANGE";
 pub const ENV_SHUTDOWN_GRACE: &str = "VMESH_CONTROL_SHUTDOWN_GRACE";
+pub const ENV_HANDSHAKE_TIMEOUT: &str = "VMESH_CONTROL_HANDSHAKE_TIMEOUT";
+pub const ENV_HEADER_READ_TIMEOUT: &str = "VMESH_CONTROL_HEADER_READ_TIMEOUT";
+pub const ENV_BODY_TIMEOUT: &str = "VMESH_CONTROL_BODY_TIMEOUT";
+pub const ENV_IDLE_TIMEOUT: &str = "VMESH_CONTROL_IDLE_TIMEOUT";
+pub const ENV_MAX_CONNECTIONS: &str = "VMESH_CONTROL_MAX_CONNECTIONS";
+pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "VMESH_CONTROL_MAX_CONNECTIONS_PER_SOURCE";
+pub const ENV_CERT_LIFETIME: &str = "VMESH_CONTROL_CERT_LIFETIME";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -152,6 +159,32 @@ pub struct ServeArgs {
     /// are closed (a second signal ends it early).
     #[arg(long, env = ENV_SHUTDOWN_GRACE, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
+    /// From accept to a finished TLS handshake.
+    #[arg(long, env = ENV_HANDSHAKE_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// HTTP/1.1: a request head must arrive in full within this (an idle keep-alive connection
+    /// closes after it too).
+    #[arg(long, env = ENV_HEADER_READ_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive in full within this (else 408).
+    #[arg(long, env = ENV_BODY_TIMEOUT, value_parser = parse_duration, default_value = "30s")]
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (long-polls are in
+    /// flight).
+    #[arg(long, env = ENV_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "20s")]
+    pub idle_timeout: Duration,
+    /// Open connections at most (also kept 64 below the open-file limit, which is raised to
+    /// its hard limit at start). At the cap, an unauthenticated connection of the address
+    /// holding the most is closed.
+    #[arg(long, env = ENV_MAX_CONNECTIONS, default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Open connections from one source address at most.
+    #[arg(long, env = ENV_MAX_CONNECTIONS_PER_SOURCE, default_value_t = 1_000)]
+    pub max_connections_per_source: usize,
+    /// Lifetime of the serving certificate (at most 365d); re-issued two thirds in, without a
+    /// restart.
+    #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "90d")]
+    pub cert_lifetime: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -195,9 +228,12 @@ fn parse_jwks_arg(s: &str) -> Result<(String, PathBuf), String> {
 
 fn init_tracing(filter: &str, format: LogFormat) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).context("--log")?;
+    // Escaped, so no input can forge a line or reach a terminal as an escape sequence; hence
+    // no colours either (they would be escaped too).
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(false)
+        .with_writer(|| crate::logsafe::Escaping(std::io::stderr()));
     match format {
         LogFormat::Text => b.try_init(),
         LogFormat::Json => b.json().try_init(),
@@ -298,6 +334,27 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     if a.grace_period.is_zero() {
         bail!("--grace-period must be positive");
     }
+    for (flag, d) in [
+        ("--handshake-timeout", a.handshake_timeout),
+        ("--header-read-timeout", a.header_read_timeout),
+        ("--body-timeout", a.body_timeout),
+        ("--idle-timeout", a.idle_timeout),
+    ] {
+        if d.is_zero() {
+            bail!("{flag} must be positive");
+        }
+    }
+    if a.max_connections == 0 || a.max_connections_per_source == 0 {
+        bail!("--max-connections and --max-connections-per-source must be positive");
+    }
+    if a.cert_lifetime < Duration::from_secs(1)
+        || a.cert_lifetime > crate::tls::MAX_SERVING_LIFETIME
+    {
+        bail!(
+            "--cert-lifetime ({}) must be between 1s and 365d",
+            humantime::format_duration(a.cert_lifetime)
+        );
+    }
     for (_, p) in &a.jwks {
         if !p.is_file() {
             bail!("--jwks: {} is not a readable file", p.display());
@@ -328,6 +385,15 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         tick: Some(Duration::from_secs(1)),
         coalesce: Duration::from_millis(10),
         shutdown_grace: a.shutdown_grace,
+        hygiene: crate::api::Hygiene {
+            handshake_timeout: a.handshake_timeout,
+            header_read_timeout: a.header_read_timeout,
+            body_timeout: a.body_timeout,
+            idle_timeout: a.idle_timeout,
+            max_connections: a.max_connections,
+            max_connections_per_source: a.max_connections_per_source,
+        },
+        cert_lifetime: a.cert_lifetime,
     };
     let running = start(cfg, Arc::new(SystemClock)).await?;
     let signal = signals.next().await;

@@ -31,6 +31,12 @@ use crate::random::{self, Entropy, RandomError, SystemEntropy};
 pub const AUDIENCE: &str = "istio-ca";
 /// Clock skew tolerated on `exp`, `nbf` and `iat`.
 pub const LEEWAY_SECS: u64 = 30;
+/// Longest token read at all. Kubernetes tokens are about 1 KiB; anything near this is an
+/// attempt to make the server base64-decode, parse and hash megabytes per request.
+pub const MAX_TOKEN_BYTES: usize = 16 << 10;
+/// Shortest RSA modulus a trusted JWKS may hold (NIST SP 800-57: 1024-bit keys are broken in
+/// practice, 2048 is the floor Kubernetes and every mainstream issuer use).
+pub const MIN_RSA_BITS: usize = 2048;
 const SA_PREFIX: &str = "system:serviceaccount:";
 
 /// Who a verified token says the caller is.
@@ -45,12 +51,16 @@ pub struct Identity {
 pub enum TokenError {
     #[error("no bearer token")]
     Missing,
+    #[error("token longer than {MAX_TOKEN_BYTES} bytes")]
+    TooLarge,
     #[error("malformed token: {0}")]
     Malformed(&'static str),
     #[error("alg \"none\" is never accepted")]
     AlgNone,
     #[error("unsupported alg {0:?}")]
     UnsupportedAlg(String),
+    #[error("header marks extensions critical that this server does not implement")]
+    UnknownCritical,
     #[error("issuer {0:?} is not trusted")]
     WrongIssuer(String),
     #[error("no key for kid {0:?} from this issuer")]
@@ -59,6 +69,8 @@ pub enum TokenError {
     BadSignature,
     #[error("token expired")]
     Expired,
+    #[error("token has no exp claim")]
+    MissingExp,
     #[error("token not yet valid")]
     NotYetValid,
     #[error("audience does not include {AUDIENCE:?}")]
@@ -74,13 +86,16 @@ impl TokenError {
     pub fn reason(&self) -> &'static str {
         match self {
             TokenError::Missing => "missing",
+            TokenError::TooLarge => "too_large",
             TokenError::Malformed(_) => "malformed",
             TokenError::AlgNone => "alg_none",
             TokenError::UnsupportedAlg(_) => "unsupported_alg",
+            TokenError::UnknownCritical => "unknown_crit",
             TokenError::WrongIssuer(_) => "wrong_issuer",
             TokenError::UnknownKey(_) => "unknown_key",
             TokenError::BadSignature => "bad_signature",
             TokenError::Expired => "expired",
+            TokenError::MissingExp => "missing_exp",
             TokenError::NotYetValid => "not_yet_valid",
             TokenError::WrongAudience => "wrong_audience",
             TokenError::BadSubject => "bad_subject",
@@ -111,6 +126,10 @@ struct Header {
     #[serde(default)]
     #[allow(dead_code)]
     typ: Option<String>,
+    /// RFC 7515 4.1.11: extensions the recipient must understand or refuse the token. This
+    /// server implements none, so any `crit` at all is a refusal (an empty list is invalid).
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,7 +230,18 @@ fn parse_jwks(doc: JwksDoc) -> Result<Vec<TrustedKey>, KeyError> {
             continue;
         }
         let alg = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::RSA(rsa) => {
+                let n = B64
+                    .decode(&rsa.n)
+                    .map_err(|_| bad("RSA modulus is not base64url"))?;
+                let bits = modulus_bits(&n);
+                if bits < MIN_RSA_BITS {
+                    return Err(bad(&format!(
+                        "RSA key of {bits} bits; at least {MIN_RSA_BITS} are required"
+                    )));
+                }
+                Algorithm::RS256
+            }
             AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
                 let coordinate = |c: &str| B64.decode(c).map(|b| b.len());
                 if coordinate(&ec.x) != Ok(32) || coordinate(&ec.y) != Ok(32) {
@@ -229,6 +259,14 @@ fn parse_jwks(doc: JwksDoc) -> Result<Vec<TrustedKey>, KeyError> {
         });
     }
     Ok(out)
+}
+
+/// The bit length of a big-endian unsigned integer (leading zero bytes do not count).
+fn modulus_bits(n: &[u8]) -> usize {
+    match n.iter().position(|b| *b != 0) {
+        Some(i) => (n.len() - i - 1) * 8 + (8 - n[i].leading_zeros() as usize),
+        None => 0,
+    }
 }
 
 /// Signature and key checks are `jsonwebtoken`'s; time, audience and subject are checked here.
@@ -280,6 +318,10 @@ impl Verifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        // Before any decoding, parsing or hashing: the cost of a refusal stays constant.
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge);
+        }
         let mut parts = token.split('.');
         let (Some(h), Some(c), Some(sig), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -294,6 +336,9 @@ impl Verifier {
             .ok_or(TokenError::Malformed("header"))?;
         if header.alg.eq_ignore_ascii_case("none") {
             return Err(TokenError::AlgNone);
+        }
+        if header.crit.is_some() {
+            return Err(TokenError::UnknownCritical);
         }
         let alg = match header.alg.as_str() {
             "RS256" => Algorithm::RS256,
@@ -337,7 +382,10 @@ impl Verifier {
         let now = self.clock.now() / 1_000_000_000;
         match claims.exp {
             Some(exp) if now < exp.saturating_add(LEEWAY_SECS) => {}
-            _ => return Err(TokenError::Expired),
+            Some(_) => return Err(TokenError::Expired),
+            // Not "expired": a token that never expires is an issuer misconfiguration the
+            // operator needs to see named, not a clock problem.
+            None => return Err(TokenError::MissingExp),
         }
         if claims
             .nbf
@@ -500,6 +548,16 @@ mod tests {
             ),
             Err(KeyError::Random(RandomError))
         );
+    }
+
+    #[test]
+    fn modulus_bits_ignore_leading_zero_bytes() {
+        assert_eq!(modulus_bits(&[]), 0);
+        assert_eq!(modulus_bits(&[0, 0]), 0);
+        assert_eq!(modulus_bits(&[1]), 1);
+        assert_eq!(modulus_bits(&[0, 0x80, 0]), 16);
+        assert_eq!(modulus_bits(&[0xff; 256]), 2048);
+        assert_eq!(modulus_bits(&[0x7f; 256]), 2047);
     }
 
     #[test]

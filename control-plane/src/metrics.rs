@@ -127,6 +127,12 @@ impl Label for HealthReportOutcome {
     }
 }
 
+impl Label for crate::conns::Refusal {
+    fn label(&self) -> &'static str {
+        self.reason()
+    }
+}
+
 impl Label for TokenError {
     fn label(&self) -> &'static str {
         self.reason()
@@ -143,6 +149,13 @@ pub struct Metrics {
     /// Requests being handled now (long-polls and the scrape itself included).
     pub requests_in_flight: AtomicI64,
     pub store_commit: Histogram,
+    /// TLS connections open now (handshaking included).
+    pub connections_open: AtomicI64,
+    /// Connections closed at accept because a cap was reached and nothing could give way.
+    pub connections_refused: LabeledCounter<crate::conns::Refusal>,
+    /// Unauthenticated connections closed to make room for new ones.
+    pub connections_evicted: AtomicU64,
+    pub accept_errors: AtomicU64,
 }
 
 /// State-derived gauges, computed by the caller at scrape time.
@@ -202,6 +215,27 @@ impl Metrics {
             out,
             "# HELP vmesh_requests_in_flight API requests being handled now, this scrape included.\n# TYPE vmesh_requests_in_flight gauge\nvmesh_requests_in_flight {}",
             self.requests_in_flight.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_connections_open Client connections open now.\n# TYPE vmesh_connections_open gauge\nvmesh_connections_open {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        self.connections_refused.render(
+            "vmesh_connections_refused_total",
+            "reason",
+            "Connections closed at accept: a cap was reached and every connection held was authenticated.",
+            &mut out,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_connections_evicted_total Unauthenticated connections closed to make room at a cap.\n# TYPE vmesh_connections_evicted_total counter\nvmesh_connections_evicted_total {}",
+            self.connections_evicted.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_accept_errors_total Failed accept calls (out of descriptors or memory).\n# TYPE vmesh_accept_errors_total counter\nvmesh_accept_errors_total {}",
+            self.accept_errors.load(Ordering::Relaxed)
         );
         self.store_commit.render(
             "vmesh_store_commit_seconds",

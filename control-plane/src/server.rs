@@ -25,7 +25,7 @@ use crate::registry::{Registry, Settings};
 use crate::store::redb::RedbStore;
 use crate::store::StoreError;
 use crate::tables::{self, NameTables};
-use crate::tls::{write_private, Ca, TlsError};
+use crate::tls::{write_private, Ca, ServingCert, TlsError, ROOT_KEY_FILE};
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub const SIGNING_KEY_FILE: &str = "token-signing-key.pem";
@@ -49,6 +49,10 @@ pub struct ServeConfig {
     pub coalesce: Duration,
     /// How long in-flight requests get to finish when the server stops.
     pub shutdown_grace: Duration,
+    /// Timeouts and connection caps.
+    pub hygiene: crate::api::Hygiene,
+    /// Lifetime of the serving certificate (at most a year); it is re-issued two thirds in.
+    pub cert_lifetime: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,8 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
+    #[error("data dir {path} is writable by every user: another user could replace its keys or store (chmod o-w, or use a directory of its own)")]
+    WorldWritable { path: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("{path}: {source}")]
@@ -96,6 +102,7 @@ pub struct Running {
     tick: Option<JoinHandle<()>>,
     rebuild_stop: oneshot::Sender<()>,
     rebuild: JoinHandle<()>,
+    renew: JoinHandle<()>,
 }
 
 /// Never shows the admin credential.
@@ -165,6 +172,8 @@ impl Running {
                 }
             }
         }
+        // Between renewals it only sleeps; a renewal cut off is redone at the next start.
+        self.renew.abort();
         let _ = self.rebuild_stop.send(());
         let _ = self.rebuild.await;
         self.registry.shutdown().await;
@@ -236,12 +245,95 @@ fn pem_encode(label: &str, der: &[u8]) -> String {
     out
 }
 
+/// Files that must be the server user's alone.
+const SECRET_FILES: [&str; 4] = [
+    ROOT_KEY_FILE,
+    ADMIN_TOKEN_FILE,
+    SIGNING_KEY_FILE,
+    STORE_FILE,
+];
+
+/// Creates the data dir (0700) or checks an existing one: refused if every user may write to
+/// it (anyone could have swapped in their own CA key or admin credential); a secret that group
+/// or others may read is made 0600, with a warning that it may have been read.
+fn secure_data_dir(dir: &Path) -> Result<(), ServeError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(dir_err(dir))?;
+        }
+        let mode = std::fs::metadata(dir)
+            .map_err(dir_err(dir))?
+            .permissions()
+            .mode();
+        if mode & 0o002 != 0 {
+            return Err(ServeError::WorldWritable {
+                path: dir.display().to_string(),
+            });
+        }
+        for name in SECRET_FILES {
+            let path = dir.join(name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(dir_err(&path))?;
+                tracing::warn!(file = %path.display(), was = format!("{mode:o}"),
+                    "secret was readable by other users; made 0600 (treat its contents as exposed)");
+            }
+        }
+        // redb initializes an empty file: created here, the store is never readable by others,
+        // not even for the moment between its creation and a chmod.
+        let store = dir.join(STORE_FILE);
+        if !store.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&store)
+                .map_err(dir_err(&store))?;
+        }
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir).map_err(dir_err(dir))?;
+    Ok(())
+}
+
+/// Re-issues the serving certificate two thirds into each one's life, until aborted.
+async fn renew_serving_cert(ca: Ca, sans: Vec<String>, lifetime: Duration, cert: Arc<ServingCert>) {
+    let mut wait = ServingCert::renew_after(lifetime);
+    loop {
+        tokio::time::sleep(wait).await;
+        match ca.certified_key(&sans, lifetime) {
+            Ok(k) => {
+                cert.replace(k);
+                wait = ServingCert::renew_after(lifetime);
+                tracing::info!(lifetime = ?lifetime, "serving certificate renewed");
+            }
+            Err(e) => {
+                // The current one still has a third of its life: retry well within it.
+                wait = (ServingCert::renew_after(lifetime) / 20).max(Duration::from_secs(1));
+                tracing::warn!(error = %e, retry_in = ?wait, "serving certificate renewal failed");
+            }
+        }
+    }
+}
+
 /// Loads everything, binds, and serves until [`Running::stop`].
 pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let dir = &cfg.data_dir;
-    std::fs::create_dir_all(dir).map_err(dir_err(dir))?;
+    secure_data_dir(dir)?;
     let ca = Ca::load_or_create(dir)?;
-    let tls = Arc::new(ca.server_config(&cfg.sans)?);
+    let serving = ServingCert::new(ca.certified_key(&cfg.sans, cfg.cert_lifetime)?);
+    let tls = Arc::new(serving.server_config()?);
     let admin_token = admin_token(dir, &SystemEntropy::default())?;
     let signer = Arc::new(signer(dir, &cfg.issuer)?);
     let mut verifier = Verifier::new(clock.clone());
@@ -338,9 +430,41 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         admin_token: admin_token.clone(),
         metrics: metrics.clone(),
         clock,
+        body_timeout: cfg.hygiene.body_timeout,
     });
-    let accept = tokio::spawn(crate::api::serve(listener, tls, app, stop.subscribe()));
-    tracing::info!(%addr, replica = %cfg.settings.replica, data_dir = %dir.display(), "vmesh-control serving");
+    let h = cfg.hygiene;
+    let (nofile, nofile_max) = match crate::conns::raise_nofile() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            (None, None)
+        }
+    };
+    let limits = crate::conns::Limits {
+        total: nofile.map_or(h.max_connections, |n| {
+            h.max_connections.min(crate::conns::fd_budget(n))
+        }),
+        per_source: h.max_connections_per_source,
+    };
+    let admission = crate::conns::Admission::new(limits);
+    let root_cert_pem = ca.cert_pem.clone();
+    let renew = tokio::spawn(renew_serving_cert(
+        ca,
+        cfg.sans.clone(),
+        cfg.cert_lifetime,
+        serving,
+    ));
+    let accept = tokio::spawn(crate::api::serve(
+        listener,
+        tls,
+        app,
+        h,
+        admission,
+        stop.subscribe(),
+    ));
+    tracing::info!(%addr, replica = %cfg.settings.replica, data_dir = %dir.display(),
+        max_connections = limits.total, max_connections_per_source = limits.per_source,
+        open_file_limit = nofile, open_file_hard_limit = nofile_max, "vmesh-control serving");
     Ok(Running {
         addr,
         registry,
@@ -348,7 +472,7 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         tables,
         metrics,
         admin_token,
-        root_cert_pem: ca.cert_pem,
+        root_cert_pem,
         cache,
         grace: cfg.shutdown_grace,
         stop,
@@ -356,6 +480,7 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         tick,
         rebuild_stop,
         rebuild,
+        renew,
     })
 }
 

@@ -1,10 +1,13 @@
 //! TLS: the control plane's root CA (created on first start in the data dir, like istiod's
-//! self-signed root) and a serving certificate for the configured names and IPs, issued by it
-//! at every start. Clients trust `root-cert.pem`.
+//! self-signed root, and like it valid for 10 years) and a serving certificate for the
+//! configured names and IPs, issued by it at every start with a lifetime of at most a year and
+//! re-issued in the running server before it expires ([`ServingCert`]). Clients trust
+//! `root-cert.pem`.
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -12,9 +15,19 @@ use rcgen::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// Istio's self-signed root lives 10 years (`citadel.DefaultSelfSignedCACertTTL`).
+pub const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The longest serving certificate issued (browsers' and the CA/B Forum's ceiling is lower;
+/// a year bounds how long a leaked serving key is useful).
+pub const MAX_SERVING_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// How far back `notBefore` is set: a client whose clock is a little behind still accepts a
+/// certificate issued a moment ago.
+const BACKDATE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -44,6 +57,13 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+fn validity(lifetime: Duration) -> (time::OffsetDateTime, time::OffsetDateTime) {
+    let now = time::OffsetDateTime::now_utc();
+    (now - BACKDATE, now + lifetime)
+}
+
+/// The root's parameters. Only the name and constraints matter when re-loading it to sign
+/// (the issuer's validity is not copied into what it signs).
 fn ca_params() -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
@@ -56,8 +76,7 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2099, 12, 31);
+    (p.not_before, p.not_after) = validity(ROOT_LIFETIME);
     Ok(p)
 }
 
@@ -109,10 +128,12 @@ impl Ca {
         })
     }
 
-    /// A serving certificate (chain: leaf, root) and its key for `names` (DNS names or IPs).
+    /// A serving certificate (chain: leaf, root) and its key for `names` (DNS names or IPs),
+    /// valid from now for `lifetime` (capped at [`MAX_SERVING_LIFETIME`]).
     pub fn issue_server(
         &self,
         names: &[String],
+        lifetime: Duration,
     ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
         let mut p = CertificateParams::new(Vec::<String>::new())?;
         for n in names {
@@ -137,8 +158,7 @@ impl Ca {
         p.distinguished_name = dn;
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2099, 12, 31);
+        (p.not_before, p.not_after) = validity(lifetime.min(MAX_SERVING_LIFETIME));
         let leaf_key = KeyPair::generate()?;
         let issuer = Issuer::new(ca_params()?, &self.key);
         let leaf = p.signed_by(&leaf_key, &issuer)?;
@@ -149,14 +169,56 @@ impl Ca {
         Ok((vec![leaf.der().clone(), root], key))
     }
 
-    pub fn server_config(&self, names: &[String]) -> Result<rustls::ServerConfig, TlsError> {
-        let (chain, key) = self.issue_server(names)?;
+    /// A serving certificate ready for rustls.
+    pub fn certified_key(
+        &self,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<Arc<CertifiedKey>, TlsError> {
+        let (chain, key) = self.issue_server(names, lifetime)?;
+        let signing = provider().key_provider.load_private_key(key)?;
+        Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    }
+}
+
+/// The serving certificate a running server presents; [`ServingCert::replace`] swaps it for a
+/// new one without a restart (connections already open keep the one they started with).
+#[derive(Debug)]
+pub struct ServingCert(RwLock<Arc<CertifiedKey>>);
+
+impl ServingCert {
+    pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(ServingCert(RwLock::new(key)))
+    }
+
+    pub fn replace(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = key;
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// When to issue the next one: two thirds into a certificate's life, so that a failed
+    /// renewal has a third of it to be retried in.
+    pub fn renew_after(lifetime: Duration) -> Duration {
+        lifetime.min(MAX_SERVING_LIFETIME) * 2 / 3
+    }
+
+    /// The server's TLS config, presenting whatever certificate is current.
+    pub fn server_config(self: &Arc<Self>) -> Result<rustls::ServerConfig, TlsError> {
         let mut c = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+            .with_cert_resolver(self.clone());
         c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(c)
+    }
+}
+
+impl ResolvesServerCert for ServingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
     }
 }
 

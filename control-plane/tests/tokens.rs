@@ -175,7 +175,7 @@ fn every_bad_token_is_refused_with_its_own_reason() {
                     c.as_object_mut().unwrap().remove("exp");
                 }),
             ),
-            TokenError::Expired,
+            TokenError::MissingExp,
         ),
         (
             "not yet valid",
@@ -295,6 +295,30 @@ fn every_bad_token_is_refused_with_its_own_reason() {
             format!("!!.{c}.{s}"),
             TokenError::Malformed("header"),
         ),
+        (
+            "crit names an extension (signed correctly)",
+            rs256(
+                &json!({"alg": "RS256", "kid": cluster_kid(), "crit": ["exp-ext"], "exp-ext": 1}),
+                &ok,
+            ),
+            TokenError::UnknownCritical,
+        ),
+        (
+            "empty crit",
+            rs256(
+                &json!({"alg": "RS256", "kid": cluster_kid(), "crit": []}),
+                &ok,
+            ),
+            TokenError::UnknownCritical,
+        ),
+        (
+            "over the size cap (refused before any decoding)",
+            format!(
+                "{h}.{}.{s}",
+                "A".repeat(vmesh_control::identity::MAX_TOKEN_BYTES)
+            ),
+            TokenError::TooLarge,
+        ),
     ];
     let mut reasons = std::collections::BTreeSet::new();
     for (what, token, want) in cases {
@@ -304,10 +328,30 @@ fn every_bad_token_is_refused_with_its_own_reason() {
     }
     assert_eq!(
         reasons.len(),
-        11,
+        14,
         "each refusal kind has a distinct reason: {reasons:?}"
     );
     assert!(v.verify(&good).is_ok());
+}
+
+#[test]
+fn rsa_keys_under_2048_bits_are_refused_when_the_jwks_is_loaded() {
+    let jwks: Value =
+        serde_json::from_slice(&std::fs::read(fixture("cluster-jwks.json")).unwrap()).unwrap();
+    let n = B64.decode(jwks["keys"][0]["n"].as_str().unwrap()).unwrap();
+    let mut v = Verifier::new(Arc::new(ManualClock::new(T0)));
+    // The fixture's 2048-bit key loads; the same key cut to 1024 bits is refused with its size.
+    v.trust_jwks(CLUSTER_ISSUER, jwks.to_string().as_bytes())
+        .unwrap();
+    let mut short = jwks.clone();
+    short["keys"][0]["n"] = json!(B64.encode(&n[..128]));
+    let e = v
+        .trust_jwks(CLUSTER_ISSUER, short.to_string().as_bytes())
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("1024 bits") && e.to_string().contains("2048"),
+        "{e}"
+    );
 }
 
 #[tokio::test]

@@ -2,7 +2,9 @@
 //! fresh data dir and measures, over real HTTPS from this process,
 //! - registrations per second on the embedded store (`registrations`),
 //! - name-table fan-out: N parked long-polls, time from a change to the last answer (`fanout`),
-//! - resident memory per registered VM (`memory`).
+//! - resident memory per registered VM (`memory`),
+//! - a VM's request latency while thousands of idle or slow unauthenticated connections are
+//!   held open, against quiet phases interleaved with them (`slow-clients`).
 //!
 //! Results go to stdout as Markdown rows for docs/benchmarks.md.
 
@@ -43,6 +45,17 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
+    /// VM request latency with N idle/slow unauthenticated connections held open, in phases
+    /// alternating with quiet ones.
+    SlowClients {
+        #[arg(long, default_value_t = 2000)]
+        attackers: usize,
+        /// Pairs of (quiet, attacked) phases.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        #[arg(long, default_value_t = 10)]
+        phase_secs: u64,
+    },
     /// Resident memory per registered VM.
     Memory {
         #[arg(long, default_value_t = 20_000)]
@@ -73,6 +86,7 @@ spec:
 struct Server {
     child: Child,
     admin: Client,
+    addr: String,
     _dir: tempfile::TempDir,
 }
 
@@ -129,6 +143,7 @@ impl Server {
         Ok(Server {
             child,
             admin,
+            addr: format!("127.0.0.1:{port}"),
             _dir: dir,
         })
     }
@@ -314,6 +329,237 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
     Ok(())
 }
 
+#[derive(Default)]
+struct Attack {
+    opened: std::sync::atomic::AtomicU64,
+    closed: std::sync::atomic::AtomicU64,
+    /// How long connections idle after TLS were held before the server closed them.
+    idle_held: std::sync::Mutex<Vec<Duration>>,
+}
+
+/// One attacking connection at a time from `source`, re-opened 100 ms after the server closes
+/// it: kind 0 sends nothing, 1 half a ClientHello, 2 completes TLS and idles, 3 completes TLS
+/// and trickles a request head a byte every 500 ms.
+async fn attacker(
+    server: std::net::SocketAddr,
+    source: std::net::IpAddr,
+    kind: usize,
+    tls: tokio_rustls::TlsConnector,
+    stats: Arc<Attack>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = [0u8; 256];
+    while !done.load(Relaxed) {
+        let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        let connected = async {
+            sock.bind((source, 0).into())?;
+            sock.connect(server).await
+        };
+        let Ok(mut tcp) = connected.await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        stats.opened.fetch_add(1, Relaxed);
+        let t = Instant::now();
+        let closed = async {
+            match kind {
+                0 | 1 => {
+                    if kind == 1 {
+                        let _ = tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await;
+                    }
+                    loop {
+                        if matches!(tcp.read(&mut buf).await, Ok(0) | Err(_)) {
+                            return;
+                        }
+                    }
+                }
+                _ => {
+                    let Ok(name) = vmesh_control::tls::server_name("127.0.0.1") else {
+                        return;
+                    };
+                    let Ok(mut s) = tls.connect(name, tcp).await else {
+                        return;
+                    };
+                    let head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ";
+                    let mut i = 0;
+                    loop {
+                        if kind == 3 {
+                            if s.write_all(&[head[i % head.len()]]).await.is_err() {
+                                return;
+                            }
+                            i += 1;
+                        }
+                        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut buf))
+                            .await
+                        {
+                            Ok(Ok(0)) | Ok(Err(_)) => {
+                                if kind == 2 {
+                                    stats
+                                        .idle_held
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .push(t.elapsed());
+                                }
+                                return;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            _ = closed => {
+                stats.closed.fetch_add(1, Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = async { while !done.load(Relaxed) { tokio::time::sleep(Duration::from_millis(100)).await } } => return,
+        }
+    }
+}
+
+/// A VM's requests for `secs`: register on a fresh connection (TLS included, as a VM that
+/// reconnects), then a heartbeat on it. Latencies of both, and the errors.
+async fn vm_phase(vm: &Client, secs: u64, offset: &mut usize) -> (Vec<Duration>, usize) {
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        *offset += 1;
+        let i = *offset;
+        let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+        let t = Instant::now();
+        let r: Result<Value, _> = vm
+            .json(
+                Method::POST,
+                vmesh_api::paths::control::REGISTER,
+                Some(&json!({"group": "bench", "address": ip})),
+            )
+            .await;
+        lat.push(t.elapsed());
+        match r {
+            Ok(r) => {
+                let t = Instant::now();
+                let hb = vm
+                    .call(
+                        Method::POST,
+                        vmesh_api::paths::control::HEARTBEAT,
+                        Some(serde_json::to_vec(&r["workloadEntry"]).unwrap_or_default()),
+                    )
+                    .await;
+                lat.push(t.elapsed());
+                errors += usize::from(hb.is_err());
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    lat.sort();
+    (lat, errors)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+async fn slow_clients(
+    s: &Server,
+    attackers: usize,
+    rounds: usize,
+    secs: u64,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let vm = s.vm_client("bench", "bench-sa").await?;
+    let root = std::fs::read(s._dir.path().join("root-cert.pem"))?;
+    let mut cfg = vmesh_control::tls::client_config(&root)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let server: std::net::SocketAddr = s.addr.parse()?;
+    let mut offset = 0;
+    let (mut quiet, mut attacked) = (Vec::new(), Vec::new());
+    let mut total_errors = (0, 0);
+    let mut held = Vec::new();
+    vm_phase(&vm, 1, &mut offset).await; // warm-up
+    for round in 0..rounds {
+        let (lat, errors) = vm_phase(&vm, secs, &mut offset).await;
+        eprintln!(
+            "round {round} quiet: {} requests, p50 {}, p99 {}, {errors} errors",
+            lat.len(),
+            ms(pct(&lat, 0.5)),
+            ms(pct(&lat, 0.99))
+        );
+        total_errors.0 += errors;
+        quiet.push((pct(&lat, 0.5), pct(&lat, 0.99)));
+
+        let stats = Arc::new(Attack::default());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for i in 0..attackers {
+            // Four source addresses: the per-source cap (1,000) admits 500 from each.
+            let source = std::net::IpAddr::from([127, 0, 0, 2 + (i % 4) as u8]);
+            tasks.push(tokio::spawn(attacker(
+                server,
+                source,
+                (i / 4) % 4,
+                tls.clone(),
+                stats.clone(),
+                done.clone(),
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stats.opened.load(Relaxed) < attackers as u64 {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} attacking connections opened",
+                    stats.opened.load(Relaxed)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let open = metric(&s.admin, "vmesh_connections_open")
+            .await
+            .unwrap_or(-1.0);
+        let (lat, errors) = vm_phase(&vm, secs, &mut offset).await;
+        eprintln!("round {round} attacked ({open} connections open at the start): {} requests, p50 {}, p99 {}, {errors} errors; attackers opened {}, server closed {}",
+            lat.len(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)), stats.opened.load(Relaxed), stats.closed.load(Relaxed));
+        total_errors.1 += errors;
+        attacked.push((pct(&lat, 0.5), pct(&lat, 0.99)));
+        done.store(true, Relaxed);
+        for t in tasks {
+            let _ = t.await;
+        }
+        held.extend(
+            stats
+                .idle_held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied(),
+        );
+        // Let the server see the attackers' closes before the next quiet phase.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let q50 = median(quiet.iter().map(|x| x.0).collect());
+    let q99 = median(quiet.iter().map(|x| x.1).collect());
+    let a50 = median(attacked.iter().map(|x| x.0).collect());
+    let a99 = median(attacked.iter().map(|x| x.1).collect());
+    held.sort();
+    println!("| VM requests with {attackers} idle/slow unauthenticated connections held, {rounds} interleaved rounds of {secs} s | quiet p50 {}, p99 {}; attacked p50 {}, p99 {} (medians of rounds); p99 ratio {:.2}; errors quiet {}, attacked {}; idle-after-TLS connections closed after p50 {}, max {} |",
+        ms(q50), ms(q99), ms(a50), ms(a99), a99.as_secs_f64() / q99.as_secs_f64().max(1e-9), total_errors.0, total_errors.1, ms(pct(&held, 0.5)), ms(held.last().copied().unwrap_or_default()));
+    Ok(())
+}
+
+async fn metric(admin: &Client, name: &str) -> Option<f64> {
+    let r = admin.call(Method::GET, "/metrics", None).await.ok()?;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let s = Server::start(&cli.server_bin).await?;
     match cli.cmd {
@@ -324,6 +570,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vms as f64 / took.as_secs_f64(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
         }
         Cmd::Fanout { watchers, rounds } => fanout(&s, watchers, rounds).await?,
+        Cmd::SlowClients {
+            attackers,
+            rounds,
+            phase_secs,
+        } => slow_clients(&s, attackers, rounds, phase_secs).await?,
         Cmd::Memory { vms, concurrency } => {
             // Warm up: TLS, a table, a few registrations, so fixed costs are in the baseline.
             let vm = s.vm_client("bench", "bench-sa").await?;

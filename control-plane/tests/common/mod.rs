@@ -88,6 +88,8 @@ impl TestServer {
             tick: None,
             coalesce: Duration::from_millis(5),
             shutdown_grace: Duration::from_secs(10),
+            hygiene: Default::default(),
+            cert_lifetime: Duration::from_secs(90 * 24 * 3600),
         };
         let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);
