@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
+use common::rs256;
 use hyper::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -400,25 +401,6 @@ async fn connections_held_beyond_the_open_file_limit_do_not_stop_a_vm() {
             .and_then(|s| s.code()),
         Some(0)
     );
-}
-
-fn rs256(header: &Value, claims: &Value) -> String {
-    let der = std::fs::read(fixture("cluster-sa-signer.pk8")).unwrap();
-    let key = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
-    let input = format!(
-        "{}.{}",
-        B64.encode(header.to_string()),
-        B64.encode(claims.to_string())
-    );
-    let mut sig = vec![0u8; key.public().modulus_len()];
-    key.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        input.as_bytes(),
-        &mut sig,
-    )
-    .unwrap();
-    format!("{input}.{}", B64.encode(sig))
 }
 
 fn cluster_kid() -> String {

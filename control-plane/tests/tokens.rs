@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use common::{fixture, istio_vm_yaml, status_of, Options, TestServer, T0};
+use common::{fixture, istio_vm_yaml, rs256, status_of, Options, TestServer, T0};
 use hyper::Method;
 use serde_json::{json, Value};
 use vmesh_control::clock::ManualClock;
@@ -27,25 +27,6 @@ fn cluster_kid() -> String {
     let jwks: Value =
         serde_json::from_slice(&std::fs::read(fixture("cluster-jwks.json")).unwrap()).unwrap();
     jwks["keys"][0]["kid"].as_str().unwrap().to_string()
-}
-
-fn rs256(header: &Value, claims: &Value) -> String {
-    let der = std::fs::read(fixture("cluster-sa-signer.pk8")).unwrap();
-    let key = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
-    let input = format!(
-        "{}.{}",
-        B64.encode(header.to_string()),
-        B64.encode(claims.to_string())
-    );
-    let mut sig = vec![0u8; key.public().modulus_len()];
-    key.sign(
-        &ring::signature::RSA_PKCS1_SHA256,
-        &ring::rand::SystemRandom::new(),
-        input.as_bytes(),
-        &mut sig,
-    )
-    .unwrap();
-    format!("{input}.{}", B64.encode(sig))
 }
 
 /// What `kubectl create token vm-sa -n vm-namespace --audience istio-ca` returns, in shape.

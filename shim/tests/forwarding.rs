@@ -8,24 +8,13 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use hyper::{Method, StatusCode};
 use support::*;
-use vmesh_core::dns::inspect::{RData, Response};
+use vmesh_core::dns::inspect::Response;
 use vmesh_core::dns::Rcode;
 
 const CLIENT_ID: u16 = 0xC1D0;
 
 fn marker(n: u8) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, n)
-}
-
-fn first_a(message: &[u8]) -> Option<Ipv4Addr> {
-    Response::parse(message)
-        .ok()?
-        .answers
-        .iter()
-        .find_map(|rr| match rr.data {
-            RData::A(ip) => Some(ip),
-            _ => None,
-        })
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::*;
 use tokio::net::UdpSocket;
-use vmesh_core::dns::inspect::{RData, Response};
+use vmesh_core::dns::inspect::Response;
 use vmesh_core::dns::response::{set_id, Owner};
 use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
 use vmesh_shim::forwarder::{Forwarder, Mode};
@@ -26,17 +26,6 @@ fn answer(query: &[u8], ip: Ipv4Addr) -> Vec<u8> {
     let mut b = ResponseBuilder::new(&q, Rcode::NoError, false, 4096);
     b.address(Owner::Question, ip.into(), 60);
     b.finish().0
-}
-
-fn first_a(message: &[u8]) -> Option<Ipv4Addr> {
-    Response::parse(message)
-        .ok()?
-        .answers
-        .iter()
-        .find_map(|rr| match rr.data {
-            RData::A(ip) => Some(ip),
-            _ => None,
-        })
 }
 
 #[tokio::test]

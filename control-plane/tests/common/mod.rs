@@ -173,3 +173,26 @@ pub async fn wait_for_server(dir: &std::path::Path, url: &str) -> Client {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// A JWT signed RS256 by the test cluster's service-account key (`fixtures/cluster-sa-signer.pk8`,
+/// whose public half is `fixtures/cluster-jwks.json`), with any header and claims.
+pub fn rs256(header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+    use base64::Engine;
+    let der = std::fs::read(fixture("cluster-sa-signer.pk8")).unwrap();
+    let key = ring::signature::RsaKeyPair::from_pkcs8(&der).unwrap();
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let mut sig = vec![0u8; key.public().modulus_len()];
+    key.sign(
+        &ring::signature::RSA_PKCS1_SHA256,
+        &ring::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    format!("{input}.{}", B64.encode(sig))
+}

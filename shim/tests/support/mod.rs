@@ -383,3 +383,15 @@ impl Http {
             .await
     }
 }
+
+/// The first A address in a DNS answer.
+pub fn first_a(message: &[u8]) -> Option<Ipv4Addr> {
+    vmesh_core::dns::inspect::Response::parse(message)
+        .ok()?
+        .answers
+        .iter()
+        .find_map(|rr| match rr.data {
+            vmesh_core::dns::inspect::RData::A(ip) => Some(ip),
+            _ => None,
+        })
+}
