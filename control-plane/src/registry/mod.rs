@@ -218,6 +218,24 @@ impl<S: Store> Registry<S> {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes `entry` under `key` if the stored object is still at `revision` (a sweep's
+    /// decision was made on that version; a newer one is judged again next tick).
+    async fn put_entry_at(
+        &self,
+        key: &ObjectKey,
+        revision: Revision,
+        entry: WorkloadEntry,
+    ) -> Result<(), RegistryError> {
+        let skey = object_key(key);
+        self.commit(
+            Txn::default()
+                .check(skey.clone(), Precondition::Revision(revision))
+                .put(skey, encode(&Resource::WorkloadEntry(entry))),
+        )
+        .await
+        .map(drop)
+    }
+
     async fn commit(&self, txn: Txn) -> Result<Revision, RegistryError> {
         let rev = self.store.commit(txn).await?;
         self.cache.wait_for(rev).await;

@@ -3,13 +3,13 @@
 
 use std::collections::BTreeSet;
 
-use vmesh_istio::model::{Kind, ObjectKey, Resource};
+use vmesh_istio::model::{Kind, ObjectKey};
 use vmesh_istio::workload::{self, controller_of, is_auto_registered, is_health_checked, Sweep};
 
-use super::{as_entry, encode, entry_key, Conn, Registry, RegistryError};
+use super::{as_entry, entry_key, Conn, Registry, RegistryError};
 use crate::clock::nanos;
 use crate::identity::Identity;
-use crate::store::{object_key, Precondition, Store, Txn};
+use crate::store::Store;
 
 impl<S: Store> Registry<S> {
     /// Periodic work: lease, liveness timeouts, sweep, re-registration into re-created groups.
@@ -85,28 +85,14 @@ impl<S: Store> Registry<S> {
                         "health-checked entry disconnected past the grace period; removing its health");
                     let mut e = e.clone();
                     workload::clear_health(&mut e);
-                    let skey = object_key(&key);
-                    self.commit(
-                        Txn::default()
-                            .check(skey.clone(), Precondition::Revision(c.revision))
-                            .put(skey, encode(&Resource::WorkloadEntry(e))),
-                    )
-                    .await
-                    .map(drop)
+                    self.put_entry_at(&key, c.revision, e).await
                 }
                 Sweep::MarkDisconnected => {
                     tracing::info!(entry = %key.name, namespace = %key.namespace,
                         controller = controller_of(e).unwrap_or_default(), "entry's replica is gone; marking disconnected");
                     let mut e = e.clone();
                     workload::mark_stale(&mut e, now);
-                    let skey = object_key(&key);
-                    self.commit(
-                        Txn::default()
-                            .check(skey.clone(), Precondition::Revision(c.revision))
-                            .put(skey, encode(&Resource::WorkloadEntry(e))),
-                    )
-                    .await
-                    .map(drop)
+                    self.put_entry_at(&key, c.revision, e).await
                 }
             };
             match r {
