@@ -10,6 +10,7 @@
 //! - [`paths`]: every path, header name and content type, used by all three parts;
 //! - [`names`]: the name table (what DNS answers and the data plane routes with);
 //! - [`control`]: the VM calls of the control plane's API (`docs/protocol.md`);
+//! - `ca` (native only): the workload-certificate call, Istio's `IstioCertificateService`;
 //! - [`agent`]: the filter's agent talking to the shim (registration, liveness reports, probes);
 //! - [`forward`]: the gRPC stream that carries forwarded DNS queries from each Envoy worker to
 //!   the shim, and their answers back;
@@ -22,7 +23,7 @@
 //!
 //! The default feature `native` adds what only native code uses: serde_json
 //! ([`control::ApiError::from_response`], [`names::NameTable::to_json`]) and form_urlencoded
-//! (`paths::query::param`). The filter and `vmesh-core` turn it off, so nothing the filter links
+//! (`paths::query::param`), and prost for the CA messages (`ca`). The filter and `vmesh-core` turn it off, so nothing the filter links
 //! pulls serde_json.
 //!
 //! Nothing here does I/O; it runs inside Envoy's Wasm VMs too, so nothing panics on input.
@@ -37,6 +38,8 @@
 )]
 
 pub mod agent;
+#[cfg(feature = "native")]
+pub mod ca;
 pub mod control;
 pub mod forward;
 pub mod json;
