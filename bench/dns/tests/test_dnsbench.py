@@ -183,7 +183,7 @@ class Report(unittest.TestCase):
         self.assertFalse(verdict["owned UDP p99 <= 2x native, 10 names, at 0.5x native max"])
         self.assertTrue(verdict["no lost vmesh queries at max load"])
         self.assertFalse(verdict["no lost vmesh queries at 0.5x native max"])
-        self.assertTrue(verdict["vmesh_filter.wasm <= 250 KB"])
+        self.assertTrue(verdict["vmesh_filter.wasm <= 250 KiB"])
 
     def test_ratio_within_each_repetition(self):
         runs = [dict(run("vmesh", 50), rep=0), dict(run("native", 100), rep=0),
