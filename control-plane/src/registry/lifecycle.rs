@@ -8,7 +8,7 @@
 use vmesh_api::control::HEALTH_FUTURE_LEEWAY_SECS;
 use vmesh_api::time::parse_rfc3339;
 use vmesh_istio::model::{Kind, Labels, ObjectKey, Resource, WorkloadEntry};
-use vmesh_istio::validate::{is_dns1123_subdomain, validate_labels};
+use vmesh_istio::validate::{is_dns1123_subdomain, validate_register_labels};
 use vmesh_istio::workload::{
     self, apply_health, auto_registration_group, canonical_address, connect, entry_from_group,
     entry_name, is_auto_registered, may_control, next_registration, probe_with_defaults,
@@ -29,7 +29,9 @@ const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 fn name_error(e: EntryNameError) -> RegistryError {
     match e {
-        EntryNameError::Address(_) => bad("address", e.to_string()),
+        EntryNameError::Address(_) | EntryNameError::Unusable { .. } => {
+            bad("address", e.to_string())
+        }
         // The group name was checked and the address is canonical: the network broke it.
         EntryNameError::Name(_) => bad("network", e.to_string()),
     }
@@ -91,7 +93,7 @@ impl<S: Store> Registry<S> {
             }
         }
         let labels: Labels = req.labels.clone().into_iter().collect();
-        if let Some(e) = validate_labels(&labels, "labels").into_iter().next() {
+        if let Some(e) = validate_register_labels(&labels, "labels").into_iter().next() {
             return Err(bad(&e.path, e.message));
         }
         if id.namespace != req.namespace {
