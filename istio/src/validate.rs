@@ -157,6 +157,7 @@ fn qualified_name_problem(k: &str) -> Option<String> {
     (!name_chars_ok(name)).then(|| format!("name part {NAME_CHARS}"))
 }
 
+#[cfg(test)]
 fn label_key_ok(k: &str) -> bool {
     qualified_name_problem(k).is_none()
 }
@@ -173,6 +174,7 @@ fn label_value_problem(v: &str) -> Option<String> {
     (!name_chars_ok(v)).then(|| format!("a valid label must be an empty string or {NAME_CHARS}"))
 }
 
+#[cfg(test)]
 fn label_value_ok(v: &str) -> bool {
     label_value_problem(v).is_none()
 }
