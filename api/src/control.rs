@@ -395,7 +395,8 @@ mod tests {
     }
 
     #[test]
-    fn unspecified_multicast_link_local_and_broadcast_addresses_are_refused_as_workload_addresses() {
+    fn unspecified_multicast_link_local_and_broadcast_addresses_are_refused_as_workload_addresses()
+    {
         use std::net::IpAddr;
         let refusal = |s: &str| workload_address_refusal(s.parse::<IpAddr>().unwrap());
         for (ip, why) in [

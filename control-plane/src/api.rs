@@ -196,7 +196,10 @@ async fn read_body(
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let first = body.iter().find(|c| !c.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Err(ApiError::bad("", "invalid JSON body: must be a JSON object"));
+        return Err(ApiError::bad(
+            "",
+            "invalid JSON body: must be a JSON object",
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -206,12 +209,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
             format!("invalid JSON body: {}", e.inner()),
         )
     })?;
-    de.end().map_err(|e| {
-        ApiError::bad(
-            "",
-            format!("invalid JSON body: data after the object: {e}"),
-        )
-    })?;
+    de.end()
+        .map_err(|e| ApiError::bad("", format!("invalid JSON body: data after the object: {e}")))?;
     Ok(v)
 }
 

@@ -128,7 +128,10 @@ impl RateLimiter {
             return Ok(());
         }
         let wait = (1.0 - tokens) / self.rate;
-        Err((QuotaRefusal::Rate, Duration::from_secs_f64(wait.ceil().max(1.0))))
+        Err((
+            QuotaRefusal::Rate,
+            Duration::from_secs_f64(wait.ceil().max(1.0)),
+        ))
     }
 
     /// Drops the buckets that have refilled (the same as having none): what is tracked is

@@ -738,7 +738,14 @@ async fn name_label_annotation_body_date_and_address_bombs_are_refused() {
         }
         b
     };
-    let bad = |field: &str| (400, "bad_request".to_string(), Some(field.to_string()), None);
+    let bad = |field: &str| {
+        (
+            400,
+            "bad_request".to_string(),
+            Some(field.to_string()),
+            None,
+        )
+    };
 
     // Names: a network that cannot be part of an object name.
     for network in [
@@ -795,12 +802,7 @@ async fn name_label_annotation_body_date_and_address_bombs_are_refused() {
         b"null".to_vec(),
     ] {
         let r = post_raw(&vm, "/v1/register", &body).await;
-        assert_eq!(
-            refusal(r),
-            bad(""),
-            "{:?}",
-            String::from_utf8_lossy(&body)
-        );
+        assert_eq!(refusal(r), bad(""), "{:?}", String::from_utf8_lossy(&body));
     }
     // Dates: no Feb 30, no +25:00, no leap second.
     for t in [
@@ -809,13 +811,17 @@ async fn name_label_annotation_body_date_and_address_bombs_are_refused() {
         "2026-01-01T00:00:00+25:00",
         "2026-01-01T00:00:60Z",
     ] {
-        let body = json!({"namespace": "vm-ns", "name": "vms-10.0.0.1", "healthy": true, "probeTime": t});
-        let r = vm.json::<Value>(Method::POST, "/v1/health", Some(&body)).await;
+        let body =
+            json!({"namespace": "vm-ns", "name": "vms-10.0.0.1", "healthy": true, "probeTime": t});
+        let r = vm
+            .json::<Value>(Method::POST, "/v1/health", Some(&body))
+            .await;
         assert_eq!(refusal(r), bad("probeTime"), "{t}");
     }
     // Annotations: over Kubernetes' 256 KiB in all; a key that is no qualified name.
     let mut bomb = group_doc("vm-ns", "bomb", "vm-sa");
-    bomb.object["metadata"]["annotations"] = json!({"a": "x".repeat(200 << 10), "b": "x".repeat(60 << 10)});
+    bomb.object["metadata"]["annotations"] =
+        json!({"a": "x".repeat(200 << 10), "b": "x".repeat(60 << 10)});
     let (status, kind, field, _) = refusal(admin.apply(vec![bomb], "").await);
     assert_eq!(
         (status, kind.as_str(), field.as_deref()),
@@ -947,7 +953,10 @@ async fn quotas_refuse_with_429_and_retry_after_while_another_identity_registers
         }
     }
     let (status, kind, _, retry) = rate_refusal.expect("the rate never applied");
-    assert_eq!((status, kind.as_str(), retry), (429, "too_many_requests", Some(1)));
+    assert_eq!(
+        (status, kind.as_str(), retry),
+        (429, "too_many_requests", Some(1))
+    );
     // Still the quiet identity's own budget.
     register(&quiet, vm("quiet", 2)).await.unwrap();
 
@@ -957,15 +966,19 @@ async fn quotas_refuse_with_429_and_retry_after_while_another_identity_registers
         .json::<Value>(Method::POST, "/v1/deregister", Some(&gone))
         .await
         .unwrap();
-    assert_eventually_async("a freed slot takes a new entry once the rate allows", async || {
-        register(&noisy, vm("noisy", 4)).await.is_ok()
-    })
+    assert_eventually_async(
+        "a freed slot takes a new entry once the rate allows",
+        async || register(&noisy, vm("noisy", 4)).await.is_ok(),
+    )
     .await;
 
     for (name, at_least) in [
         ("vmesh_quota_refusals_total{reason=\"entries\"}", 1.0),
         ("vmesh_quota_refusals_total{reason=\"rate\"}", 1.0),
-        ("vmesh_registrations_total{result=\"too_many_requests\"}", 2.0),
+        (
+            "vmesh_registrations_total{result=\"too_many_requests\"}",
+            2.0,
+        ),
     ] {
         let n = metric(&admin, name).await.unwrap_or(0.0);
         assert!(n >= at_least, "{name} = {n}");

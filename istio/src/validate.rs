@@ -169,7 +169,9 @@ fn label_value_problem(v: &str) -> Option<String> {
         return None;
     }
     if v.len() > MAX_LABEL_VALUE_LEN {
-        return Some(format!("must be no more than {MAX_LABEL_VALUE_LEN} characters"));
+        return Some(format!(
+            "must be no more than {MAX_LABEL_VALUE_LEN} characters"
+        ));
     }
     (!name_chars_ok(v)).then(|| format!("a valid label must be an empty string or {NAME_CHARS}"))
 }
@@ -234,7 +236,6 @@ pub fn validate_register_labels(l: &Labels, path: &str) -> Vec<FieldError> {
     labels(l, path, &mut e);
     e.0.errors
 }
-
 
 fn port_ok(p: u32) -> bool {
     (1..=65535).contains(&p)
@@ -1271,7 +1272,10 @@ mod tests {
     }
 
     fn label_findings(l: &[(&str, &str)]) -> Vec<FieldError> {
-        let l: Labels = l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let l: Labels = l
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         validate_register_labels(&l, "labels")
     }
 

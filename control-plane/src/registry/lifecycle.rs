@@ -96,7 +96,10 @@ impl<S: Store> Registry<S> {
             }
         }
         let labels: Labels = req.labels.clone().into_iter().collect();
-        if let Some(e) = validate_register_labels(&labels, "labels").into_iter().next() {
+        if let Some(e) = validate_register_labels(&labels, "labels")
+            .into_iter()
+            .next()
+        {
             return Err(bad(&e.path, e.message));
         }
         if id.namespace != req.namespace {
@@ -281,9 +284,7 @@ impl<S: Store> Registry<S> {
         let held = self.cache.read(|s| {
             s.objects
                 .range(from..)
-                .take_while(|(k, _)| {
-                    k.kind == Kind::WorkloadEntry && k.namespace == id.namespace
-                })
+                .take_while(|(k, _)| k.kind == Kind::WorkloadEntry && k.namespace == id.namespace)
                 .filter_map(|(_, c)| as_entry(c))
                 .filter(|e| {
                     is_auto_registered(e)

@@ -589,7 +589,8 @@ mod tests {
         use vmesh_api::control::ApiError;
         let limited = |after: &str| {
             CallError::Api(
-                ApiError::new(ErrorKind::TooManyRequests, "slow down").with_retry_after(Some(after)),
+                ApiError::new(ErrorKind::TooManyRequests, "slow down")
+                    .with_retry_after(Some(after)),
             )
         };
         let half = Duration::from_millis(500);
