@@ -112,10 +112,7 @@ mod tests {
         // Field 1 (csr, length-delimited) then field 3 (varint): tags 0x0a and 0x18.
         assert_eq!(bytes.first(), Some(&0x0a));
         assert!(bytes.contains(&0x18));
-        assert_eq!(
-            IstioCertificateRequest::decode(bytes.as_slice()).ok(),
-            Some(req)
-        );
+        assert_eq!(IstioCertificateRequest::decode(bytes.as_slice()).ok(), Some(req));
     }
 
     #[test]
