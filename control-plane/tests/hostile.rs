@@ -601,7 +601,8 @@ async fn no_input_can_forge_a_log_line_or_emit_control_characters() {
         .unwrap();
     // No ':' in it: a service-account subject splits on them.
     let forged = "\n2030-01-01T00.00.00.000000Z  INFO FORGED line\x1b[31m\r\u{202e}";
-    // Signed by the trusted cluster key: its namespace reaches the registry and its logs.
+    // Signed by the trusted cluster key: refused for its subject (not a Kubernetes name), and
+    // what is logged of the refusal must still be escaped.
     let ns = format!("vm-ns{forged}");
     let token = rs256(
         &json!({"alg": "RS256", "kid": cluster_kid()}),
