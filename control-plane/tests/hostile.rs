@@ -823,16 +823,16 @@ async fn name_label_annotation_body_date_and_address_bombs_are_refused() {
     let mut bomb = group_doc("vm-ns", "bomb", "vm-sa");
     bomb.object["metadata"]["annotations"] =
         json!({"a": "x".repeat(200 << 10), "b": "x".repeat(60 << 10)});
-    let (status, kind, field, _) = refusal(admin.apply(vec![bomb], "").await);
+    let (code, kind, field, _) = refusal(admin.apply(vec![bomb], "").await);
     assert_eq!(
-        (status, kind.as_str(), field.as_deref()),
+        (code, kind.as_str(), field.as_deref()),
         (400, "invalid", Some("metadata.annotations"))
     );
     let mut bad_key = group_doc("vm-ns", "bomb", "vm-sa");
     bad_key.object["spec"]["metadata"] = json!({"annotations": {"x/y/z": "v"}});
-    let (status, _, field, _) = refusal(admin.apply(vec![bad_key], "").await);
+    let (code, _, field, _) = refusal(admin.apply(vec![bad_key], "").await);
     assert_eq!(
-        (status, field.as_deref()),
+        (code, field.as_deref()),
         (400, Some("spec.metadata.annotations[x/y/z]"))
     );
     // A token subject with control characters, signed by a trusted issuer: 401.
