@@ -116,6 +116,48 @@ pub struct HealthRequest {
     pub probe_time: String,
 }
 
+/// Labels a VM may send with a registration, at most. Kubernetes bounds labels only through the
+/// object's total size; a VM is not an admin, so its share of an entry gets a count of its own:
+/// 64 keys of at most 317 bytes and values of at most 63 keep one registration's labels under
+/// 25 KiB, and what a group adds is the admin's.
+pub const MAX_REGISTER_LABELS: usize = 64;
+
+/// Why an IP address cannot be the address a VM registers with: nothing could reach the
+/// workload there, or (link-local, which holds `169.254.169.254`) it would point the mesh at
+/// whatever answers on the control plane's or a client's own link, such as a cloud metadata
+/// service. IPv4-mapped IPv6 addresses are judged by the IPv4 address they carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AddressRefusal {
+    #[error("an unspecified address (0.0.0.0, ::) is nobody's address")]
+    Unspecified,
+    #[error("a multicast address is not one workload's")]
+    Multicast,
+    #[error("a link-local address (169.254.0.0/16, fe80::/10, incl. the metadata service) is not reachable across the mesh")]
+    LinkLocal,
+    #[error("the broadcast address is not one workload's")]
+    Broadcast,
+}
+
+/// `Some(reason)` when `ip` cannot be a registering VM's address (see [`AddressRefusal`]).
+/// Loopback stays allowed: single-machine setups and tests register VMs on 127.0.0.1.
+pub fn workload_address_refusal(ip: std::net::IpAddr) -> Option<AddressRefusal> {
+    use std::net::IpAddr;
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some(AddressRefusal::Unspecified),
+        IpAddr::V4(v4) if v4.is_multicast() => Some(AddressRefusal::Multicast),
+        IpAddr::V4(v4) if v4.is_link_local() => Some(AddressRefusal::LinkLocal),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some(AddressRefusal::Broadcast),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some(AddressRefusal::Unspecified),
+        IpAddr::V6(v6) if v6.is_multicast() => Some(AddressRefusal::Multicast),
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => Some(AddressRefusal::LinkLocal),
+        _ => None,
+    }
+}
+
 /// How far ahead of the control plane's clock a health report's times may be.
 pub const HEALTH_FUTURE_LEEWAY_SECS: u64 = 30;
 
@@ -153,6 +195,9 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// 503: the store cannot commit or read; retry with backoff.
     Unavailable,
+    /// 429: this identity is over its registration rate or its cap on entries; retry after
+    /// the response's `Retry-After` seconds, not sooner.
+    TooManyRequests,
     /// A kind this client does not know (a newer server), or no error body at all.
     #[serde(other)]
     Unknown,
@@ -172,6 +217,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::TooManyRequests => "too_many_requests",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -188,16 +234,21 @@ impl ErrorKind {
             ErrorKind::Timeout => 408,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Unavailable => 503,
+            ErrorKind::TooManyRequests => 429,
             ErrorKind::Unknown => 500,
         }
     }
 
-    /// Whether the same request may succeed later without anything changing (503, 408 and
-    /// unknown server errors); connection errors are retried the same way.
+    /// Whether the same request may succeed later without anything changing (503, 408, 429
+    /// and unknown server errors); connection errors are retried the same way. A 429 says
+    /// when: [`ApiError::retry_after`].
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            ErrorKind::Unavailable | ErrorKind::Unknown | ErrorKind::Timeout
+            ErrorKind::Unavailable
+                | ErrorKind::Unknown
+                | ErrorKind::Timeout
+                | ErrorKind::TooManyRequests
         )
     }
 }
@@ -219,6 +270,10 @@ pub struct ApiError {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
+    /// The `Retry-After` header in seconds (not in the body): set on 429, when the same
+    /// request may go through.
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -230,7 +285,15 @@ impl ApiError {
             field: None,
             source: None,
             index: None,
+            retry_after: None,
         }
+    }
+
+    /// Takes the `Retry-After` header's value; only the delay-seconds form is read (the
+    /// control plane never sends an HTTP date).
+    pub fn with_retry_after(mut self, header: Option<&str>) -> Self {
+        self.retry_after = header.and_then(|v| v.trim().parse::<u64>().ok());
+        self
     }
 
     /// A 400 about one field.
@@ -258,6 +321,7 @@ impl ApiError {
                 field: None,
                 source: None,
                 index: None,
+                retry_after: None,
             },
         }
     }
@@ -294,15 +358,26 @@ mod tests {
             ErrorKind::MethodNotAllowed,
             ErrorKind::Conflict,
             ErrorKind::Unavailable,
+            ErrorKind::TooManyRequests,
             ErrorKind::Unknown,
         ] {
             let wire = serde_json::to_value(kind).unwrap();
             assert_eq!(wire, kind.as_str(), "{kind:?}");
         }
         let newer =
-            ApiError::from_response(429, br#"{"error":"rate_limited","message":"slow down"}"#);
+            ApiError::from_response(418, br#"{"error":"teapot","message":"short and stout"}"#);
         assert_eq!(newer.error, ErrorKind::Unknown);
-        assert_eq!(newer.status, 429);
+        assert_eq!(newer.status, 418);
+        let limited = ApiError::from_response(
+            429,
+            br#"{"error":"too_many_requests","message":"slow down"}"#,
+        )
+        .with_retry_after(Some("7"));
+        assert_eq!(
+            (limited.error, limited.status, limited.retry_after),
+            (ErrorKind::TooManyRequests, 429, Some(7))
+        );
+        assert!(limited.error.is_transient());
         let html = ApiError::from_response(502, b"<html>bad gateway</html>");
         assert_eq!(
             (html.error, html.message.as_str()),
@@ -317,5 +392,40 @@ mod tests {
         let newer = r#"{"workloadEntry":{"namespace":"ns","name":"g-10.0.0.1"},"heartbeatIntervalSeconds":5,"livenessTimeoutSeconds":15,"extra":1}"#;
         let r: RegisterResponse = serde_json::from_str(newer).unwrap();
         assert_eq!(r.workload_entry.to_string(), "ns/g-10.0.0.1");
+    }
+
+    #[test]
+    fn unspecified_multicast_link_local_and_broadcast_addresses_are_refused_as_workload_addresses()
+    {
+        use std::net::IpAddr;
+        let refusal = |s: &str| workload_address_refusal(s.parse::<IpAddr>().unwrap());
+        for (ip, why) in [
+            ("0.0.0.0", AddressRefusal::Unspecified),
+            ("::", AddressRefusal::Unspecified),
+            ("224.0.0.1", AddressRefusal::Multicast),
+            ("239.255.255.250", AddressRefusal::Multicast),
+            ("ff02::1", AddressRefusal::Multicast),
+            ("169.254.169.254", AddressRefusal::LinkLocal),
+            ("169.254.0.1", AddressRefusal::LinkLocal),
+            ("fe80::1", AddressRefusal::LinkLocal),
+            ("febf::1", AddressRefusal::LinkLocal),
+            ("::ffff:169.254.169.254", AddressRefusal::LinkLocal),
+            ("::ffff:0.0.0.0", AddressRefusal::Unspecified),
+            ("255.255.255.255", AddressRefusal::Broadcast),
+        ] {
+            assert_eq!(refusal(ip), Some(why), "{ip}");
+        }
+        for ip in [
+            "10.0.0.1",
+            "127.0.0.1",
+            "::1",
+            "198.18.0.1",
+            "fd00::1",
+            "fec0::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert_eq!(refusal(ip), None, "{ip}");
+        }
     }
 }

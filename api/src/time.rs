@@ -37,6 +37,11 @@ pub fn format_rfc3339_secs(nanos: u64) -> String {
 
 /// Parses an RFC 3339 timestamp (any fraction length, `Z` or a numeric offset) into
 /// nanoseconds since the epoch. Times before 1970 are refused.
+///
+/// Strict as Go's `time.Parse(time.RFC3339, ..)` (what Kubernetes and Istio read these with):
+/// the day must exist in its month (no Feb 30, Feb 29 only in leap years), seconds stop at 59
+/// (no leap second), and an offset is at most 23:59. A lenient parser would turn
+/// `2026-02-31` into March 3rd and let `+99:00` move a time four days.
 pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     let num = |from: usize, len: usize| -> Option<u64> {
@@ -51,7 +56,13 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     }
     let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
     let (hour, min, sec) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
-    if !(1..=12).contains(&month) || day == 0 || day > 31 || hour > 23 || min > 59 || sec > 60 {
+    if !(1..=12).contains(&month)
+        || day == 0
+        || day > days_in_month(year, month)
+        || hour > 23
+        || min > 59
+        || sec > 59
+    {
         return None;
     }
     let mut at = 19;
@@ -76,7 +87,11 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let offset: i64 = match b.get(at) {
         Some(b'Z' | b'z') if at + 1 == b.len() => 0,
         Some(c @ (b'+' | b'-')) if at + 6 == b.len() && sep(at + 3, b":") => {
-            let mins = (num(at + 1, 2)? * 60 + num(at + 4, 2)?) as i64;
+            let (oh, om) = (num(at + 1, 2)?, num(at + 4, 2)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let mins = (oh * 60 + om) as i64;
             if *c == b'+' {
                 mins * 60
             } else {
@@ -89,6 +104,17 @@ pub fn parse_rfc3339(s: &str) -> Option<u64> {
     let secs = days * SECS_PER_DAY as i64 + (hour * 3600 + min * 60 + sec) as i64 - offset;
     let secs = u64::try_from(secs).ok()?;
     secs.checked_mul(NANOS_PER_SEC)?.checked_add(frac)
+}
+
+fn days_in_month(year: u64, month: u64) -> u64 {
+    match month {
+        2 if year.is_multiple_of(4) && (!year.is_multiple_of(100) || year.is_multiple_of(400)) => {
+            29
+        }
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 // Howard Hinnant's days <-> civil date algorithms (proleptic Gregorian).
@@ -159,5 +185,44 @@ mod tests {
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn a_day_its_month_does_not_have_is_refused() {
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-02-29T00:00:00Z",
+            "2100-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-11-31T00:00:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        for good in [
+            "2024-02-29T00:00:00Z",
+            "2000-02-29T00:00:00Z",
+            "2026-01-31T00:00:00Z",
+            "2026-12-31T23:59:59Z",
+        ] {
+            assert!(parse_rfc3339(good).is_some(), "{good}");
+        }
+    }
+
+    #[test]
+    fn an_offset_beyond_23_59_is_refused() {
+        for bad in [
+            "2026-01-01T00:00:00+25:00",
+            "2026-01-01T00:00:00-24:00",
+            "2026-01-01T00:00:00+01:60",
+            "2026-01-01T00:00:00+99:99",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+        assert!(parse_rfc3339("2026-01-01T00:00:00+23:59").is_some());
+    }
+
+    #[test]
+    fn a_leap_second_is_refused_as_go_does() {
+        assert_eq!(parse_rfc3339("2016-12-31T23:59:60Z"), None);
     }
 }

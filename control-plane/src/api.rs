@@ -3,7 +3,8 @@
 //! Every request carries `Authorization: Bearer ...`: either the admin credential from the data
 //! dir (config, tokens) or a VM's service-account token (register, heartbeat, health,
 //! deregister, name table). Errors are JSON `{"error": kind, "message": ..., "field": ...}` with
-//! 400 / 401 / 403 / 404 / 409 / 503 as the protocol document lists.
+//! 400 / 401 / 403 / 404 / 409 / 429 (with `Retry-After`) / 503 as the protocol document
+//! lists.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -91,6 +92,13 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(_) => not_found(m),
             RegistryError::Conflict(_) => ApiError::new(ErrorKind::Conflict, m),
             RegistryError::Unavailable(_) => ApiError::new(ErrorKind::Unavailable, m),
+            RegistryError::TooManyRequests { retry_after, .. } => ApiError {
+                // Whole seconds, rounded up: coming back early is only refused again.
+                retry_after: Some(
+                    retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0),
+                ),
+                ..ApiError::new(ErrorKind::TooManyRequests, m)
+            },
         }
     }
 }
@@ -117,10 +125,15 @@ fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Resp {
 }
 
 fn error_response(e: &ApiError) -> Resp {
-    json_response(
+    let mut r = json_response(
         StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         e,
-    )
+    );
+    if let Some(secs) = e.retry_after {
+        r.headers_mut()
+            .insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    r
 }
 
 /// Counts a request in `vmesh_requests_in_flight` while it is handled.
@@ -176,15 +189,29 @@ async fn read_body(
     })
 }
 
+/// A request body: one JSON object and nothing after it. serde would take a struct from an
+/// array too (`["g", "", "10.0.0.1"]` as a RegisterRequest, by position) and stops reading
+/// after the first value, so both are refused here: what a request means is never decided by
+/// field order or by bytes the parser did not look at.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|c| !c.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(ApiError::bad(
+            "",
+            "invalid JSON body: must be a JSON object",
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         ApiError::bad(
             if path == "." { "" } else { &path },
             format!("invalid JSON body: {}", e.inner()),
         )
-    })
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad("", format!("invalid JSON body: data after the object: {e}")))?;
+    Ok(v)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -868,6 +895,28 @@ mod tests {
         }
         assert_eq!(r.hit_at(t0 + Duration::from_secs(10)), Some(99));
         assert_eq!(r.hit_at(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn a_body_must_be_one_json_object_and_nothing_more() {
+        let ok: Result<EntryRequest, _> = parse_json(b" {\"namespace\":\"ns\",\"name\":\"n\"}\n ");
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in [
+            &br#"{"namespace":"ns","name":"n"}{"namespace":"ns","name":"m"}"#[..],
+            br#"{"namespace":"ns","name":"n"} x"#,
+            br#"["ns","n"]"#,
+            br#""ns/n""#,
+            b"null",
+            b"",
+        ] {
+            let e = parse_json::<EntryRequest>(bad).unwrap_err();
+            assert_eq!(
+                (e.status, e.field.as_deref()),
+                (400, Some("")),
+                "{:?}: {e:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

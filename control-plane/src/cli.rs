@@ -41,6 +41,9 @@ pub const ENV_IDLE_TIMEOUT: &str = "VMESH_CONTROL_IDLE_TIMEOUT";
 pub const ENV_MAX_CONNECTIONS: &str = "VMESH_CONTROL_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "VMESH_CONTROL_MAX_CONNECTIONS_PER_SOURCE";
 pub const ENV_CERT_LIFETIME: &str = "VMESH_CONTROL_CERT_LIFETIME";
+pub const ENV_MAX_ENTRIES_PER_IDENTITY: &str = "VMESH_CONTROL_MAX_ENTRIES_PER_IDENTITY";
+pub const ENV_REGISTRATION_RATE: &str = "VMESH_CONTROL_REGISTRATION_RATE";
+pub const ENV_REGISTRATION_BURST: &str = "VMESH_CONTROL_REGISTRATION_BURST";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -185,6 +188,17 @@ pub struct ServeArgs {
     /// restart.
     #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "90d")]
     pub cert_lifetime: Duration,
+    /// Auto-registered WorkloadEntries one identity (namespace + service account) may hold;
+    /// a registration creating one more is refused with 429. 0: no cap.
+    #[arg(long, env = ENV_MAX_ENTRIES_PER_IDENTITY, default_value_t = 1_000)]
+    pub max_entries_per_identity: usize,
+    /// Registrations per second one identity may make, sustained (this replica's count);
+    /// beyond it 429 with Retry-After. 0: no limit.
+    #[arg(long, env = ENV_REGISTRATION_RATE, default_value_t = 10.0)]
+    pub registration_rate: f64,
+    /// Registrations one identity may make at once before the rate applies.
+    #[arg(long, env = ENV_REGISTRATION_BURST, default_value_t = 50)]
+    pub registration_burst: u32,
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +361,12 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     if a.max_connections == 0 || a.max_connections_per_source == 0 {
         bail!("--max-connections and --max-connections-per-source must be positive");
     }
+    if !(a.registration_rate.is_finite() && a.registration_rate >= 0.0) {
+        bail!("--registration-rate must be a number of registrations per second, 0 or more");
+    }
+    if a.registration_burst == 0 {
+        bail!("--registration-burst must be positive");
+    }
     if a.cert_lifetime < Duration::from_secs(1)
         || a.cert_lifetime > crate::tls::MAX_SERVING_LIFETIME
     {
@@ -381,6 +401,11 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             liveness_timeout: a.liveness_timeout,
             lease_ttl: a.liveness_timeout.max(Duration::from_secs(10)),
             service_cidr: a.service_cluster_ip_range,
+            quota: crate::quota::QuotaSettings {
+                max_entries_per_identity: a.max_entries_per_identity,
+                registration_rate: a.registration_rate,
+                registration_burst: a.registration_burst,
+            },
         },
         tick: Some(Duration::from_secs(1)),
         coalesce: Duration::from_millis(10),

@@ -240,7 +240,11 @@ impl Connection {
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
         if status.is_client_error() || status.is_server_error() {
-            let error = ApiError::from_response(status.as_u16(), &body);
+            let error = ApiError::from_response(status.as_u16(), &body).with_retry_after(
+                headers
+                    .get(hyper::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()),
+            );
             return Err(ClientError::Api {
                 status: status.as_u16(),
                 error,

@@ -75,7 +75,7 @@ pub enum TokenError {
     NotYetValid,
     #[error("audience does not include {AUDIENCE:?}")]
     WrongAudience,
-    #[error("subject is not system:serviceaccount:NAMESPACE:NAME")]
+    #[error("subject is not system:serviceaccount:NAMESPACE:NAME with Kubernetes names")]
     BadSubject,
     #[error("kubernetes.io namespace/serviceaccount claims do not match the subject")]
     ClaimsMismatch,
@@ -403,12 +403,7 @@ impl Verifier {
         if !aud_ok {
             return Err(TokenError::WrongAudience);
         }
-        let (ns, sa) = claims
-            .sub
-            .strip_prefix(SA_PREFIX)
-            .and_then(|r| r.split_once(':'))
-            .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'))
-            .ok_or(TokenError::BadSubject)?;
+        let (ns, sa) = parse_subject(&claims.sub)?;
         let kube = claims.kube.as_ref().ok_or(TokenError::ClaimsMismatch)?;
         if kube.namespace != ns || kube.serviceaccount.name != sa {
             return Err(TokenError::ClaimsMismatch);
@@ -419,6 +414,18 @@ impl Verifier {
             issuer: claims.iss,
         })
     }
+}
+
+/// `system:serviceaccount:NAMESPACE:NAME` split in two, each a name Kubernetes could have
+/// given (namespace a DNS-1123 label, account a DNS-1123 subdomain). A trusted issuer signing
+/// anything else (control characters, '/', upper case) is refused here, so no such string
+/// reaches an entry, a log line or a store key as an identity.
+fn parse_subject(sub: &str) -> Result<(&str, &str), TokenError> {
+    use vmesh_istio::validate::{is_dns1123_label, is_dns1123_subdomain};
+    sub.strip_prefix(SA_PREFIX)
+        .and_then(|r| r.split_once(':'))
+        .filter(|(ns, sa)| is_dns1123_label(ns) && is_dns1123_subdomain(sa))
+        .ok_or(TokenError::BadSubject)
 }
 
 /// The control plane's own token issuer (ES256).
@@ -577,5 +584,27 @@ mod tests {
         let debug = format!("{claims:?} {claims:#?}");
         assert!(debug.contains("system:serviceaccount:ns:sa"), "{debug}");
         assert!(!debug.contains(&jti), "{debug}");
+    }
+
+    #[test]
+    fn a_subject_whose_names_kubernetes_could_not_have_given_is_refused() {
+        assert_eq!(
+            parse_subject("system:serviceaccount:vm-ns:vm-sa.x"),
+            Ok(("vm-ns", "vm-sa.x"))
+        );
+        for bad in [
+            "system:serviceaccount:vm-ns\n2030 INFO forged:vm-sa",
+            "system:serviceaccount:vm-ns:vm-sa\u{1b}[31m",
+            "system:serviceaccount:vm-ns:vm\u{202e}sa",
+            "system:serviceaccount:Vm-Ns:vm-sa",
+            "system:serviceaccount:vm.ns:vm-sa",
+            "system:serviceaccount:vm-ns:a/b",
+            "system:serviceaccount:vm-ns:a:b",
+            "system:serviceaccount::vm-sa",
+            "system:serviceaccount:vm-ns:",
+            "vm-ns:vm-sa",
+        ] {
+            assert_eq!(parse_subject(bad), Err(TokenError::BadSubject), "{bad:?}");
+        }
     }
 }

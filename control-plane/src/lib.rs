@@ -6,7 +6,7 @@
 //! WorkloadEntry (semantics in `vmesh_istio`), tracks its liveness and health, and
 //! cleans it up. Every change flows from the store's watch into the in-memory [`cache`], from
 //! which [`tables`] builds one name table per namespace and answers long-polls. [`api`] is the
-//! HTTPS server, [`client`] the CLI's side of it.
+//! HTTPS server, [`client`] the CLI's side of it; [`quota`] bounds what one identity may register.
 
 pub mod api;
 pub mod bundle;
@@ -19,6 +19,7 @@ pub mod conns;
 pub mod identity;
 pub mod logsafe;
 pub mod metrics;
+pub mod quota;
 pub mod random;
 pub mod registry;
 pub mod server;

@@ -95,6 +95,7 @@ pub enum RegistrationResult {
     NotFound,
     Conflict,
     Unavailable,
+    TooManyRequests,
 }
 
 impl Label for RegistrationResult {
@@ -106,6 +107,7 @@ impl Label for RegistrationResult {
             RegistrationResult::NotFound => "not_found",
             RegistrationResult::Conflict => "conflict",
             RegistrationResult::Unavailable => "unavailable",
+            RegistrationResult::TooManyRequests => "too_many_requests",
         }
     }
 }
@@ -133,6 +135,12 @@ impl Label for crate::conns::Refusal {
     }
 }
 
+impl Label for crate::quota::QuotaRefusal {
+    fn label(&self) -> &'static str {
+        self.reason()
+    }
+}
+
 impl Label for TokenError {
     fn label(&self) -> &'static str {
         self.reason()
@@ -144,6 +152,8 @@ pub struct Metrics {
     pub registrations: LabeledCounter<RegistrationResult>,
     pub token_refusals: LabeledCounter<TokenError>,
     pub health_reports: LabeledCounter<HealthReportOutcome>,
+    /// Registrations refused by a per-identity quota, by which one.
+    pub quota_refusals: LabeledCounter<crate::quota::QuotaRefusal>,
     pub heartbeats: AtomicU64,
     pub open_long_polls: AtomicI64,
     /// Requests being handled now (long-polls and the scrape itself included).
@@ -187,6 +197,12 @@ impl Metrics {
             "vmesh_health_reports_total",
             "outcome",
             "Health reports by outcome (applied, stale).",
+            &mut out,
+        );
+        self.quota_refusals.render(
+            "vmesh_quota_refusals_total",
+            "reason",
+            "Registrations refused (429) by a per-identity quota: rate, entries, identities.",
             &mut out,
         );
         let _ = writeln!(

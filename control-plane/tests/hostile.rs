@@ -6,104 +6,23 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use common::rs256;
+use common::release::{
+    cluster_claims, cluster_kid, group_doc, metric, status, Control, CLUSTER_ISSUER,
+};
+use common::{fixture, rs256};
 use hyper::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use vmesh_control::client::{Client, ClientError};
-use vmesh_control::config::Document;
+use vmesh_control::client::ClientError;
 use vmesh_test_support::eventually::assert_eventually_async;
-use vmesh_test_support::free_port;
-use vmesh_test_support::process::Proc;
-
-fn release_binary() -> PathBuf {
-    vmesh_test_support::artifact(
-        "VMESH_CONTROL_BIN",
-        "release/vmesh-control",
-        "cargo build --release -p vmesh-control",
-    )
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-const CLUSTER_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-struct Control {
-    proc: Proc,
-    addr: SocketAddr,
-    url: String,
-}
-
-impl Control {
-    /// `vmesh-control serve` on a free port, under `prlimit --nofile=N` if `nofile` is given.
-    fn spawn(
-        data: &Path,
-        logs: &Path,
-        nofile: Option<u64>,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Control {
-        let port = free_port();
-        let mut args: Vec<String> = Vec::new();
-        let program = match nofile {
-            Some(n) => {
-                args.extend([format!("--nofile={n}:{n}"), "--".into()]);
-                args.push(release_binary().display().to_string());
-                PathBuf::from("prlimit")
-            }
-            None => release_binary(),
-        };
-        args.extend(
-            [
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-                &data.display().to_string(),
-            ]
-            .map(String::from),
-        );
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let proc = Proc::spawn_env(
-            "vmesh-control",
-            &program,
-            &args,
-            &env,
-            &logs.join(format!("control-{port}.log")),
-        );
-        Control {
-            proc,
-            addr: format!("127.0.0.1:{port}").parse().unwrap(),
-            url: format!("https://127.0.0.1:{port}"),
-        }
-    }
-}
-
-fn group_doc(ns: &str, name: &str, sa: &str) -> Document {
-    Document {
-        source: "hostile".into(),
-        index: 0,
-        object: json!({"apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"template": {"serviceAccount": sa}}}),
-    }
-}
 
 fn tls_connector(data: &Path) -> tokio_rustls::TlsConnector {
     let root = std::fs::read(data.join("root-cert.pem")).unwrap();
@@ -213,13 +132,6 @@ async fn wait_closed(tcp: &mut TcpStream, buf: &mut [u8], done: &AtomicBool) -> 
             _ => {}
         }
     }
-}
-
-async fn metric(admin: &Client, name: &str) -> Option<f64> {
-    let r = admin.call(Method::GET, "/metrics", None).await.ok()?;
-    let text = String::from_utf8_lossy(&r.body).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// The measured failure: idle TLS connections beyond the open-file limit made every legitimate
@@ -403,31 +315,6 @@ async fn connections_held_beyond_the_open_file_limit_do_not_stop_a_vm() {
     );
 }
 
-fn cluster_kid() -> String {
-    let jwks: Value =
-        serde_json::from_slice(&std::fs::read(fixture("cluster-jwks.json")).unwrap()).unwrap();
-    jwks["keys"][0]["kid"].as_str().unwrap().to_string()
-}
-
-fn cluster_claims(ns: &str, sa: &str) -> Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    json!({
-        "aud": ["istio-ca"], "exp": now + 600, "iat": now, "nbf": now, "iss": CLUSTER_ISSUER,
-        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
-        "sub": format!("system:serviceaccount:{ns}:{sa}"),
-    })
-}
-
-fn status(r: Result<impl std::fmt::Debug, ClientError>) -> u16 {
-    match r {
-        Err(ClientError::Api { status, .. }) => status,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 /// Token edge cases over HTTPS: a token over 16 KiB is refused with 431 before any crypto, a
 /// `crit` header and a missing `exp` each have their own reason; and a `--jwks` file with a
 /// 1024-bit RSA key stops the server at start, saying so.
@@ -601,7 +488,8 @@ async fn no_input_can_forge_a_log_line_or_emit_control_characters() {
         .unwrap();
     // No ':' in it: a service-account subject splits on them.
     let forged = "\n2030-01-01T00.00.00.000000Z  INFO FORGED line\x1b[31m\r\u{202e}";
-    // Signed by the trusted cluster key: its namespace reaches the registry and its logs.
+    // Signed by the trusted cluster key: refused for its subject (not a Kubernetes name), and
+    // what is logged of the refusal must still be escaped.
     let ns = format!("vm-ns{forged}");
     let token = rs256(
         &json!({"alg": "RS256", "kid": cluster_kid()}),

@@ -52,10 +52,21 @@ impl Control {
         // Through the environment, not a flag, so a binary from before the flag existed can be
         // tested too (VMESH_CONTROL_BIN): it shows what this test catches. Long: a held
         // long-poll or unfinished connection would show as a slow exit.
-        let env = [(
-            "VMESH_CONTROL_SHUTDOWN_GRACE".to_string(),
-            "30s".to_string(),
-        )];
+        let env = [
+            (
+                "VMESH_CONTROL_SHUTDOWN_GRACE".to_string(),
+                "30s".to_string(),
+            ),
+            // The load registers as fast as it can with one token: no per-identity quota.
+            (
+                "VMESH_CONTROL_REGISTRATION_RATE".to_string(),
+                "0".to_string(),
+            ),
+            (
+                "VMESH_CONTROL_MAX_ENTRIES_PER_IDENTITY".to_string(),
+                "0".to_string(),
+            ),
+        ];
         let proc = Proc::spawn_env(
             "vmesh-control",
             &release_binary(),

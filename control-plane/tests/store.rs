@@ -99,6 +99,9 @@ fn spawn(dir: &std::path::Path, port: u16) -> Proc {
         ])
         .arg("--data-dir")
         .arg(dir)
+        // The writers register as fast as they can with one token: no per-identity quota.
+        .env("VMESH_CONTROL_REGISTRATION_RATE", "0")
+        .env("VMESH_CONTROL_MAX_ENTRIES_PER_IDENTITY", "0")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -102,57 +102,137 @@ fn metadata(m: &ObjectMeta, e: &mut Errors) {
         );
     }
     labels(&m.labels, "metadata.labels", e);
+    annotations(&m.annotations, "metadata.annotations", e);
 }
 
-fn label_key_ok(k: &str) -> bool {
-    let (prefix, name) = match k.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, k),
+/// Kubernetes' limit on all of an object's annotations together (`TotalAnnotationSizeLimitB`:
+/// keys and values, in bytes).
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 << 10;
+/// Label values and the name part of qualified names (label and annotation keys).
+pub const MAX_LABEL_VALUE_LEN: usize = 63;
+
+const NAME_CHARS: &str = "must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character";
+
+/// The `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?` shape of label values and name parts.
+fn name_chars_ok(s: &str) -> bool {
+    s.bytes()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && s.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|c| c.is_ascii_alphanumeric())
+}
+
+/// What is wrong with `k` as a qualified name (Kubernetes' `IsQualifiedName`, which label and
+/// annotation keys must be): an optional DNS-1123 subdomain prefix and '/', then a name of at
+/// most 63 characters.
+fn qualified_name_problem(k: &str) -> Option<String> {
+    let parts: Vec<&str> = k.split('/').collect();
+    let (prefix, name) = match parts.as_slice() {
+        [name] => (None, *name),
+        [prefix, name] => (Some(*prefix), *name),
+        _ => {
+            return Some(format!(
+                "a qualified name {NAME_CHARS}, with an optional DNS subdomain prefix and '/'"
+            ))
+        }
     };
-    let name_ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .last()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-    name_ok && prefix.is_none_or(is_dns1123_subdomain)
+    if let Some(p) = prefix {
+        if p.is_empty() {
+            return Some("prefix part must be non-empty".into());
+        }
+        if p.len() > 253 {
+            return Some("prefix part must be no more than 253 characters".into());
+        }
+        if !is_dns1123_subdomain(p) {
+            return Some("prefix part must be a lowercase RFC 1123 subdomain".into());
+        }
+    }
+    if name.is_empty() {
+        return Some("name part must be non-empty".into());
+    }
+    if name.len() > MAX_LABEL_VALUE_LEN {
+        return Some(format!(
+            "name part must be no more than {MAX_LABEL_VALUE_LEN} characters"
+        ));
+    }
+    (!name_chars_ok(name)).then(|| format!("name part {NAME_CHARS}"))
 }
 
+#[cfg(test)]
+fn label_key_ok(k: &str) -> bool {
+    qualified_name_problem(k).is_none()
+}
+
+/// What is wrong with `v` as a label value (Kubernetes' `IsValidLabelValue`): empty, or at
+/// most 63 characters of the name shape.
+fn label_value_problem(v: &str) -> Option<String> {
+    if v.is_empty() {
+        return None;
+    }
+    if v.len() > MAX_LABEL_VALUE_LEN {
+        return Some(format!(
+            "must be no more than {MAX_LABEL_VALUE_LEN} characters"
+        ));
+    }
+    (!name_chars_ok(v)).then(|| format!("a valid label must be an empty string or {NAME_CHARS}"))
+}
+
+#[cfg(test)]
 fn label_value_ok(v: &str) -> bool {
-    v.is_empty()
-        || (v.len() <= 63
-            && v.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
-            && v.bytes().next().is_some_and(|c| c.is_ascii_alphanumeric())
-            && v.bytes().last().is_some_and(|c| c.is_ascii_alphanumeric()))
+    label_value_problem(v).is_none()
 }
 
 fn labels(l: &Labels, path: &str, e: &mut Errors) {
     for (k, v) in l {
-        if !label_key_ok(k) {
+        if let Some(why) = qualified_name_problem(k) {
             e.add(
                 format!("{path}[{k}]"),
-                "Invalid value: not a valid label key",
+                format!("Invalid value: not a valid label key: {why}"),
             );
-        } else if !label_value_ok(v) {
+        } else if let Some(why) = label_value_problem(v) {
             e.add(
                 format!("{path}[{k}]"),
-                format!("Invalid value: {v:?}: not a valid label value"),
+                format!("Invalid value: {v:?}: {why}"),
             );
         }
     }
 }
 
-/// Checks user-supplied labels (registration requests) with the same rules as metadata.
-pub fn validate_labels(l: &Labels, path: &str) -> Vec<FieldError> {
+/// Kubernetes' `ValidateAnnotations`: every key a qualified name (compared in lower case, as
+/// Kubernetes does), and all keys and values together at most 256 KiB.
+fn annotations(a: &Labels, path: &str, e: &mut Errors) {
+    let mut total = 0usize;
+    for (k, v) in a {
+        if let Some(why) = qualified_name_problem(&k.to_ascii_lowercase()) {
+            e.add(
+                format!("{path}[{k}]"),
+                format!("Invalid value: not a valid annotation key: {why}"),
+            );
+        }
+        total = total.saturating_add(k.len()).saturating_add(v.len());
+    }
+    if total > MAX_ANNOTATIONS_BYTES {
+        e.add(
+            path,
+            format!("Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"),
+        );
+    }
+}
+
+/// Checks labels a VM sends with its registration: the rules of metadata labels, and at most
+/// [`vmesh_api::control::MAX_REGISTER_LABELS`] of them.
+pub fn validate_register_labels(l: &Labels, path: &str) -> Vec<FieldError> {
+    use vmesh_api::control::MAX_REGISTER_LABELS;
     let mut e = Errors::default();
+    if l.len() > MAX_REGISTER_LABELS {
+        e.add(
+            path,
+            format!(
+                "Too many: {}: must have at most {MAX_REGISTER_LABELS} items",
+                l.len()
+            ),
+        );
+        return e.0.errors;
+    }
     labels(l, path, &mut e);
     e.0.errors
 }
@@ -221,6 +301,7 @@ fn workload_group(o: &WorkloadGroup, e: &mut Errors) {
     metadata(&o.metadata, e);
     if let Some(m) = &o.spec.metadata {
         labels(&m.labels, "spec.metadata.labels", e);
+        annotations(&m.annotations, "spec.metadata.annotations", e);
     }
     // Istio: the address comes from the connecting VM, never from the template.
     if !o.spec.template.address.is_empty() {
@@ -378,6 +459,20 @@ fn port_range(port: u32) -> String {
 fn workload_entry(o: &WorkloadEntry, e: &mut Errors) {
     metadata(&o.metadata, e);
     istio_workload(&o.spec, "spec", None, true, e);
+    // Istio accepts these and so does apply (an admin may mean it), but says so: a VM
+    // registering such an address is refused (`workload::canonical_address`).
+    if let Some(why) = o
+        .spec
+        .address
+        .parse::<IpAddr>()
+        .ok()
+        .and_then(vmesh_api::control::workload_address_refusal)
+    {
+        e.warn(
+            "spec.address",
+            format!("address {:?}: {why}", o.spec.address),
+        );
+    }
     if !o.spec.service_account.is_empty() && !is_dns1123_subdomain(&o.spec.service_account) {
         e.add(
             "spec.serviceAccount",
@@ -1174,5 +1269,120 @@ mod tests {
         ] {
             assert_eq!(label_value_ok(v), ok, "{v}");
         }
+    }
+
+    fn label_findings(l: &[(&str, &str)]) -> Vec<FieldError> {
+        let l: Labels = l
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        validate_register_labels(&l, "labels")
+    }
+
+    #[test]
+    fn label_value_over_63_is_refused() {
+        assert_eq!(label_findings(&[("app", &"v".repeat(63))]), vec![]);
+        let e = label_findings(&[("app", &"v".repeat(64))]);
+        assert!(e[0].message.contains("no more than 63"), "{e:?}");
+    }
+
+    #[test]
+    fn label_value_outside_the_name_charset_is_refused() {
+        for v in ["a b", "-a", "a-", "a/b", "\u{200b}", "é", "a\nb"] {
+            assert!(!label_value_ok(v), "{v:?}");
+        }
+        for v in ["", "a", "A-b_c.9", "1"] {
+            assert!(label_value_ok(v), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn label_key_name_part_over_63_is_refused() {
+        assert!(label_key_ok(&"k".repeat(63)));
+        let why = qualified_name_problem(&"k".repeat(64)).unwrap();
+        assert!(why.contains("name part must be no more than 63"), "{why}");
+        let why = qualified_name_problem(&format!("example.com/{}", "k".repeat(64))).unwrap();
+        assert!(why.contains("name part"), "{why}");
+    }
+
+    #[test]
+    fn label_key_prefix_must_be_a_dns1123_subdomain_of_at_most_253() {
+        let long = vec!["p".repeat(63); 4].join(".");
+        assert_eq!(long.len(), 255);
+        let why = qualified_name_problem(&format!("{long}/app")).unwrap();
+        assert!(why.contains("253"), "{why}");
+        assert_eq!(
+            qualified_name_problem("/app").as_deref(),
+            Some("prefix part must be non-empty")
+        );
+        for bad in ["Example.com/app", "ex_ample.com/app", "a..b/app", "a/b/c"] {
+            assert!(!label_key_ok(bad), "{bad}");
+        }
+        let ok = format!("{}/app", vec!["p".repeat(63); 3].join("."));
+        assert!(label_key_ok(&ok));
+        assert!(label_key_ok("app.kubernetes.io/Name_1"));
+    }
+
+    #[test]
+    fn more_than_max_register_labels_are_refused() {
+        use vmesh_api::control::MAX_REGISTER_LABELS;
+        let keys: Vec<String> = (0..=MAX_REGISTER_LABELS).map(|i| format!("k{i}")).collect();
+        let all: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), "v")).collect();
+        assert_eq!(label_findings(&all[..MAX_REGISTER_LABELS]), vec![]);
+        let e = label_findings(&all);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].message.starts_with("Too many: 65"), "{e:?}");
+    }
+
+    #[test]
+    fn annotations_over_256_kib_in_total_are_refused() {
+        let wg = |annotations: serde_json::Value| {
+            Resource::from_json_kind(
+                crate::model::Kind::WorkloadGroup,
+                &serde_json::to_vec(&serde_json::json!({
+                    "apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+                    "metadata": {"name": "g", "namespace": "ns", "annotations": annotations},
+                    "spec": {"template": {}}}))
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        // Two keys of 1 byte each: exactly at the limit, then one byte over.
+        let v = "x".repeat(MAX_ANNOTATIONS_BYTES / 2 - 1);
+        assert_eq!(validate(&wg(serde_json::json!({"a": v, "b": v}))), vec![]);
+        let e = validate(&wg(serde_json::json!({"a": v, "b": format!("{v}x")})));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "metadata.annotations");
+        assert!(e[0].message.contains("262144"), "{e:?}");
+    }
+
+    #[test]
+    fn annotation_keys_must_be_qualified_names() {
+        let with_key = |key: &str| {
+            let mut r = we(serde_json::json!({"address": "10.0.0.1"}));
+            if let Resource::WorkloadEntry(e) = &mut r {
+                e.metadata.annotations.insert(key.into(), "v".into());
+            }
+            validate(&r)
+        };
+        assert_eq!(with_key("example.com/Some-Key"), vec![]);
+        assert_eq!(with_key("istio.io/connectedAt"), vec![]);
+        for bad in ["a b", "/x", "a/b/c", "x\u{1b}[31m"] {
+            let e = with_key(bad);
+            assert_eq!(e.len(), 1, "{bad:?}: {e:?}");
+            assert!(e[0].message.contains("annotation key"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_workload_entry_at_a_link_local_address_is_accepted_with_a_warning() {
+        for addr in ["169.254.169.254", "0.0.0.0", "fe80::1", "224.0.0.1"] {
+            let f = check(&we(serde_json::json!({"address": addr})));
+            assert_eq!(f.errors, vec![], "{addr}");
+            assert_eq!(f.warnings.len(), 1, "{addr}: {f:?}");
+            assert_eq!(f.warnings[0].path, "spec.address");
+        }
+        let f = check(&we(serde_json::json!({"address": "10.0.0.1"})));
+        assert_eq!(f.warnings, vec![]);
     }
 }

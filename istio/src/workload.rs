@@ -55,18 +55,32 @@ pub struct Registration {
 pub enum EntryNameError {
     #[error("Invalid value: {0:?}: must be an IP address")]
     Address(String),
+    #[error("Invalid value: {address:?}: {why}")]
+    Unusable {
+        address: String,
+        why: vmesh_api::control::AddressRefusal,
+    },
     #[error("Invalid value: the entry name {0:?} (group-address-network) is not a lowercase RFC 1123 subdomain")]
     Name(String),
 }
 
 /// The address as the entry carries it: parsed and printed back, so that `fd00:0::1` and
-/// `fd00::1` are one VM (RFC 5952 form for IPv6).
+/// `fd00::1` are one VM (RFC 5952 form for IPv6). Only a VM's self-reported address comes
+/// through here, so addresses no workload can have are refused
+/// ([`vmesh_api::control::workload_address_refusal`]); Istio checks none, and an admin's
+/// WorkloadEntry may still name them (with a warning, see `validate`).
 pub fn canonical_address(address: &str) -> Result<String, EntryNameError> {
-    address
+    let ip = address
         .trim()
         .parse::<IpAddr>()
-        .map(|ip| ip.to_string())
-        .map_err(|_| EntryNameError::Address(address.to_string()))
+        .map_err(|_| EntryNameError::Address(address.to_string()))?;
+    if let Some(why) = vmesh_api::control::workload_address_refusal(ip) {
+        return Err(EntryNameError::Unusable {
+            address: address.to_string(),
+            why,
+        });
+    }
+    Ok(ip.to_string())
 }
 
 /// `group-IP[-network]` with the network the VM sent (not the template's), ':' turned into
@@ -705,6 +719,13 @@ mod tests {
             workload_entry_name("g", "vm.example", ""),
             Err(EntryNameError::Address(_))
         ));
+        for ip in ["169.254.169.254", "0.0.0.0", "::", "ff02::1", "fe80::1"] {
+            let r = workload_entry_name("g", ip, "");
+            assert!(
+                matches!(r, Err(EntryNameError::Unusable { .. })),
+                "{ip}: {r:?}"
+            );
+        }
         // A cut that would start with '-' keeps a valid name.
         let g = format!("ggg-{}", vec!["g".repeat(60); 4].join("."));
         let got = workload_entry_name(&g, "10.0.0.1", "").unwrap();

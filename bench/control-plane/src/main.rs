@@ -113,6 +113,13 @@ impl Server {
             ])
             // Long liveness so no VM times out while the benchmark runs.
             .args(["--heartbeat-interval", "60s", "--liveness-timeout", "600s"])
+            // Thousands of VMs under one token, as fast as they go: no per-identity quota.
+            .args([
+                "--registration-rate",
+                "0",
+                "--max-entries-per-identity",
+                "0",
+            ])
             .arg("--data-dir")
             .arg(dir.path())
             .stdin(Stdio::null())

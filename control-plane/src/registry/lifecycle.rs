@@ -8,7 +8,7 @@
 use vmesh_api::control::HEALTH_FUTURE_LEEWAY_SECS;
 use vmesh_api::time::parse_rfc3339;
 use vmesh_istio::model::{Kind, Labels, ObjectKey, Resource, WorkloadEntry};
-use vmesh_istio::validate::{is_dns1123_subdomain, validate_labels};
+use vmesh_istio::validate::{is_dns1123_subdomain, validate_register_labels};
 use vmesh_istio::workload::{
     self, apply_health, auto_registration_group, canonical_address, connect, entry_from_group,
     entry_name, is_auto_registered, may_control, next_registration, probe_with_defaults,
@@ -23,13 +23,16 @@ use super::{
 use crate::cache::Cached;
 use crate::identity::Identity;
 use crate::metrics::{HealthReportOutcome, RegistrationResult};
+use crate::quota::QuotaRefusal;
 use crate::store::{object_key, Precondition, Store, StoreError, Txn};
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 fn name_error(e: EntryNameError) -> RegistryError {
     match e {
-        EntryNameError::Address(_) => bad("address", e.to_string()),
+        EntryNameError::Address(_) | EntryNameError::Unusable { .. } => {
+            bad("address", e.to_string())
+        }
         // The group name was checked and the address is canonical: the network broke it.
         EntryNameError::Name(_) => bad("network", e.to_string()),
     }
@@ -57,7 +60,9 @@ impl<S: Store> Registry<S> {
             Err(RegistryError::NotFound(_)) => RegistrationResult::NotFound,
             Err(RegistryError::Conflict(_)) => RegistrationResult::Conflict,
             Err(RegistryError::Unavailable(_)) => RegistrationResult::Unavailable,
+            Err(RegistryError::TooManyRequests { .. }) => RegistrationResult::TooManyRequests,
         });
+
         r
     }
 
@@ -91,7 +96,10 @@ impl<S: Store> Registry<S> {
             }
         }
         let labels: Labels = req.labels.clone().into_iter().collect();
-        if let Some(e) = validate_labels(&labels, "labels").into_iter().next() {
+        if let Some(e) = validate_register_labels(&labels, "labels")
+            .into_iter()
+            .next()
+        {
             return Err(bad(&e.path, e.message));
         }
         if id.namespace != req.namespace {
@@ -102,6 +110,28 @@ impl<S: Store> Registry<S> {
                 id.namespace, req.namespace
             )));
         }
+        // Every register call is a store write (a reconnect too), so the rate counts them
+        // all; the cap on entries (in `write_registration`) counts only new ones.
+        self.limiter
+            .take(&id.namespace, &id.service_account, self.clock.now())
+            .map_err(|(reason, retry_after)| {
+                self.metrics.quota_refusals.inc(&reason);
+                // Debug: a client hammering past its rate would otherwise write a warning per
+                // request; the refusals are counted in `vmesh_quota_refusals_total`.
+                tracing::debug!(namespace = %id.namespace, service_account = %id.service_account,
+                    reason = reason.reason(), "registration refused: over the identity's rate");
+                RegistryError::TooManyRequests {
+                    reason,
+                    message: format!(
+                        "{}/{}: over {} registrations per second (burst {})",
+                        id.namespace,
+                        id.service_account,
+                        self.settings.quota.registration_rate,
+                        self.settings.quota.registration_burst
+                    ),
+                    retry_after,
+                }
+            })?;
         let reg = Registration {
             group: req.group.clone(),
             namespace: req.namespace.clone(),
@@ -213,6 +243,7 @@ impl<S: Store> Registry<S> {
                             .map_err(name_error)?;
                         may_control(&e, &id.namespace, &id.service_account)
                             .map_err(|r| refused(id, key, &r))?;
+                        self.check_entry_cap(id)?;
                         e.metadata.uid = new_uid()?;
                         (e, Precondition::Absent, now)
                     }
@@ -237,6 +268,47 @@ impl<S: Store> Registry<S> {
             },
         )
         .await
+    }
+
+    /// Refuses a new entry when `id` already controls `max_entries_per_identity`
+    /// auto-registered ones (those of its namespace that name its service account or none:
+    /// what [`may_control`] lets it control). Counted in the cache, so every replica sees the
+    /// same count; registrations racing each other may overshoot by as many as are in flight,
+    /// which the rate bounds.
+    fn check_entry_cap(&self, id: &Identity) -> Result<(), RegistryError> {
+        let cap = self.settings.quota.max_entries_per_identity;
+        if cap == 0 {
+            return Ok(());
+        }
+        let from = ObjectKey::new(Kind::WorkloadEntry, &id.namespace, "");
+        let held = self.cache.read(|s| {
+            s.objects
+                .range(from..)
+                .take_while(|(k, _)| k.kind == Kind::WorkloadEntry && k.namespace == id.namespace)
+                .filter_map(|(_, c)| as_entry(c))
+                .filter(|e| {
+                    is_auto_registered(e)
+                        && may_control(e, &id.namespace, &id.service_account).is_ok()
+                })
+                .take(cap)
+                .count()
+        });
+        if held < cap {
+            return Ok(());
+        }
+        self.metrics.quota_refusals.inc(&QuotaRefusal::Entries);
+        tracing::warn!(namespace = %id.namespace, service_account = %id.service_account, cap,
+            reason = QuotaRefusal::Entries.reason(), "registration refused: at the identity's cap on entries");
+        Err(RegistryError::TooManyRequests {
+            reason: QuotaRefusal::Entries,
+            message: format!(
+                "{}/{} already holds {cap} auto-registered WorkloadEntries (the cap); deregister some or wait for disconnected ones to be removed",
+                id.namespace, id.service_account
+            ),
+            // Disconnected entries go after the grace period: the earliest a slot can free up
+            // without anyone deregistering.
+            retry_after: self.settings.grace.max(std::time::Duration::from_secs(1)),
+        })
     }
 
     /// The entry `key` if `id` may control it; `None` if there is none. Namespace first, so a

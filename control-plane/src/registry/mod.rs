@@ -20,6 +20,7 @@ use vmesh_istio::workload::{self, is_auto_registered, Registration};
 use crate::cache::{Cache, Cached};
 use crate::clock::Clock;
 use crate::metrics::{EntryGauges, Metrics};
+use crate::quota::{QuotaRefusal, QuotaSettings, RateLimiter};
 use crate::store::{object_key, Precondition, Revision, Store, StoreError, Txn};
 
 mod admin;
@@ -43,6 +44,8 @@ pub struct Settings {
     pub lease_ttl: Duration,
     /// Where Services without a `clusterIP` get one from.
     pub service_cidr: ServiceCidr,
+    /// Per-identity caps on registration.
+    pub quota: QuotaSettings,
 }
 
 impl Default for Settings {
@@ -54,6 +57,7 @@ impl Default for Settings {
             liveness_timeout: Duration::from_secs(15),
             lease_ttl: Duration::from_secs(15),
             service_cidr: ServiceCidr::default(),
+            quota: QuotaSettings::default(),
         }
     }
 }
@@ -70,6 +74,13 @@ pub enum RegistryError {
     Conflict(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Over a per-identity quota: the same call may go through after `retry_after`.
+    #[error("too many requests: {message}")]
+    TooManyRequests {
+        reason: QuotaRefusal,
+        message: String,
+        retry_after: Duration,
+    },
 }
 
 impl From<StoreError> for RegistryError {
@@ -156,6 +167,8 @@ pub struct Registry<S: Store> {
     settings: Settings,
     metrics: Arc<Metrics>,
     conns: Mutex<HashMap<ObjectKey, Conn>>,
+    /// The registration rate per identity.
+    limiter: RateLimiter,
 }
 
 impl<S: Store> std::fmt::Debug for Registry<S> {
@@ -200,6 +213,7 @@ impl<S: Store> Registry<S> {
             store,
             cache,
             clock,
+            limiter: RateLimiter::new(&settings.quota),
             settings,
             metrics,
             conns: Mutex::new(HashMap::new()),

@@ -19,6 +19,7 @@ impl<S: Store> Registry<S> {
             .keep_alive(&self.settings.replica, self.settings.lease_ttl)
             .await?;
         let leases = self.store.leases().await?;
+        self.limiter.prune(now);
 
         // VMs that went quiet.
         let timeout = nanos(self.settings.liveness_timeout);

@@ -2,6 +2,8 @@
 //! admin and for VMs, the Istio doc fixtures. Waiting and temp dirs are `vmesh-test-support`'s.
 #![allow(dead_code)]
 
+pub mod release;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -71,6 +71,14 @@ impl CallError {
         }
     }
 
+    /// How long the control plane asked us to wait before trying again (429's `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            CallError::Api(e) => e.retry_after.map(Duration::from_secs),
+            _ => None,
+        }
+    }
+
     /// The refusal's kind, if the control plane answered with one.
     pub fn kind(&self) -> Option<ErrorKind> {
         match self {
@@ -246,8 +254,12 @@ impl ControlPlane {
             Err(_) => Err(CallError::Timeout(timeout)),
         };
         match result {
-            Ok((status, _, body)) if status.as_u16() >= 400 => Err(CallError::Api(
-                ApiError::from_response(status.as_u16(), &body),
+            Ok((status, headers, body)) if status.as_u16() >= 400 => Err(CallError::Api(
+                ApiError::from_response(status.as_u16(), &body).with_retry_after(
+                    headers
+                        .get(hyper::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok()),
+                ),
             )),
             Ok(ok) => Ok(ok),
             Err(e) => {

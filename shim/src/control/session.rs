@@ -24,7 +24,8 @@
 //! - Refusals (401/403 and 400) wait for the token file to change; 404 (no such group) and 409
 //!   (a manual entry has the name) are asked again every [`REFUSED_RETRY`] too, since the
 //!   group or entry may change on the control plane's side. Connection errors and 503 are
-//!   retried with jittered exponential backoff.
+//!   retried with jittered exponential backoff; a 429 (the identity is over its registration
+//!   rate or entry cap) waits at least its `Retry-After` ([`retry_delay`]).
 //! - On shutdown it deregisters (bounded), so a stopped VM leaves the mesh at once.
 
 use std::sync::Arc;
@@ -49,6 +50,20 @@ use crate::status::Board;
 pub const REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// How often a refused session looks at the token file.
 const TOKEN_CHECK: Duration = Duration::from_secs(1);
+
+/// The longest `Retry-After` obeyed: a control plane asking for more is asked again after this
+/// (and answers 429 again if it meant it), so a wrong header cannot park a VM for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The wait before retrying a transient failure: the backoff's, or longer if the control plane
+/// said when to come back (429 `Retry-After`): retrying sooner would only be refused again and
+/// spend the identity's registration budget.
+pub fn retry_delay(backoff: Duration, e: &CallError) -> Duration {
+    match e.retry_after() {
+        Some(after) => backoff.max(after.min(MAX_RETRY_AFTER)),
+        None => backoff,
+    }
+}
 
 /// A verdict of a probe the shim runs itself (the filter's arrive in its reports).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,7 +249,7 @@ impl Session {
                         Err(e) if e.is_transient() => {
                             self.metrics.count_registration(Outcome::Retry);
                             self.failed("register", &e);
-                            let delay = backoff.next_delay();
+                            let delay = retry_delay(backoff.next_delay(), &e);
                             tracing::warn!(error = %e, retry_in = ?delay, "registration failed; retrying");
                             self.pause(delay, &mut stop).await;
                         }
@@ -307,7 +322,8 @@ impl Session {
                             Err(e) if e.is_transient() => {
                                 self.metrics.count_heartbeat(Outcome::Retry);
                                 self.failed("heartbeat", &e);
-                                let delay = backoff.next_delay().min(heartbeat_every);
+                                let delay =
+                                    retry_delay(backoff.next_delay().min(heartbeat_every), &e);
                                 tracing::warn!(error = %e, retry_in = ?delay, "heartbeat failed; retrying");
                                 next_heartbeat = Instant::now() + delay;
                             }
@@ -442,7 +458,7 @@ impl Session {
                     return Err(e);
                 }
                 self.metrics.count_health(Outcome::Retry);
-                let delay = health.backoff.next_delay();
+                let delay = retry_delay(health.backoff.next_delay(), &e);
                 tracing::warn!(entry = %entry, error = %e, retry_in = ?delay, "health report failed; retrying");
                 health.retry_at = Some(Instant::now() + delay);
                 Err(e)
@@ -566,5 +582,27 @@ mod tests {
         let mut s = format!("a{}", "é".repeat(600));
         truncate(&mut s, MAX_HEALTH_MESSAGE);
         assert_eq!(s.len(), 1023);
+    }
+
+    #[test]
+    fn a_429_waits_at_least_its_retry_after_and_never_more_than_the_cap() {
+        use vmesh_api::control::ApiError;
+        let limited = |after: &str| {
+            CallError::Api(
+                ApiError::new(ErrorKind::TooManyRequests, "slow down")
+                    .with_retry_after(Some(after)),
+            )
+        };
+        let half = Duration::from_millis(500);
+        assert_eq!(retry_delay(half, &limited("7")), Duration::from_secs(7));
+        assert_eq!(
+            retry_delay(Duration::from_secs(20), &limited("7")),
+            Duration::from_secs(20),
+            "a longer backoff stands"
+        );
+        assert_eq!(retry_delay(half, &limited("86400")), MAX_RETRY_AFTER);
+        let unavailable = CallError::Api(ApiError::new(ErrorKind::Unavailable, "store down"));
+        assert_eq!(retry_delay(half, &unavailable), half);
+        assert!(limited("1").is_transient());
     }
 }
