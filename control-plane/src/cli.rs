@@ -73,6 +73,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant (serve's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
@@ -826,7 +828,6 @@ async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
         cluster_id: a.cluster_id.clone(),
         mesh_id: a.mesh_id.clone(),
         trust_domain: a.trust_domain.clone(),
-        ..BundleOptions::default()
     };
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;
