@@ -198,6 +198,8 @@ pub enum ErrorKind {
     /// 429: this identity is over its registration rate or its cap on entries; retry after
     /// the response's `Retry-After` seconds, not sooner.
     TooManyRequests,
+    /// 415: a gRPC method called without gRPC's content type.
+    UnsupportedMediaType,
     /// A kind this client does not know (a newer server), or no error body at all.
     #[serde(other)]
     Unknown,
@@ -218,6 +220,7 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::TooManyRequests => "too_many_requests",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -235,6 +238,7 @@ impl ErrorKind {
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Unavailable => 503,
             ErrorKind::TooManyRequests => 429,
+            ErrorKind::UnsupportedMediaType => 415,
             ErrorKind::Unknown => 500,
         }
     }

@@ -7,9 +7,12 @@
 //! cleans it up. Every change flows from the store's watch into the in-memory [`cache`], from
 //! which [`tables`] builds one name table per namespace and answers long-polls. [`api`] is the
 //! HTTPS server, [`client`] the CLI's side of it; [`quota`] bounds what one identity may register.
+//! [`ca`] signs workload certificates (Istio's `CreateCertificate`, on the same port) with the
+//! CA of [`tls`].
 
 pub mod api;
 pub mod bundle;
+pub mod ca;
 pub mod cache;
 pub mod cli;
 pub mod client;
