@@ -641,3 +641,80 @@ fn a_ca_that_cannot_sign_is_reported_before_the_port_is_bound() {
         "nothing listens"
     );
 }
+
+/// tonic, a stock gRPC stack (its own HTTP/2 client, framing, trailers and TLS), calls the CA
+/// as Istio's Go agent would with grpc-go: the answer and the refusals arrive as gRPC
+/// statuses any gRPC client understands, not only our hand-framed client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_grpc_client_gets_a_certificate_and_grpc_statuses() {
+    use tonic::codegen::http::uri::PathAndQuery;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    use vmesh_api::ca::IstioCertificateResponse;
+
+    let dir = TempDir::new();
+    let data = dir.path().join("data");
+    let c = Control::start(&data, &[]).await;
+    let token = c.token("vm-namespace", "vm-sa").await;
+    let root = std::fs::read_to_string(data.join("root-cert.pem")).unwrap();
+    let channel = Channel::from_shared(c.url.clone())
+        .unwrap()
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&root)))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let grpc = tonic::client::Grpc::new(channel);
+    let call = |req: IstioCertificateRequest, bearer: Option<String>| {
+        let mut grpc = grpc.clone();
+        async move {
+            grpc.ready().await.unwrap();
+            let mut req = tonic::Request::new(req);
+            if let Some(t) = bearer {
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            }
+            req.metadata_mut()
+                .insert("clusterid", "Kubernetes".parse().unwrap());
+            grpc.unary::<_, IstioCertificateResponse, _>(
+                req,
+                PathAndQuery::from_static(PATH),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+        }
+    };
+
+    let spiffe = "spiffe://cluster.local/ns/vm-namespace/sa/vm-sa";
+    let key = KeyPair::generate().unwrap();
+    let ok = call(
+        request(csr(&key, vec![uri(spiffe)]), 3600),
+        Some(token.clone()),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(ok.cert_chain.len(), 2, "leaf and root: {:?}", ok.cert_chain);
+    assert_eq!(leaf_facts(&ok.cert_chain[0]).0, vec![spiffe.to_string()]);
+    openssl_verify(&ok.cert_chain, &data.join("root-cert.pem"), &dir).unwrap();
+
+    let foreign = "spiffe://cluster.local/ns/vm-namespace/sa/other";
+    let refused = call(request(csr(&key, vec![uri(foreign)]), 3600), Some(token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains(foreign), "{refused:?}");
+
+    let anonymous = call(request(csr(&key, vec![uri(spiffe)]), 3600), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        anonymous.code(),
+        tonic::Code::Unauthenticated,
+        "{anonymous:?}"
+    );
+    assert_eq!(
+        c.issued().await.items.len(),
+        1,
+        "only the first call issued"
+    );
+}
