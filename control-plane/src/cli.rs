@@ -16,7 +16,9 @@ use crate::clock::SystemClock;
 use crate::config::parse_documents;
 use crate::random::{self, Entropy, SystemEntropy};
 use crate::registry::Settings;
-use crate::server::{start, ServeConfig, ADMIN_TOKEN_FILE};
+use crate::server::{start, ServeConfig, StoreConfig, ADMIN_TOKEN_FILE, STORE_FILE};
+use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::store::redb::RedbStore;
 use crate::tls::{write_private, ROOT_CERT_FILE};
 
 pub const ENV_DATA_DIR: &str = "VMESH_CONTROL_DATA_DIR";
@@ -41,6 +43,12 @@ pub const ENV_IDLE_TIMEOUT: &str = "VMESH_CONTROL_IDLE_TIMEOUT";
 pub const ENV_MAX_CONNECTIONS: &str = "VMESH_CONTROL_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "VMESH_CONTROL_MAX_CONNECTIONS_PER_SOURCE";
 pub const ENV_CERT_LIFETIME: &str = "VMESH_CONTROL_CERT_LIFETIME";
+pub const ENV_STORE: &str = "VMESH_CONTROL_STORE";
+pub const ENV_ETCD_ENDPOINTS: &str = "VMESH_CONTROL_ETCD_ENDPOINTS";
+pub const ENV_ETCD_PREFIX: &str = "VMESH_CONTROL_ETCD_PREFIX";
+pub const ENV_ETCD_CACERT: &str = "VMESH_CONTROL_ETCD_CACERT";
+pub const ENV_ETCD_CERT: &str = "VMESH_CONTROL_ETCD_CERT";
+pub const ENV_ETCD_KEY: &str = "VMESH_CONTROL_ETCD_KEY";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -69,7 +77,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or update objects from a file or directory of YAML/JSON manifests.
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -103,6 +111,73 @@ pub enum Command {
     },
     /// Write the files a VM needs (like `istioctl x workload entry configure --autoregister`).
     VmBundle(BundleArgs),
+    /// Copy a single-replica (embedded) store into etcd. The server must be stopped.
+    Migrate(MigrateArgs),
+}
+
+/// Which store `serve` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// `store.redb` in the data dir: one replica, nothing else to run.
+    Embedded,
+    /// An etcd cluster (`--etcd-endpoints`).
+    Etcd,
+}
+
+/// How to reach etcd, named as etcdctl names them.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// Every key goes under this prefix (several control planes can share one etcd).
+    #[arg(long, env = ENV_ETCD_PREFIX, default_value = crate::store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, env = ENV_ETCD_CACERT)]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for members that require one.
+    #[arg(long, env = ENV_ETCD_CERT)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = ENV_ETCD_KEY)]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    fn config(&self, endpoints: Vec<String>) -> anyhow::Result<EtcdConfig> {
+        for p in [&self.etcd_cacert, &self.etcd_cert, &self.etcd_key]
+            .into_iter()
+            .flatten()
+        {
+            if !p.is_file() {
+                bail!("{} is not a readable file", p.display());
+            }
+        }
+        Ok(EtcdConfig::new(
+            endpoints,
+            &self.etcd_prefix,
+            self.etcd_cacert.clone(),
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+        )?)
+    }
+
+    fn tls(&self) -> bool {
+        self.etcd_cacert.is_some() || self.etcd_cert.is_some()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Data dir of the single-replica server (its `store.redb` is read).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// `etcd://host:port[,host:port...]` (https when TLS files are given).
+    #[arg(long)]
+    pub to: String,
+    /// Replace whatever is under the target prefix (refused otherwise).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -185,6 +260,14 @@ pub struct ServeArgs {
     /// restart.
     #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "90d")]
     pub cert_lifetime: Duration,
+    /// Where config and WorkloadEntries are stored.
+    #[arg(long, env = ENV_STORE, value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// etcd members (`--store etcd`): http://host:port or https://host:port, comma-separated.
+    #[arg(long, env = ENV_ETCD_ENDPOINTS, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Args)]
@@ -320,6 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::VmBundle(a) => vm_bundle(&cli, a).await,
+        Command::Migrate(a) => migrate(a).await,
     }
 }
 
@@ -360,6 +444,19 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             bail!("--jwks: {} is not a readable file", p.display());
         }
     }
+    let store = match a.store {
+        StoreKind::Embedded => {
+            if !a.etcd_endpoints.is_empty() {
+                bail!("--etcd-endpoints needs --store etcd");
+            }
+            StoreConfig::Embedded
+        }
+        StoreKind::Etcd => StoreConfig::Etcd(
+            a.etcd
+                .config(a.etcd_endpoints.clone())
+                .context("--store etcd")?,
+        ),
+    };
     // Before anything is loaded or bound: from here on a SIGTERM or SIGINT is a request to
     // shut down (answered once start-up is complete), never the default "die at once".
     let mut signals = Signals::install()?;
@@ -394,6 +491,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             max_connections_per_source: a.max_connections_per_source,
         },
         cert_lifetime: a.cert_lifetime,
+        store,
     };
     let running = start(cfg, Arc::new(SystemClock)).await?;
     let signal = signals.next().await;
@@ -405,6 +503,31 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(signal, "second signal: not waiting for in-flight requests");
         })
         .await;
+    Ok(())
+}
+
+/// `migrate`: opens the embedded store (refused while a server has it open), then copies it.
+async fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let path = a.from.join(STORE_FILE);
+    if !path.is_file() {
+        bail!("--from: {} does not exist", path.display());
+    }
+    let endpoints = EtcdConfig::endpoints_from_target(&a.to, a.etcd.tls())?;
+    let cfg = a.etcd.config(endpoints)?;
+    let from = RedbStore::open(&path, Arc::new(SystemClock), None)
+        .with_context(|| format!("opening {} (is the server still running?)", path.display()))?;
+    let to = EtcdStore::open(&cfg, Arc::new(SystemClock), None)
+        .await
+        .with_context(|| format!("connecting to {}", a.to))?;
+    let n = crate::store::migrate::copy(&from, &to, a.force).await?;
+    from.close().await;
+    to.close().await;
+    println!(
+        "copied {n} keys from {} to {} (prefix {})",
+        path.display(),
+        a.to,
+        cfg.prefix
+    );
     Ok(())
 }
 

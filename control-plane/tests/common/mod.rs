@@ -12,7 +12,7 @@ use vmesh_control::client::{Client, ClientError};
 use vmesh_control::clock::{Clock, ManualClock, SystemClock};
 use vmesh_control::config::parse_documents;
 use vmesh_control::registry::Settings;
-use vmesh_control::server::{start, Running, ServeConfig};
+use vmesh_control::server::{start, Running, ServeConfig, StoreConfig};
 use vmesh_test_support::eventually::patience;
 use vmesh_test_support::TempDir;
 
@@ -40,6 +40,7 @@ pub struct Options {
     pub manual_clock: Option<Arc<ManualClock>>,
     pub settings: Settings,
     pub jwks: Vec<(String, PathBuf)>,
+    pub store: StoreConfig,
 }
 
 impl Default for Options {
@@ -51,6 +52,7 @@ impl Default for Options {
                 ..Settings::default()
             },
             jwks: vec![],
+            store: StoreConfig::Embedded,
         }
     }
 }
@@ -90,6 +92,7 @@ impl TestServer {
             shutdown_grace: Duration::from_secs(10),
             hygiene: Default::default(),
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            store: o.store,
         };
         let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);
