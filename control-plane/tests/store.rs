@@ -51,6 +51,59 @@ async fn etcd_store_meets_the_store_contract() {
     .await;
 }
 
+/// etcd serving https and requiring client certificates: the store connects with the files of
+/// `--etcd-cacert/--etcd-cert/--etcd-key`, and without a client certificate it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_connects_over_tls_with_a_client_certificate() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let dir = TempDir::new();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.clone().self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        p.extended_key_usages = vec![usage];
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (
+            dir.file(&format!("{name}.pem"), &cert.pem()),
+            dir.file(&format!("{name}-key.pem"), &key.serialize_pem()),
+        )
+    };
+    let ca_file = dir.file("ca.pem", &ca.pem());
+    let (server, server_key) = leaf("server", ExtendedKeyUsagePurpose::ServerAuth);
+    let (client, client_key) = leaf("client", ExtendedKeyUsagePurpose::ClientAuth);
+    let etcd = Etcd::start_tls(vmesh_test_support::etcd::Tls {
+        ca: ca_file.clone(),
+        cert: server,
+        key: server_key,
+    });
+    let cfg = EtcdConfig::new(
+        vec![etcd.endpoint()],
+        "/tls/",
+        Some(ca_file.clone()),
+        Some(client),
+        Some(client_key),
+    )
+    .unwrap();
+    let s = EtcdStore::open(&cfg, Arc::new(SystemClock), None)
+        .await
+        .unwrap();
+    s.commit(Txn::default().put("obj/x".into(), b"x".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(s.get("obj/x").await.unwrap().value, b"x");
+
+    let no_client_cert =
+        EtcdConfig::new(vec![etcd.endpoint()], "/tls/", Some(ca_file), None, None).unwrap();
+    let e = EtcdStore::open(&no_client_cert, Arc::new(SystemClock), None).await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
+}
+
 /// Two control planes under different prefixes of one etcd see nothing of each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_prefixes_keep_control_planes_apart() {
@@ -519,4 +572,40 @@ async fn apply_and_register(admin: &Client) -> String {
         .await
         .unwrap();
     r["workloadEntry"]["name"].as_str().unwrap().to_string()
+}
+
+/// etcd stopped: a registration answers 503 (the store is unavailable, nothing is half
+/// written); etcd back: registrations succeed again without touching the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_answers_503_while_etcd_is_down_and_succeeds_once_it_is_back() {
+    let mut etcd = Etcd::start();
+    let parent = TempDir::new();
+    let dir = parent.path().join("data");
+    let p = spawn(&dir, free_port(), &etcd_flags(&etcd));
+    let admin = common::wait_for_server(&dir, &p.url).await;
+    apply_and_register(&admin).await;
+    let tok = admin
+        .mint_token("crash", "vm", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let vm = admin.with_token(&tok.token);
+    let register = |ip: &'static str| {
+        let vm = vm.clone();
+        async move {
+            vm.json::<Value>(
+                Method::POST,
+                "/v1/register",
+                Some(&json!({"group": "g0", "namespace": "crash", "address": ip})),
+            )
+            .await
+        }
+    };
+    etcd.kill();
+    let (status, _) = common::status_of(register("10.1.2.4").await);
+    assert_eq!(status, 503);
+    etcd.restart();
+    assert_eventually_async("registration succeeds once etcd is back", async || {
+        register("10.1.2.4").await.is_ok()
+    })
+    .await;
 }

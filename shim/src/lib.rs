@@ -184,8 +184,14 @@ fn start_control_plane(
         })
         .collect();
     let token = Arc::new(control::token::TokenSource::new(&b.token_path));
-    let cp = control::client::ControlPlane::new(endpoints, &b.root_cert_pem, token)
-        .map_err(StartError::Tls)?;
+    let status = Arc::clone(board);
+    let cp = control::client::ControlPlane::new(
+        endpoints,
+        &b.root_cert_pem,
+        token,
+        Box::new(move |e| status.control_plane(e.to_string())),
+    )
+    .map_err(StartError::Tls)?;
     let cp = Arc::new(cp);
     let view = view::follow(resolv_conf, stopped.clone());
     let (tables_tx, tables) = watch::channel(None);

@@ -157,11 +157,14 @@ impl Board {
         }
     }
 
-    /// The control plane answered (anything, errors included), at `via` (`address (name)`).
-    pub fn contact(&self, via: String) {
-        let mut i = self.inner();
-        i.last_contact = Some(SystemTime::now());
-        i.control_plane = Some(via);
+    /// The control plane answered (anything, errors included).
+    pub fn contact(&self) {
+        self.inner().last_contact = Some(SystemTime::now());
+    }
+
+    /// The shim connected to the control plane at `at` (`address (name)`): the one in use.
+    pub fn control_plane(&self, at: String) {
+        self.inner().control_plane = Some(at);
     }
 
     pub fn error(&self, message: String) {

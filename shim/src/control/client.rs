@@ -126,6 +126,8 @@ pub struct ControlPlane {
     token: Arc<TokenSource>,
     /// The open connection and the index of the endpoint it goes to.
     conn: tokio::sync::Mutex<Option<(usize, SendRequest<Full<Bytes>>)>>,
+    /// Told each endpoint a connection is made to (for `status`).
+    on_connect: Box<dyn Fn(&Endpoint) + Send + Sync>,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -161,10 +163,12 @@ pub fn tls_config(root_pem: &[u8]) -> Result<rustls::ClientConfig, TlsSetupError
 
 impl ControlPlane {
     /// `endpoints` in the order to try them; every one is trusted through `root_pem`.
+    /// `on_connect` hears of every connection made, with its endpoint.
     pub fn new(
         endpoints: Vec<Endpoint>,
         root_pem: &[u8],
         token: Arc<TokenSource>,
+        on_connect: Box<dyn Fn(&Endpoint) + Send + Sync>,
     ) -> Result<Self, TlsSetupError> {
         if endpoints.is_empty() {
             return Err(TlsSetupError::NoEndpoint);
@@ -184,6 +188,7 @@ impl ControlPlane {
             tls,
             token,
             conn: tokio::sync::Mutex::new(None),
+            on_connect,
         })
     }
 
@@ -217,6 +222,7 @@ impl ControlPlane {
                         tracing::info!(control_plane = %endpoint, "control plane address changed");
                     }
                     self.current.store(i, Ordering::Relaxed);
+                    (self.on_connect)(endpoint);
                     return Ok((i, s));
                 }
                 Err(e) => {

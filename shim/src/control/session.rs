@@ -160,7 +160,7 @@ impl Session {
 
     fn failed(&self, what: &str, e: &CallError) {
         if e.kind().is_some() {
-            self.board.contact(self.cp.in_use().to_string());
+            self.board.contact();
         }
         self.board.error(format!("{what}: {e}"));
     }
@@ -211,7 +211,7 @@ impl Session {
                     match attempt {
                         Ok(resp) => {
                             self.metrics.count_registration(Outcome::Ok);
-                            self.board.contact(self.cp.in_use().to_string());
+                            self.board.contact();
                             backoff.reset();
                             heartbeat_every =
                                 Duration::from_secs(resp.heartbeat_interval_seconds.max(1));
@@ -288,7 +288,7 @@ impl Session {
                         match beat {
                             Ok(()) => {
                                 self.metrics.count_heartbeat(Outcome::Ok);
-                                self.board.contact(self.cp.in_use().to_string());
+                                self.board.contact();
                                 backoff.reset();
                                 next_heartbeat = Instant::now() + heartbeat_every;
                                 // The control plane answers again: a health report waiting out
@@ -424,7 +424,7 @@ impl Session {
         match self.cp.health(&req).await {
             Ok(resp) => {
                 self.metrics.count_health(Outcome::Ok);
-                self.board.contact(self.cp.in_use().to_string());
+                self.board.contact();
                 if !resp.applied {
                     tracing::warn!(entry = %entry, "the control plane holds a newer health report");
                 }

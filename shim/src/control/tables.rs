@@ -192,11 +192,11 @@ impl CpTables {
             };
             match result {
                 Ok(TablePoll::NotModified) => {
-                    self.board.contact(self.cp.in_use().to_string());
+                    self.board.contact();
                     backoff.reset();
                 }
                 Ok(TablePoll::Changed { version, json }) => {
-                    self.board.contact(self.cp.in_use().to_string());
+                    self.board.contact();
                     backoff.reset();
                     match self.publish(&json, "controlPlane") {
                         Ok(()) => {
@@ -218,7 +218,7 @@ impl CpTables {
                 }
                 Err(error) => {
                     if error.kind().is_some() {
-                        self.board.contact(self.cp.in_use().to_string());
+                        self.board.contact();
                     }
                     self.board.error(format!("name table: {error}"));
                     if !error.is_transient() {
