@@ -17,7 +17,7 @@ use crate::config::parse_documents;
 use crate::random::{self, Entropy, SystemEntropy};
 use crate::registry::Settings;
 use crate::server::{start, ServeConfig, StoreConfig, ADMIN_TOKEN_FILE, STORE_FILE};
-use crate::store::etcd::{EtcdConfig, EtcdStore};
+use crate::store::etcd::{Credentials, EtcdConfig, EtcdStore};
 use crate::store::redb::RedbStore;
 use crate::tls::{write_private, ROOT_CERT_FILE};
 
@@ -49,6 +49,7 @@ pub const ENV_ETCD_PREFIX: &str = "VMESH_CONTROL_ETCD_PREFIX";
 pub const ENV_ETCD_CACERT: &str = "VMESH_CONTROL_ETCD_CACERT";
 pub const ENV_ETCD_CERT: &str = "VMESH_CONTROL_ETCD_CERT";
 pub const ENV_ETCD_KEY: &str = "VMESH_CONTROL_ETCD_KEY";
+pub const ENV_ETCD_USER: &str = "VMESH_CONTROL_ETCD_USER";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -139,6 +140,10 @@ pub struct EtcdArgs {
     /// Key of the client certificate (PEM).
     #[arg(long, env = ENV_ETCD_KEY)]
     pub etcd_key: Option<PathBuf>,
+    /// NAME:PASSWORD of an etcd user, for etcd with authentication enabled (as etcdctl's
+    /// `--user`; the environment variable keeps the password off the command line).
+    #[arg(long, env = ENV_ETCD_USER, hide_env_values = true)]
+    pub etcd_user: Option<Credentials>,
 }
 
 impl EtcdArgs {
@@ -151,13 +156,17 @@ impl EtcdArgs {
                 bail!("{} is not a readable file", p.display());
             }
         }
-        Ok(EtcdConfig::new(
+        let cfg = EtcdConfig::new(
             endpoints,
             &self.etcd_prefix,
             self.etcd_cacert.clone(),
             self.etcd_cert.clone(),
             self.etcd_key.clone(),
-        )?)
+        )?;
+        Ok(match &self.etcd_user {
+            Some(u) => cfg.with_user(u.clone()),
+            None => cfg,
+        })
     }
 
     fn tls(&self) -> bool {

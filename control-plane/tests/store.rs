@@ -104,6 +104,36 @@ async fn etcd_store_connects_over_tls_with_a_client_certificate() {
     assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
 }
 
+/// etcd with authentication enabled: refused without a user, served with `--etcd-user`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_authenticates_as_the_configured_user() {
+    let etcd = Etcd::start();
+    let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    admin.role_add("root").await.unwrap();
+    admin.user_add("root", "rootpw", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let cfg = EtcdConfig::new(vec![etcd.endpoint()], "/auth/", None, None, None).unwrap();
+    let e = EtcdStore::open(&cfg, Arc::new(SystemClock), None).await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
+    let wrong = cfg.clone().with_user("root:nope".parse().unwrap());
+    let e = EtcdStore::open(&wrong, Arc::new(SystemClock), None).await;
+    assert!(matches!(e, Err(StoreError::Unavailable(_))), "{e:?}");
+    let s = EtcdStore::open(
+        &cfg.with_user("root:rootpw".parse().unwrap()),
+        Arc::new(SystemClock),
+        None,
+    )
+    .await
+    .unwrap();
+    s.commit(Txn::default().put("obj/x".into(), b"x".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(s.get("obj/x").await.unwrap().value, b"x");
+}
+
 /// Two control planes under different prefixes of one etcd see nothing of each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_prefixes_keep_control_planes_apart() {

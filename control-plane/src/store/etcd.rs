@@ -60,6 +60,38 @@ pub struct EtcdConfig {
     /// Client certificate and key, for members that require client certificates.
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// etcd's own authentication (a user with a role granting the prefix).
+    pub user: Option<Credentials>,
+}
+
+/// An etcd user and password; the password never shows in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub name: String,
+    password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::str::FromStr for Credentials {
+    type Err = EtcdConfigError;
+
+    /// `NAME:PASSWORD`, as etcdctl's `--user`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some((name, password)) if !name.is_empty() => Ok(Credentials {
+                name: name.to_string(),
+                password: password.to_string(),
+            }),
+            _ => Err(EtcdConfigError::BadUser),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +106,8 @@ pub enum EtcdConfigError {
     EmptyPrefix,
     #[error("--etcd-cert and --etcd-key go together")]
     HalfIdentity,
+    #[error("--etcd-user: expected NAME:PASSWORD")]
+    BadUser,
     #[error("{path}: {source}")]
     Read {
         path: String,
@@ -120,7 +154,14 @@ impl EtcdConfig {
             cacert,
             cert,
             key,
+            user: None,
         })
+    }
+
+    /// Authenticates as `user` (etcd with auth enabled).
+    pub fn with_user(mut self, user: Credentials) -> Self {
+        self.user = Some(user);
+        self
     }
 
     /// `etcd://host:port[,host:port]` (as `migrate --to` takes it): each member over https when
@@ -283,6 +324,13 @@ impl EtcdStore {
             .with_keep_alive_while_idle(true);
         if let Some(t) = cfg.tls().map_err(unavailable)? {
             opts = opts.with_tls(t);
+        }
+        if let Some(u) = &cfg.user {
+            // etcd's auth tokens expire (5 minutes by default); a long-running server
+            // re-authenticates instead of failing from then on.
+            opts = opts
+                .with_user(u.name.clone(), u.password.clone())
+                .with_auto_token_refresh(true);
         }
         let mut client = call(Client::connect(&cfg.endpoints, Some(opts))).await?;
         let prefix = cfg.prefix.clone();
@@ -792,6 +840,15 @@ mod tests {
             EtcdConfig::new(vec!["http://e:2379".into()], "", None, None, None),
             Err(EtcdConfigError::EmptyPrefix)
         ));
+    }
+
+    #[test]
+    fn users_are_name_colon_password_and_the_password_is_not_shown() {
+        let u: Credentials = "vmesh:s3cr:et".parse().unwrap();
+        assert_eq!((u.name.as_str(), u.password.as_str()), ("vmesh", "s3cr:et"));
+        assert!(!format!("{u:?}").contains("s3cr"));
+        assert!("vmesh".parse::<Credentials>().is_err());
+        assert!(":pw".parse::<Credentials>().is_err());
     }
 
     #[test]
