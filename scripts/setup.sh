@@ -6,10 +6,11 @@ export DEBIAN_FRONTEND=noninteractive
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# Debian packages: dig (dnsutils), dnsperf, dnsmasq, etcd, iptables/iproute2 for namespace
+# Debian packages: dig (dnsutils), dnsperf, dnsmasq, etcd (the etcd store's tests), protoc and
+# its well-known .proto files (etcd-client generates its gRPC code at build), iptables/iproute2 for namespace
 # tests, binaryen (wasm-opt, size checks), nghttp2-client (h2load), curl, util-linux (setpriv,
 # used by the tests so nothing outlives them).
-packages=(dnsutils dnsperf dnsmasq-base etcd-server iptables iproute2 binaryen nghttp2-client
+packages=(dnsutils dnsperf dnsmasq-base etcd-server protobuf-compiler libprotobuf-dev iptables iproute2 binaryen nghttp2-client
           curl ca-certificates procps util-linux build-essential pkg-config python3 python3-pip)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -16,7 +16,9 @@ use crate::clock::SystemClock;
 use crate::config::parse_documents;
 use crate::random::{self, Entropy, SystemEntropy};
 use crate::registry::Settings;
-use crate::server::{start, ServeConfig, ADMIN_TOKEN_FILE};
+use crate::server::{start, ServeConfig, StoreConfig, ADMIN_TOKEN_FILE, STORE_FILE};
+use crate::store::etcd::{Credentials, EtcdConfig, EtcdStore};
+use crate::store::redb::RedbStore;
 use crate::tls::{write_private, ROOT_CERT_FILE};
 
 pub const ENV_DATA_DIR: &str = "VMESH_CONTROL_DATA_DIR";
@@ -51,6 +53,13 @@ pub const ENV_CA_KEY: &str = "VMESH_CONTROL_CA_KEY";
 pub const ENV_CA_CHAIN: &str = "VMESH_CONTROL_CA_CHAIN";
 pub const ENV_CA_ROOT: &str = "VMESH_CONTROL_CA_ROOT";
 pub const ENV_CACERTS: &str = "VMESH_CONTROL_CACERTS";
+pub const ENV_STORE: &str = "VMESH_CONTROL_STORE";
+pub const ENV_ETCD_ENDPOINTS: &str = "VMESH_CONTROL_ETCD_ENDPOINTS";
+pub const ENV_ETCD_PREFIX: &str = "VMESH_CONTROL_ETCD_PREFIX";
+pub const ENV_ETCD_CACERT: &str = "VMESH_CONTROL_ETCD_CACERT";
+pub const ENV_ETCD_CERT: &str = "VMESH_CONTROL_ETCD_CERT";
+pub const ENV_ETCD_KEY: &str = "VMESH_CONTROL_ETCD_KEY";
+pub const ENV_ETCD_USER: &str = "VMESH_CONTROL_ETCD_USER";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -81,7 +90,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create or update objects from a file or directory of YAML/JSON manifests.
     Apply {
         #[arg(short = 'f', long = "filename")]
@@ -115,6 +124,81 @@ pub enum Command {
     },
     /// Write the files a VM needs (like `istioctl x workload entry configure --autoregister`).
     VmBundle(BundleArgs),
+    /// Copy a single-replica (embedded) store into etcd. The server must be stopped.
+    Migrate(MigrateArgs),
+}
+
+/// Which store `serve` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// `store.redb` in the data dir: one replica, nothing else to run.
+    Embedded,
+    /// An etcd cluster (`--etcd-endpoints`).
+    Etcd,
+}
+
+/// How to reach etcd, named as etcdctl names them.
+#[derive(Debug, Args)]
+pub struct EtcdArgs {
+    /// Every key goes under this prefix (several control planes can share one etcd).
+    #[arg(long, env = ENV_ETCD_PREFIX, default_value = crate::store::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, env = ENV_ETCD_CACERT)]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for members that require one.
+    #[arg(long, env = ENV_ETCD_CERT)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = ENV_ETCD_KEY)]
+    pub etcd_key: Option<PathBuf>,
+    /// NAME:PASSWORD of an etcd user, for etcd with authentication enabled (as etcdctl's
+    /// `--user`; the environment variable keeps the password off the command line).
+    #[arg(long, env = ENV_ETCD_USER, hide_env_values = true)]
+    pub etcd_user: Option<Credentials>,
+}
+
+impl EtcdArgs {
+    fn config(&self, endpoints: Vec<String>) -> anyhow::Result<EtcdConfig> {
+        for p in [&self.etcd_cacert, &self.etcd_cert, &self.etcd_key]
+            .into_iter()
+            .flatten()
+        {
+            if !p.is_file() {
+                bail!("{} is not a readable file", p.display());
+            }
+        }
+        let cfg = EtcdConfig::new(
+            endpoints,
+            &self.etcd_prefix,
+            self.etcd_cacert.clone(),
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+        )?;
+        Ok(match &self.etcd_user {
+            Some(u) => cfg.with_user(u.clone()),
+            None => cfg,
+        })
+    }
+
+    fn tls(&self) -> bool {
+        self.etcd_cacert.is_some() || self.etcd_cert.is_some()
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Data dir of the single-replica server (its `store.redb` is read).
+    #[arg(long)]
+    pub from: PathBuf,
+    /// `etcd://host:port[,host:port...]` (https when TLS files are given).
+    #[arg(long)]
+    pub to: String,
+    /// Replace whatever is under the target prefix (refused otherwise).
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -234,6 +318,14 @@ pub struct ServeArgs {
     /// share a root with an Istio cluster.
     #[arg(long, env = ENV_CACERTS)]
     pub cacerts: Option<PathBuf>,
+    /// Where config and WorkloadEntries are stored.
+    #[arg(long, env = ENV_STORE, value_enum, default_value_t = StoreKind::Embedded)]
+    pub store: StoreKind,
+    /// etcd members (`--store etcd`): http://host:port or https://host:port, comma-separated.
+    #[arg(long, env = ENV_ETCD_ENDPOINTS, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 #[derive(Debug, Args)]
@@ -387,6 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::VmBundle(a) => vm_bundle(&cli, a).await,
+        Command::Migrate(a) => migrate(a).await,
     }
 }
 
@@ -447,6 +540,19 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             bail!("--jwks: {} is not a readable file", p.display());
         }
     }
+    let store = match a.store {
+        StoreKind::Embedded => {
+            if !a.etcd_endpoints.is_empty() {
+                bail!("--etcd-endpoints needs --store etcd");
+            }
+            StoreConfig::Embedded
+        }
+        StoreKind::Etcd => StoreConfig::Etcd(
+            a.etcd
+                .config(a.etcd_endpoints.clone())
+                .context("--store etcd")?,
+        ),
+    };
     // Before anything is loaded or bound: from here on a SIGTERM or SIGINT is a request to
     // shut down (answered once start-up is complete), never the default "die at once".
     let mut signals = Signals::install()?;
@@ -491,6 +597,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             max_ttl: a.max_workload_cert_ttl,
             files: ca_files(a),
         },
+        store,
     };
     let running = start(cfg, Arc::new(SystemClock)).await?;
     let signal = signals.next().await;
@@ -515,6 +622,31 @@ fn ca_files(a: &ServeArgs) -> Option<crate::tls::CaFiles> {
         chain: a.ca_chain.clone(),
         root: a.ca_root.clone(),
     })
+}
+
+/// `migrate`: opens the embedded store (refused while a server has it open), then copies it.
+async fn migrate(a: &MigrateArgs) -> anyhow::Result<()> {
+    let path = a.from.join(STORE_FILE);
+    if !path.is_file() {
+        bail!("--from: {} does not exist", path.display());
+    }
+    let endpoints = EtcdConfig::endpoints_from_target(&a.to, a.etcd.tls())?;
+    let cfg = a.etcd.config(endpoints)?;
+    let from = RedbStore::open(&path, Arc::new(SystemClock), None)
+        .with_context(|| format!("opening {} (is the server still running?)", path.display()))?;
+    let to = EtcdStore::open(&cfg, Arc::new(SystemClock), None)
+        .await
+        .with_context(|| format!("connecting to {}", a.to))?;
+    let n = crate::store::migrate::copy(&from, &to, a.force).await?;
+    from.close().await;
+    to.close().await;
+    println!(
+        "copied {n} keys from {} to {} (prefix {})",
+        path.display(),
+        a.to,
+        cfg.prefix
+    );
+    Ok(())
 }
 
 /// `vmesh-control-` and 8 random hex digits.

@@ -22,8 +22,9 @@ use crate::identity::{KeyError, Signer, Verifier};
 use crate::metrics::Metrics;
 use crate::random::{self, Entropy, RandomError, SystemEntropy};
 use crate::registry::{Registry, Settings};
+use crate::store::etcd::{EtcdConfig, EtcdStore};
 use crate::store::redb::RedbStore;
-use crate::store::StoreError;
+use crate::store::{AnyStore, StoreError};
 use crate::tables::{self, NameTables};
 use crate::tls::{write_private, Ca, ServingCert, TlsError, ROOT_KEY_FILE};
 
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub cert_lifetime: Duration,
     /// The workload CA: trust domain, TTL bound, and an existing CA to sign with.
     pub ca: CaConfig,
+    /// Where config and WorkloadEntries live.
+    pub store: StoreConfig,
 }
 
 /// How workload certificates are issued.
@@ -76,6 +79,16 @@ impl Default for CaConfig {
             files: None,
         }
     }
+}
+
+/// The store `serve` runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// `store.redb` in the data dir (one replica).
+    #[default]
+    Embedded,
+    /// An etcd cluster; the data dir keeps the identity files only.
+    Etcd(EtcdConfig),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +124,8 @@ pub enum ServeError {
 /// it started is owned here and awaited exactly once, by that call.
 pub struct Running {
     pub addr: SocketAddr,
-    pub registry: Arc<Registry<RedbStore>>,
-    pub store: Arc<RedbStore>,
+    pub registry: Arc<Registry<AnyStore>>,
+    pub store: Arc<AnyStore>,
     pub tables: Arc<NameTables>,
     pub metrics: Arc<Metrics>,
     pub admin_token: String,
@@ -278,8 +291,9 @@ const SECRET_FILES: [&str; 4] = [
 
 /// Creates the data dir (0700) or checks an existing one: refused if every user may write to
 /// it (anyone could have swapped in their own CA key or admin credential); a secret that group
-/// or others may read is made 0600, with a warning that it may have been read.
-fn secure_data_dir(dir: &Path) -> Result<(), ServeError> {
+/// or others may read is made 0600, with a warning that it may have been read. `embedded`:
+/// the store file is kept here too.
+fn secure_data_dir(dir: &Path, embedded: bool) -> Result<(), ServeError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -315,7 +329,7 @@ fn secure_data_dir(dir: &Path) -> Result<(), ServeError> {
         // redb initializes an empty file: created here, the store is never readable by others,
         // not even for the moment between its creation and a chmod.
         let store = dir.join(STORE_FILE);
-        if !store.exists() {
+        if embedded && !store.exists() {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
                 .write(true)
@@ -358,7 +372,7 @@ async fn renew_serving_cert(
 /// Loads everything, binds, and serves until [`Running::stop`].
 pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let dir = &cfg.data_dir;
-    secure_data_dir(dir)?;
+    secure_data_dir(dir, cfg.store == StoreConfig::Embedded)?;
     let ca = Arc::new(match &cfg.ca.files {
         Some(files) => {
             let ca = Ca::from_files(files)?;
@@ -401,19 +415,25 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
     }
     let metrics = Arc::new(Metrics::default());
     let m2 = metrics.clone();
-    let store_path = dir.join(STORE_FILE);
+    let observer: crate::store::redb::CommitObserver =
+        Arc::new(move |d, _| m2.store_commit.observe(d));
+    let (store, store_name) = match &cfg.store {
+        StoreConfig::Embedded => {
+            let path = dir.join(STORE_FILE);
+            let store = RedbStore::open(&path, clock.clone(), Some(observer));
+            (store.map(AnyStore::Redb), path.display().to_string())
+        }
+        StoreConfig::Etcd(e) => {
+            let store = EtcdStore::open(e, clock.clone(), Some(observer)).await;
+            let name = format!("etcd {} (prefix {})", e.endpoints.join(","), e.prefix);
+            (store.map(AnyStore::Etcd), name)
+        }
+    };
     let store_err = |source| ServeError::Store {
-        path: store_path.display().to_string(),
+        path: store_name.clone(),
         source,
     };
-    let store = Arc::new(
-        RedbStore::open(
-            &store_path,
-            clock.clone(),
-            Some(Arc::new(move |d, _| m2.store_commit.observe(d))),
-        )
-        .map_err(store_err)?,
-    );
+    let store = Arc::new(store.map_err(store_err)?);
     let cache = Cache::start(store.clone()).await.map_err(store_err)?;
     let listener = TcpListener::bind(cfg.listen)
         .await

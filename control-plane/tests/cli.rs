@@ -256,11 +256,25 @@ fn serve_refuses_bad_flags_before_binding() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     drop(l);
+    let unreachable = format!("http://127.0.0.1:{}", vmesh_test_support::free_port());
     for args in [
         vec!["--heartbeat-interval", "20s", "--liveness-timeout", "10s"],
         vec!["--grace-period", "0s"],
         vec!["--jwks", "https://issuer=/does/not/exist.json"],
         vec!["--grace-period", "tomorrow"],
+        vec!["--store", "etcd"],
+        vec!["--store", "etcd", "--etcd-endpoints", "127.0.0.1:2379"],
+        vec!["--etcd-endpoints", "http://127.0.0.1:2379"],
+        vec![
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            "https://127.0.0.1:2379",
+            "--etcd-cert",
+            "c.pem",
+        ],
+        // Nothing listens there: the store cannot be opened, so nothing is bound.
+        vec!["--store", "etcd", "--etcd-endpoints", &unreachable],
     ] {
         let o = bin()
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])

@@ -39,7 +39,7 @@ async fn mesh() -> Mesh {
             liveness_timeout: Duration::from_secs(15),
             ..Settings::default()
         },
-        jwks: vec![],
+        ..Options::default()
     })
     .await;
     s.apply_yaml(&istio_vm_yaml()).await.unwrap();

@@ -150,17 +150,28 @@ impl Bundle {
     }
 }
 
-/// The control plane's address: where to connect and the name to check its certificate for.
+/// The control plane's addresses: where to connect and the names to check certificates for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Discovery {
-    /// As configured, `host:port`.
+    /// As configured: `host:port`, or several, comma-separated (replicas).
+    pub address: String,
+    /// Where to connect, in the order to try: the configured addresses in turn, a name with
+    /// several hosts-file entries (as a DNS name with several A records) giving one target per
+    /// address. Never empty.
+    pub targets: Vec<Target>,
+    /// The hosts file that gave IPs; `None` when every host is an IP literal.
+    pub hosts_file: Option<PathBuf>,
+}
+
+/// One place the control plane may be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `host:port` as configured (the requests' `:authority`).
     pub address: String,
     /// The TLS server name: the host as written (lower-cased, without a trailing dot), or the
     /// IP literal.
     pub server_name: String,
     pub connect: SocketAddr,
-    /// The hosts file that gave the IP; `None` when the host is an IP literal.
-    pub hosts_file: Option<PathBuf>,
 }
 
 /// Where the VM's address came from.
@@ -698,14 +709,24 @@ fn discovery(
         // The mesh config's own error is reported already.
         (None, None) => return None,
     };
-    let (host, port) = match parse_host_port(&text) {
-        Ok(hp) => hp,
-        Err(reason) => {
-            errors.push(BundleError::DiscoveryAddress { text, from, reason });
-            return None;
+    let mut parsed = Vec::new();
+    for item in text.split(',') {
+        match parse_host_port(item) {
+            Ok((host, port)) => parsed.push((item.trim().to_string(), host, port)),
+            Err(reason) => {
+                errors.push(BundleError::DiscoveryAddress {
+                    text: item.trim().to_string(),
+                    from: from.clone(),
+                    reason,
+                });
+            }
         }
-    };
-    let hosts = if paths.hosts_named || matches!(host, Host::Name(_)) {
+    }
+    if parsed.len() != text.split(',').count() {
+        return None;
+    }
+    let named = parsed.iter().any(|(_, h, _)| matches!(h, Host::Name(_)));
+    let hosts = if paths.hosts_named || named {
         match std::fs::read_to_string(&paths.hosts) {
             Ok(t) => Some(t),
             Err(source) => {
@@ -720,24 +741,42 @@ fn discovery(
     } else {
         None
     };
-    let (ip, server_name, hosts_file) = match host {
-        Host::Ip(ip) => (ip, ip.to_string(), None),
-        Host::Name(name) => match lookup_hosts(hosts.as_deref().unwrap_or(""), &name) {
-            Some(ip) => (ip, name, Some(paths.hosts.clone())),
-            None => {
-                errors.push(BundleError::HostNotInHosts {
-                    host: name,
-                    path: paths.hosts.clone(),
-                });
-                return None;
+    let mut targets = Vec::new();
+    let mut missing = false;
+    for (address, host, port) in parsed {
+        let (ips, server_name) = match host {
+            Host::Ip(ip) => (vec![ip], ip.to_string()),
+            Host::Name(name) => {
+                let ips = lookup_hosts_all(hosts.as_deref().unwrap_or(""), &name);
+                if ips.is_empty() {
+                    errors.push(BundleError::HostNotInHosts {
+                        host: name,
+                        path: paths.hosts.clone(),
+                    });
+                    missing = true;
+                    continue;
+                }
+                (ips, name)
             }
-        },
-    };
+        };
+        for ip in ips {
+            let connect = SocketAddr::new(ip, port);
+            if !targets.iter().any(|t: &Target| t.connect == connect) {
+                targets.push(Target {
+                    address: address.clone(),
+                    server_name: server_name.clone(),
+                    connect,
+                });
+            }
+        }
+    }
+    if missing {
+        return None;
+    }
     Some(Discovery {
         address: text,
-        server_name,
-        connect: SocketAddr::new(ip, port),
-        hosts_file,
+        targets,
+        hosts_file: named.then(|| paths.hosts.clone()),
     })
 }
 
@@ -1035,15 +1074,26 @@ fn dns_name(text: &str) -> Option<String> {
 /// compared without case and trailing dot). `#` starts a comment anywhere; lines whose address
 /// does not parse are skipped, as glibc skips them. IPv6 zones (`fe80::1%eth0`) are not read.
 pub fn lookup_hosts(text: &str, name: &str) -> Option<IpAddr> {
+    lookup_hosts_all(text, name).into_iter().next()
+}
+
+/// Every address /etc/hosts-format `text` gives `name`, in file order without repeats: a name
+/// on several lines is a name with several addresses (glibc's `multi on`), as a DNS name with
+/// several A records (`istiod.istio-system.svc` with several replicas).
+pub fn lookup_hosts_all(text: &str, name: &str) -> Vec<IpAddr> {
     let want = name.trim_end_matches('.');
-    text.lines().find_map(|line| {
+    let mut out = Vec::new();
+    for line in text.lines() {
         let line = line.split('#').next().unwrap_or("");
         let mut words = line.split_whitespace();
-        let ip: IpAddr = words.next()?.parse().ok()?;
-        words
-            .any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(want))
-            .then_some(ip)
-    })
+        let Some(Ok(ip)) = words.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        if words.any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(want)) && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1802,8 +1852,11 @@ zbWKdM0gKDTibeCX8m19
             b.discovery,
             Discovery {
                 address: "istiod.istio-system.svc:15012".into(),
-                server_name: "istiod.istio-system.svc".into(),
-                connect: "10.0.0.1:15012".parse().unwrap(),
+                targets: vec![Target {
+                    address: "istiod.istio-system.svc:15012".into(),
+                    server_name: "istiod.istio-system.svc".into(),
+                    connect: "10.0.0.1:15012".parse().unwrap(),
+                }],
                 hosts_file: Some(paths.hosts.clone()),
             }
         );
@@ -1831,9 +1884,69 @@ zbWKdM0gKDTibeCX8m19
             (b.group.as_str(), b.namespace.as_str(), b.network.as_str()),
             ("g", "n", "")
         );
-        assert_eq!(b.discovery.connect, "[2001:db8::9]:443".parse().unwrap());
-        assert_eq!(b.discovery.server_name, "2001:db8::9");
+        assert_eq!(
+            b.discovery.targets[0].connect,
+            "[2001:db8::9]:443".parse().unwrap()
+        );
+        assert_eq!(b.discovery.targets[0].server_name, "2001:db8::9");
         assert_eq!(b.discovery.hosts_file, None);
+    }
+
+    /// Replicas: several comma-separated addresses, and a name with several hosts-file
+    /// entries (a DNS name with several A records), become targets in the order given.
+    #[test]
+    fn several_discovery_addresses_and_a_name_with_several_addresses_are_all_targets() {
+        let d = bundle_dir("replicas", ENV);
+        d.write(
+            BUNDLE_HOSTS,
+            "10.0.0.1 istiod.istio-system.svc\n10.0.0.2 istiod.istio-system.svc\n\
+             10.0.0.1 istiod.istio-system.svc # again\n",
+        );
+        let paths = BundlePaths::in_dir(&d.0);
+        let o = Overrides {
+            discovery_address: Some("istiod.istio-system.svc:15012, 10.0.0.9:443".into()),
+            ..Overrides::default()
+        };
+        let b = load(&paths, &o, &machine(&|_| None, &eth0)).unwrap().bundle;
+        let got: Vec<(&str, &str, String)> = b
+            .discovery
+            .targets
+            .iter()
+            .map(|t| {
+                (
+                    t.address.as_str(),
+                    t.server_name.as_str(),
+                    t.connect.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "istiod.istio-system.svc:15012",
+                    "istiod.istio-system.svc",
+                    "10.0.0.1:15012".to_string()
+                ),
+                (
+                    "istiod.istio-system.svc:15012",
+                    "istiod.istio-system.svc",
+                    "10.0.0.2:15012".to_string()
+                ),
+                ("10.0.0.9:443", "10.0.0.9", "10.0.0.9:443".to_string()),
+            ]
+        );
+        let o = Overrides {
+            discovery_address: Some("10.0.0.9:443,,nohost:1".into()),
+            ..Overrides::default()
+        };
+        let errors = load(&paths, &o, &machine(&|_| None, &eth0)).unwrap_err();
+        assert!(
+            errors.iter().any(
+                |e| matches!(e, BundleError::DiscoveryAddress { text, .. } if text.is_empty())
+            ),
+            "{errors:?}"
+        );
     }
 
     #[test]
@@ -1860,7 +1973,10 @@ zbWKdM0gKDTibeCX8m19
         );
         paths.mesh_config_named = false;
         let b = load(&paths, &o, &m).unwrap().bundle;
-        assert_eq!(b.discovery.connect, "10.9.9.9:15012".parse().unwrap());
+        assert_eq!(
+            b.discovery.targets[0].connect,
+            "10.9.9.9:15012".parse().unwrap()
+        );
         // Without --discovery-address nothing gives the control plane's address.
         assert!(load(&paths, &Overrides::default(), &m).is_err());
     }

@@ -105,7 +105,9 @@ pub struct RunArgs {
     pub hosts_file: Option<PathBuf>,
 
     /// The control plane, replacing the mesh config's defaultConfig.discoveryAddress.
-    #[arg(long, env = ENV_DISCOVERY_ADDRESS, value_name = "HOST:PORT", help_heading = CONTROL_PLANE)]
+    /// Several (replicas) comma-separated, tried in order; a host with several addresses in
+    /// the hosts file stands for all of them.
+    #[arg(long, env = ENV_DISCOVERY_ADDRESS, value_name = "HOST:PORT[,HOST:PORT]", help_heading = CONTROL_PLANE)]
     pub discovery_address: Option<String>,
 
     /// The VM's address in the mesh. Default: ISTIO_SVC_IP, then INSTANCE_IP (environment over
@@ -541,7 +543,7 @@ fn log_mode(s: &Settings) {
                 address = %b.address,
                 address_from = %b.address_source,
                 discovery = %b.discovery.address,
-                connect = %b.discovery.connect,
+                connect = %b.discovery.targets.iter().map(|t| t.connect.to_string()).collect::<Vec<_>>().join(","),
                 cluster_env = %b.paths.cluster_env.display(),
                 token = %b.token_path.display(),
                 state_dir = %c.state_dir.display(),

@@ -108,12 +108,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     };
     let board = Arc::new(status::Board::new(
         mode,
-        settings.control.as_ref().map(|c| {
-            format!(
-                "{} ({})",
-                c.bundle.discovery.connect, c.bundle.discovery.server_name
-            )
-        }),
+        settings
+            .control
+            .as_ref()
+            .and_then(|c| c.bundle.discovery.targets.first())
+            .map(|t| format!("{} ({})", t.connect, t.server_name)),
     ));
     let mut session = None;
     let tables = match (settings.names, settings.control) {
@@ -174,14 +173,25 @@ fn start_control_plane(
     stopped: watch::Receiver<bool>,
 ) -> Result<(names::Tables, JoinHandle<()>), StartError> {
     let b = &c.bundle;
-    let endpoint = control::client::Endpoint {
-        addr: b.discovery.connect,
-        server_name: b.discovery.server_name.clone(),
-        authority: b.discovery.address.clone(),
-        root_pem: b.root_cert_pem.clone(),
-    };
+    let endpoints = b
+        .discovery
+        .targets
+        .iter()
+        .map(|t| control::client::Endpoint {
+            addr: t.connect,
+            server_name: t.server_name.clone(),
+            authority: t.address.clone(),
+        })
+        .collect();
     let token = Arc::new(control::token::TokenSource::new(&b.token_path));
-    let cp = control::client::ControlPlane::new(endpoint, token).map_err(StartError::Tls)?;
+    let status = Arc::clone(board);
+    let cp = control::client::ControlPlane::new(
+        endpoints,
+        &b.root_cert_pem,
+        token,
+        Box::new(move |e| status.control_plane(e.to_string())),
+    )
+    .map_err(StartError::Tls)?;
     let cp = Arc::new(cp);
     let view = view::follow(resolv_conf, stopped.clone());
     let (tables_tx, tables) = watch::channel(None);

@@ -93,12 +93,13 @@ pub struct TableStatus {
 #[derive(Debug)]
 pub struct Board {
     mode: &'static str,
-    control_plane: Option<String>,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The control plane address in use (the first configured until one answers).
+    control_plane: Option<String>,
     state: RegistrationState,
     entry: Option<EntryRef>,
     last_contact: Option<SystemTime>,
@@ -128,8 +129,8 @@ impl Board {
         };
         Board {
             mode,
-            control_plane,
             inner: Mutex::new(Inner {
+                control_plane,
                 state,
                 ..Inner::default()
             }),
@@ -159,6 +160,11 @@ impl Board {
     /// The control plane answered (anything, errors included).
     pub fn contact(&self) {
         self.inner().last_contact = Some(SystemTime::now());
+    }
+
+    /// The shim connected to the control plane at `at` (`address (name)`): the one in use.
+    pub fn control_plane(&self, at: String) {
+        self.inner().control_plane = Some(at);
     }
 
     pub fn error(&self, message: String) {
@@ -193,7 +199,7 @@ impl Board {
             registration: Registration {
                 state: i.state,
                 workload_entry: i.entry.clone(),
-                control_plane: self.control_plane.clone(),
+                control_plane: i.control_plane.clone(),
                 last_contact_seconds_ago: i.last_contact.map(ago),
                 last_error: i.last_error.as_ref().map(|(m, _)| m.clone()),
                 last_error_seconds_ago: i.last_error.as_ref().map(|(_, t)| ago(*t)),

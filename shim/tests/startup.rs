@@ -366,9 +366,13 @@ fn assert_python_http_bundle(settings: &Settings, dir: &Path, state_dir: &Path, 
         b.discovery.address,
         format!("istiod.istio-system.svc:{port}")
     );
-    assert_eq!(b.discovery.server_name, "istiod.istio-system.svc");
+    assert_eq!(b.discovery.targets.len(), 1);
     assert_eq!(
-        b.discovery.connect,
+        b.discovery.targets[0].server_name,
+        "istiod.istio-system.svc"
+    );
+    assert_eq!(
+        b.discovery.targets[0].connect,
         format!("127.0.0.1:{port}").parse().unwrap()
     );
     assert_eq!(b.discovery.hosts_file, Some(dir.join("hosts")));
@@ -451,8 +455,11 @@ fn file_flags_and_overrides_replace_single_bundle_values() {
     assert_eq!(b.service_account, "vm-sa");
     assert_eq!(b.address.to_string(), "2001:db8::5");
     assert_eq!(b.address_source, AddressSource::Flag);
-    assert_eq!(b.discovery.connect, "10.1.2.3:443".parse().unwrap());
-    assert_eq!(b.discovery.server_name, "vmesh-control.example");
+    assert_eq!(
+        b.discovery.targets[0].connect,
+        "10.1.2.3:443".parse().unwrap()
+    );
+    assert_eq!(b.discovery.targets[0].server_name, "vmesh-control.example");
     assert_eq!(b.paths.token, fixture_bundle().join("istio-token"));
 }
 

@@ -4,11 +4,13 @@
 //! - [`eventually`]: wait for a condition with a patience setting instead of sleeping;
 //! - [`free_port`] and [`TempDir`]: per-test ports on 127.0.0.1 and temp dirs;
 //! - [`process`]: child processes that die with the test thread that started them;
-//! - [`dig`]: BIND's `dig`, run and parsed.
+//! - [`dig`]: BIND's `dig`, run and parsed;
+//! - [`etcd`]: a real etcd member on free ports, removed with the test.
 //!
 //! It has no Wasm host and no vmesh crate in it, so a suite that uses it builds none of them.
 
 pub mod dig;
+pub mod etcd;
 pub mod eventually;
 pub mod process;
 

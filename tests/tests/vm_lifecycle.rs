@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmesh_test_support::eventually::eventually;
+use vmesh_test_support::free_port;
 use vmesh_tests::support::app::App;
 use vmesh_tests::support::control_plane::{healthy_condition, ControlPlane, CpOptions};
 use vmesh_tests::support::dnsmasq::{Dnsmasq, FORWARDED_ADDR, FORWARDED_NAME};
@@ -344,6 +345,45 @@ fn control_plane_restarts_keep_entries_and_its_absence_keeps_names_answered() {
             .then_some(())
             .ok_or(s["nameTable"].to_string())
     });
+}
+
+/// Replicas: a VM given two control-plane addresses, the first refusing connections (nothing
+/// listens there), registers through the second and says which one it uses. When the control
+/// plane moves to the first address (restarted there on the same data), the VM follows it by
+/// itself and keeps its entry.
+#[test]
+fn a_vm_with_several_control_plane_addresses_uses_one_that_answers_and_follows_a_move() {
+    let mut mesh = Mesh::start();
+    let (live, dead) = (mesh.cp.port, free_port());
+    let mut options = VmOptions::new("198.18.0.71", &mesh.dnsmasq.addr());
+    options.shim_args = vec![
+        "--discovery-address".into(),
+        format!("127.0.0.1:{dead},127.0.0.1:{live}"),
+    ];
+    let vm = Vm::start(mesh.dir.path(), &mesh.bundle, options);
+    let before = mesh.wait_entry("198.18.0.71");
+    let uses = |port: u16| {
+        eventually(&format!("the VM uses 127.0.0.1:{port}"), || {
+            let s = vm.status()?;
+            let r = &s["registration"];
+            let recent = r["lastContactSecondsAgo"].as_f64().unwrap_or(f64::MAX) < 2.0;
+            let cp = r["controlPlane"].as_str().unwrap_or_default();
+            if r["state"] == "registered" && recent && cp.starts_with(&format!("127.0.0.1:{port} "))
+            {
+                Ok(())
+            } else {
+                Err(r.to_string())
+            }
+        })
+    };
+    uses(live);
+
+    mesh.cp.port = dead;
+    mesh.cp.restart();
+    uses(dead);
+    let entries = mesh.cp.entries(NS).unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["metadata"]["uid"], before["metadata"]["uid"]);
 }
 
 #[test]

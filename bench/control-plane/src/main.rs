@@ -1,6 +1,7 @@
 //! Control-plane benchmark: spawns the real `vmesh-control serve` binary on 127.0.0.1 with a
 //! fresh data dir and measures, over real HTTPS from this process,
-//! - registrations per second on the embedded store (`registrations`),
+//! - registrations per second on the embedded store, and with `--etcd` on a one-member etcd
+//!   (started here in a temp dir) in the same run (`registrations`),
 //! - name-table fan-out: N parked long-polls, time from a change to the last answer (`fanout`),
 //! - resident memory per registered VM (`memory`),
 //! - a VM's request latency while thousands of idle or slow unauthenticated connections are
@@ -27,6 +28,9 @@ struct Cli {
     /// The server binary (build it with `cargo build --profile native -p vmesh-control`).
     #[arg(long, default_value = "target/native/vmesh-control")]
     server_bin: PathBuf,
+    /// etcd, for `registrations --etcd` (Debian's `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -39,6 +43,9 @@ enum Cmd {
         vms: usize,
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Then the same on etcd (`--store etcd`, one member, data on this machine's disk).
+        #[arg(long)]
+        etcd: bool,
     },
     /// Change-to-last-notification latency with N long-polls parked.
     Fanout {
@@ -108,8 +115,75 @@ impl Drop for Server {
     }
 }
 
+/// One etcd member on free ports with its data in a temp dir; killed when dropped.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Etcd {
+    async fn start(bin: &PathBuf) -> anyhow::Result<Etcd> {
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let c = format!("http://127.0.0.1:{client}");
+        let p = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args([
+                "--listen-peer-urls",
+                &p,
+                "--initial-advertise-peer-urls",
+                &p,
+            ])
+            .args(["--initial-cluster", &format!("bench={p}")])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let e = Etcd {
+            child,
+            endpoint: c,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(("127.0.0.1", client))
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("etcd did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(e)
+    }
+}
+
 impl Server {
     async fn start(bin: &PathBuf) -> anyhow::Result<Server> {
+        Self::start_with(bin, &[]).await
+    }
+
+    /// A server with extra `serve` flags (the store's).
+    async fn start_with(bin: &PathBuf, extra: &[String]) -> anyhow::Result<Server> {
         let dir = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -131,6 +205,7 @@ impl Server {
                 "--max-entries-per-identity",
                 "0",
             ])
+            .args(extra)
             .arg("--data-dir")
             .arg(dir.path())
             .stdin(Stdio::null())
@@ -640,11 +715,30 @@ async fn metric(admin: &Client, name: &str) -> Option<f64> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let s = Server::start(&cli.server_bin).await?;
     match cli.cmd {
-        Cmd::Registrations { vms, concurrency } => {
+        Cmd::Registrations {
+            vms,
+            concurrency,
+            etcd,
+        } => {
             let (took, mut lat) = s.register(0, vms, concurrency).await?;
             lat.sort();
-            println!("| registrations, {vms} VMs, {concurrency} connections | {:.0} registrations/s; latency p50 {}, p99 {} |",
+            println!("| registrations, {vms} VMs, {concurrency} connections, embedded store | {:.0} registrations/s; latency p50 {}, p99 {} |",
                 vms as f64 / took.as_secs_f64(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
+            if etcd {
+                drop(s);
+                let e = Etcd::start(&cli.etcd_bin).await?;
+                let flags = [
+                    "--store".to_string(),
+                    "etcd".into(),
+                    "--etcd-endpoints".into(),
+                    e.endpoint.clone(),
+                ];
+                let s = Server::start_with(&cli.server_bin, &flags).await?;
+                let (took, mut lat) = s.register(0, vms, concurrency).await?;
+                lat.sort();
+                println!("| registrations, {vms} VMs, {concurrency} connections, etcd (1 member, 1 replica) | {:.0} registrations/s; latency p50 {}, p99 {} |",
+                    vms as f64 / took.as_secs_f64(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
+            }
         }
         Cmd::Fanout { watchers, rounds } => fanout(&s, watchers, rounds).await?,
         Cmd::SlowClients {

@@ -1,12 +1,15 @@
 //! The store: where config and WorkloadEntries live, behind a trait shaped like etcd's API
-//! (revisioned keys, compare-and-swap transactions, a watch stream and TTL leases) so that an
-//! etcd adapter can implement it next. The embedded default is [`redb::RedbStore`].
+//! (revisioned keys, compare-and-swap transactions, a watch stream and TTL leases). The
+//! embedded default is [`redb::RedbStore`]; [`etcd::EtcdStore`] keeps the same data in etcd;
+//! [`AnyStore`] is whichever one `serve` was told to use.
 //!
 //! Keys are strings: `obj/<Kind>/<namespace>/<name>` for objects, `meta/...` for vmesh's own
 //! bookkeeping (the VIP table). Every committed transaction gets the next revision; an
 //! acknowledged commit is durable.
 
 pub mod contract;
+pub mod etcd;
+pub mod migrate;
 pub mod redb;
 
 use std::collections::BTreeMap;
@@ -111,6 +114,74 @@ pub trait Store: Send + Sync + 'static {
     fn revoke(&self, holder: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Holders whose lease has not expired, with their expiry (nanoseconds since the epoch).
     fn leases(&self) -> impl Future<Output = Result<BTreeMap<String, u64>, StoreError>> + Send;
+}
+
+/// The store a server runs on, chosen at start.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Redb(redb::RedbStore),
+    Etcd(etcd::EtcdStore),
+}
+
+impl AnyStore {
+    /// Finishes (embedded) or stops following (etcd); later calls may fail `Unavailable`.
+    pub async fn close(&self) {
+        match self {
+            AnyStore::Redb(s) => s.close().await,
+            AnyStore::Etcd(s) => s.close().await,
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn get(&self, key: &str) -> Result<Record, StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.get(key).await,
+            AnyStore::Etcd(s) => s.get(key).await,
+        }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<Record>, Revision), StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.list(prefix).await,
+            AnyStore::Etcd(s) => s.list(prefix).await,
+        }
+    }
+
+    async fn commit(&self, txn: Txn) -> Result<Revision, StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.commit(txn).await,
+            AnyStore::Etcd(s) => s.commit(txn).await,
+        }
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Change> {
+        match self {
+            AnyStore::Redb(s) => s.watch(),
+            AnyStore::Etcd(s) => s.watch(),
+        }
+    }
+
+    async fn keep_alive(&self, holder: &str, ttl: Duration) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.keep_alive(holder, ttl).await,
+            AnyStore::Etcd(s) => s.keep_alive(holder, ttl).await,
+        }
+    }
+
+    async fn revoke(&self, holder: &str) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.revoke(holder).await,
+            AnyStore::Etcd(s) => s.revoke(holder).await,
+        }
+    }
+
+    async fn leases(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        match self {
+            AnyStore::Redb(s) => s.leases().await,
+            AnyStore::Etcd(s) => s.leases().await,
+        }
+    }
 }
 
 pub const OBJECT_PREFIX: &str = "obj/";

@@ -14,7 +14,7 @@ use vmesh_control::client::{Client, ClientError};
 use vmesh_control::clock::{Clock, ManualClock, SystemClock};
 use vmesh_control::config::parse_documents;
 use vmesh_control::registry::Settings;
-use vmesh_control::server::{start, Running, ServeConfig};
+use vmesh_control::server::{start, Running, ServeConfig, StoreConfig};
 use vmesh_test_support::eventually::patience;
 use vmesh_test_support::TempDir;
 
@@ -42,6 +42,7 @@ pub struct Options {
     pub manual_clock: Option<Arc<ManualClock>>,
     pub settings: Settings,
     pub jwks: Vec<(String, PathBuf)>,
+    pub store: StoreConfig,
 }
 
 impl Default for Options {
@@ -53,6 +54,7 @@ impl Default for Options {
                 ..Settings::default()
             },
             jwks: vec![],
+            store: StoreConfig::Embedded,
         }
     }
 }
@@ -93,6 +95,7 @@ impl TestServer {
             hygiene: Default::default(),
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
             ca: Default::default(),
+            store: o.store,
         };
         let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);

@@ -4,8 +4,13 @@
 //! long-poll and the heartbeats share it. A connection that fails is dropped and the next call
 //! dials again, so a restarted control plane is picked up by the next call. Every call carries
 //! the token as it is in its file now ([`TokenSource`]).
+//!
+//! Replicas: the control plane may have several addresses. A dial tries the one in use first,
+//! then the others in their order, and the first that connects is used from then on: the shim
+//! sticks to a replica while it works and moves on only when it cannot connect to it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +36,9 @@ use super::token::{TokenError, TokenSource};
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a long-poll may take beyond the wait it asked for.
 const POLL_MARGIN: Duration = Duration::from_secs(10);
+/// How long one address may take to connect (TCP, TLS, HTTP/2) before the next is tried: a
+/// replica whose host is gone drops packets instead of refusing.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -40,6 +48,8 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
     #[error("control plane name {0:?} is not a valid TLS server name")]
     BadName(String),
+    #[error("no control plane address")]
+    NoEndpoint,
 }
 
 /// Why a call failed. [`CallError::is_transient`] says whether retrying unchanged may help.
@@ -99,31 +109,46 @@ pub enum TablePoll {
     NotModified,
 }
 
-/// Where the control plane is and how to trust it.
-#[derive(Debug, Clone)]
+/// One address of the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// The TLS name (the discovery host, e.g. `istiod.istio-system.svc`).
     pub server_name: String,
     /// `:authority` of requests (`host:port`).
     pub authority: String,
-    pub root_pem: Vec<u8>,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.addr, self.server_name)
+    }
 }
 
 pub struct ControlPlane {
-    endpoint: Endpoint,
-    name: ServerName<'static>,
+    /// Never empty.
+    endpoints: Vec<(Endpoint, ServerName<'static>)>,
+    /// Index of the endpoint in use: the last one that connected.
+    current: AtomicUsize,
     tls: TlsConnector,
     token: Arc<TokenSource>,
-    conn: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    /// The open connection and the index of the endpoint it goes to.
+    conn: tokio::sync::Mutex<Option<(usize, SendRequest<Full<Bytes>>)>>,
+    /// Told each endpoint a connection is made to (for `status`).
+    on_connect: Box<dyn Fn(&Endpoint) + Send + Sync>,
 }
 
 impl std::fmt::Debug for ControlPlane {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlPlane")
-            .field("endpoint", &self.endpoint.addr)
+            .field("in_use", &self.in_use().addr)
             .finish_non_exhaustive()
     }
+}
+
+/// The order a dial tries `n` endpoints in: the one in use, then the others after it, round.
+pub fn dial_order(current: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (current + k) % n)
 }
 
 /// A TLS client config trusting exactly the certificates in `root_pem`, offering HTTP/2.
@@ -145,29 +170,86 @@ pub fn tls_config(root_pem: &[u8]) -> Result<rustls::ClientConfig, TlsSetupError
 }
 
 impl ControlPlane {
-    pub fn new(endpoint: Endpoint, token: Arc<TokenSource>) -> Result<Self, TlsSetupError> {
-        let tls = TlsConnector::from(Arc::new(tls_config(&endpoint.root_pem)?));
-        let name = ServerName::try_from(endpoint.server_name.clone())
-            .map_err(|_| TlsSetupError::BadName(endpoint.server_name.clone()))?;
+    /// `endpoints` in the order to try them; every one is trusted through `root_pem`.
+    /// `on_connect` hears of every connection made, with its endpoint.
+    pub fn new(
+        endpoints: Vec<Endpoint>,
+        root_pem: &[u8],
+        token: Arc<TokenSource>,
+        on_connect: Box<dyn Fn(&Endpoint) + Send + Sync>,
+    ) -> Result<Self, TlsSetupError> {
+        if endpoints.is_empty() {
+            return Err(TlsSetupError::NoEndpoint);
+        }
+        let tls = TlsConnector::from(Arc::new(tls_config(root_pem)?));
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| {
+                let name = ServerName::try_from(e.server_name.clone())
+                    .map_err(|_| TlsSetupError::BadName(e.server_name.clone()))?;
+                Ok((e, name))
+            })
+            .collect::<Result<_, TlsSetupError>>()?;
         Ok(ControlPlane {
-            endpoint,
-            name,
+            endpoints,
+            current: AtomicUsize::new(0),
             tls,
             token,
             conn: tokio::sync::Mutex::new(None),
+            on_connect,
         })
     }
 
-    pub fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
+    /// The endpoint in use (the first before anything connected).
+    pub fn in_use(&self) -> &Endpoint {
+        let i = self.current.load(Ordering::Relaxed);
+        &self.endpoints[i.min(self.endpoints.len() - 1)].0
     }
 
     pub fn token(&self) -> &TokenSource {
         &self.token
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
-        let addr = self.endpoint.addr;
+    /// Dials the endpoints in [`dial_order`]; the first that connects becomes the one in use.
+    async fn connect(&self) -> Result<(usize, SendRequest<Full<Bytes>>), CallError> {
+        let current = self.current.load(Ordering::Relaxed);
+        let mut last = None;
+        for i in dial_order(current, self.endpoints.len()) {
+            let (endpoint, name) = &self.endpoints[i];
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.connect_to(endpoint, name));
+            let result = match attempt.await {
+                Ok(r) => r,
+                Err(_) => Err(CallError::Connect {
+                    addr: endpoint.addr,
+                    reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
+                }),
+            };
+            match result {
+                Ok(s) => {
+                    if i != current {
+                        tracing::info!(control_plane = %endpoint, "control plane address changed");
+                    }
+                    self.current.store(i, Ordering::Relaxed);
+                    (self.on_connect)(endpoint);
+                    return Ok((i, s));
+                }
+                Err(e) => {
+                    if self.endpoints.len() > 1 {
+                        tracing::debug!(control_plane = %endpoint, error = %e, "trying the next address");
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(CallError::Timeout(CONNECT_TIMEOUT)))
+    }
+
+    async fn connect_to(
+        &self,
+        endpoint: &Endpoint,
+        name: &ServerName<'static>,
+    ) -> Result<SendRequest<Full<Bytes>>, CallError> {
+        let addr = endpoint.addr;
         let fail = |reason: String| CallError::Connect { addr, reason };
         let tcp = TcpStream::connect(addr)
             .await
@@ -175,7 +257,7 @@ impl ControlPlane {
         let _ = tcp.set_nodelay(true);
         let tls = self
             .tls
-            .connect(self.name.clone(), tcp)
+            .connect(name.clone(), tcp)
             .await
             .map_err(|e| fail(format!("TLS: {e}")))?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
@@ -195,17 +277,17 @@ impl ControlPlane {
         Ok(sender)
     }
 
-    /// The open connection, or a new one.
-    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
+    /// The open connection (and its endpoint's index), or a new one.
+    async fn sender(&self) -> Result<(usize, SendRequest<Full<Bytes>>), CallError> {
         let mut conn = self.conn.lock().await;
-        if let Some(s) = conn.as_ref() {
+        if let Some((i, s)) = conn.as_ref() {
             if !s.is_closed() {
-                return Ok(s.clone());
+                return Ok((*i, s.clone()));
             }
         }
-        let s = self.connect().await?;
-        *conn = Some(s.clone());
-        Ok(s)
+        let (i, s) = self.connect().await?;
+        *conn = Some((i, s.clone()));
+        Ok((i, s))
     }
 
     async fn forget(&self) {
@@ -222,12 +304,12 @@ impl ControlPlane {
     ) -> Result<(StatusCode, hyper::HeaderMap, Bytes), CallError> {
         let (token, _) = self.token.get()?;
         let attempt = async {
-            let mut sender = self.sender().await?;
+            let (i, mut sender) = self.sender().await?;
             let mut req = Request::builder()
                 .method(method)
                 .uri(format!(
                     "https://{}{path_and_query}",
-                    self.endpoint.authority
+                    self.endpoints[i].0.authority
                 ))
                 .header(ACCEPT, content_type::JSON);
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
@@ -335,5 +417,17 @@ impl ControlPlane {
             version,
             json: body,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dial_starts_with_the_address_in_use_and_goes_round() {
+        assert_eq!(dial_order(0, 3).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(dial_order(1, 3).collect::<Vec<_>>(), [1, 2, 0]);
+        assert_eq!(dial_order(0, 1).collect::<Vec<_>>(), [0]);
     }
 }
