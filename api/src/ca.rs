@@ -86,6 +86,9 @@ pub mod files {
     /// Istio's `cacerts` secret: the CA's own certificate and key.
     pub const CA_CERT: &str = "ca-cert.pem";
     pub const CA_KEY: &str = "ca-key.pem";
+    /// vmesh's SDS resource files beside them (Envoy's `path_config_source`), one per secret.
+    pub const SDS_DEFAULT: &str = "sds-default.yaml";
+    pub const SDS_ROOTCA: &str = "sds-rootca.yaml";
 }
 
 /// SDS secret names as Istio's sidecars name them.
@@ -112,7 +115,10 @@ mod tests {
         // Field 1 (csr, length-delimited) then field 3 (varint): tags 0x0a and 0x18.
         assert_eq!(bytes.first(), Some(&0x0a));
         assert!(bytes.contains(&0x18));
-        assert_eq!(IstioCertificateRequest::decode(bytes.as_slice()).ok(), Some(req));
+        assert_eq!(
+            IstioCertificateRequest::decode(bytes.as_slice()).ok(),
+            Some(req)
+        );
     }
 
     #[test]
