@@ -74,6 +74,56 @@ pub fn spiffe_id(trust_domain: &str, namespace: &str, service_account: &str) -> 
     format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}")
 }
 
+/// Largest request message the CA reads: a CSR is a few KiB (an RSA-4096 one under 2 KiB),
+/// so 64 KiB is room to spare and bounds what an unauthenticated caller makes it buffer.
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+
+/// gRPC status codes the CA answers with (grpc/grpc `doc/statuscodes.md`), in the
+/// `grpc-status` trailer; `grpc-message` says why, percent-encoded.
+pub mod status {
+    pub const OK: u32 = 0;
+    pub const INVALID_ARGUMENT: u32 = 3;
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    pub const PERMISSION_DENIED: u32 = 7;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNIMPLEMENTED: u32 = 12;
+    pub const INTERNAL: u32 = 13;
+    pub const UNAVAILABLE: u32 = 14;
+    pub const UNAUTHENTICATED: u32 = 16;
+    /// Trailer names.
+    pub const STATUS_HEADER: &str = "grpc-status";
+    pub const MESSAGE_HEADER: &str = "grpc-message";
+}
+
+/// One certificate the control plane issued, as `GET` [`crate::paths::control::ADMIN_CERTIFICATES`]
+/// lists it (newest first) and `vmesh-control get certificates` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// Hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// The certificate's only URI SAN.
+    pub spiffe_id: String,
+    pub namespace: String,
+    pub service_account: String,
+    /// RFC 3339.
+    pub issued_at: String,
+    pub not_after: String,
+    /// Where the request came from (the VM's address as the control plane saw it).
+    #[serde(default)]
+    pub peer: String,
+    /// Istio's `ClusterID` metadata header, when the caller sent one.
+    #[serde(default)]
+    pub cluster_id: String,
+}
+
+/// The admin listing's body.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedList {
+    pub items: Vec<IssuedCertificate>,
+}
+
 /// Files where the VM's certificate lives, with Istio's names (what `istio-agent` writes for
 /// file-mounted certificates, and what `cacerts` uses for a CA): Envoy reads them through SDS.
 pub mod files {

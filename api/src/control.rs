@@ -153,6 +153,8 @@ pub enum ErrorKind {
     HeaderTooLarge,
     /// 503: the store cannot commit or read; retry with backoff.
     Unavailable,
+    /// 415: a gRPC method called without gRPC's content type.
+    UnsupportedMediaType,
     /// A kind this client does not know (a newer server), or no error body at all.
     #[serde(other)]
     Unknown,
@@ -172,6 +174,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::HeaderTooLarge => "header_too_large",
             ErrorKind::Unavailable => "unavailable",
+            ErrorKind::UnsupportedMediaType => "unsupported_media_type",
             ErrorKind::Unknown => "unknown",
         }
     }
@@ -188,6 +191,7 @@ impl ErrorKind {
             ErrorKind::Timeout => 408,
             ErrorKind::HeaderTooLarge => 431,
             ErrorKind::Unavailable => 503,
+            ErrorKind::UnsupportedMediaType => 415,
             ErrorKind::Unknown => 500,
         }
     }

@@ -24,6 +24,8 @@ pub mod control {
     pub const NAME_TABLE: &str = "/v1/name-table";
     pub const ADMIN_APPLY: &str = "/v1/admin/apply";
     pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
+    /// Workload certificates issued recently (newest first).
+    pub const ADMIN_CERTIFICATES: &str = "/v1/admin/certificates";
     /// Followed by `KIND[/NAMESPACE[/NAME]]`.
     pub const ADMIN_OBJECTS: &str = "/v1/admin/objects/";
     pub const JWKS: &str = "/.well-known/jwks.json";

@@ -49,6 +49,8 @@ pub struct App<S: Store> {
     pub clock: Arc<dyn Clock>,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Signs workload certificates (`CreateCertificate`).
+    pub ca: Arc<crate::ca::WorkloadCa>,
 }
 
 impl<S: Store> std::fmt::Debug for App<S> {
@@ -104,6 +106,82 @@ impl From<KeyError> for ApiError {
 }
 
 type Resp = Response<Full<Bytes>>;
+
+/// A response body: the JSON API's, or a gRPC answer (which needs trailers).
+pub type Body = http_body_util::Either<Full<Bytes>, GrpcBody>;
+
+/// A unary gRPC response body: at most one message, then the trailers carrying the status.
+#[derive(Debug)]
+pub struct GrpcBody {
+    data: Option<Bytes>,
+    trailers: Option<hyper::HeaderMap>,
+}
+
+impl hyper::body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(d) = this.data.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(d))));
+        }
+        std::task::Poll::Ready(
+            this.trailers
+                .take()
+                .map(|t| Ok(hyper::body::Frame::trailers(t))),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+}
+
+/// `grpc-message` as the gRPC spec encodes it: printable ASCII except `%` as is, everything
+/// else percent-encoded (so any error text is a valid header value).
+fn grpc_message(m: &str) -> HeaderValue {
+    let mut out = String::with_capacity(m.len());
+    for b in m.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    HeaderValue::from_str(&out).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// A gRPC answer: HTTP 200, the message (if any), and `grpc-status`/`grpc-message` trailers.
+fn grpc_response(message: Option<Vec<u8>>, code: u32, text: &str) -> Response<Body> {
+    use vmesh_api::ca::status;
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert(status::STATUS_HEADER, HeaderValue::from(code));
+    if !text.is_empty() {
+        trailers.insert(status::MESSAGE_HEADER, grpc_message(text));
+    }
+    let data = message.map(|m| {
+        let mut framed = Vec::with_capacity(m.len() + 5);
+        vmesh_api::forward::frame(&m, &mut framed);
+        Bytes::from(framed)
+    });
+    let mut r = Response::new(http_body_util::Either::Right(GrpcBody {
+        data,
+        trailers: Some(trailers),
+    }));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(vmesh_api::forward::GRPC_CONTENT_TYPE),
+    );
+    r
+}
+
+/// The client's address, as the connection saw it.
+#[derive(Debug, Clone, Copy)]
+struct Peer(std::net::SocketAddr);
 
 fn json_response<T: Serialize>(status: StatusCode, v: &T) -> Resp {
     let body = serde_json::to_vec(v).unwrap_or_default();
@@ -221,7 +299,9 @@ impl std::fmt::Debug for TokenResponse {
 }
 
 impl<S: Store> App<S> {
-    fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+    /// Who is calling, from `Authorization: Bearer`: the admin credential or a verified
+    /// service-account token. A refusal is counted and logged here, for every API.
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<Caller, TokenError> {
         let token = req
             .headers()
             .get(AUTHORIZATION)
@@ -236,10 +316,7 @@ impl<S: Store> App<S> {
             // The error's text quotes what the client sent (an issuer, a kid): a Debug field,
             // so it is escaped and quoted, never a line of its own.
             tracing::warn!(reason = e.reason(), error = ?e.to_string(), "token refused");
-            if e == TokenError::TooLarge {
-                return ApiError::new(ErrorKind::HeaderTooLarge, e.to_string());
-            }
-            unauthorized(&e)
+            e
         };
         let Some(token) = token.filter(|t| !t.is_empty()) else {
             return Err(refuse(TokenError::Missing));
@@ -257,6 +334,15 @@ impl<S: Store> App<S> {
             p.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(caller)
+    }
+
+    fn caller(&self, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+        self.authenticate(req).map_err(|e| {
+            if e == TokenError::TooLarge {
+                return ApiError::new(ErrorKind::HeaderTooLarge, e.to_string());
+            }
+            unauthorized(&e)
+        })
     }
 
     fn vm(&self, caller: Caller) -> Result<Identity, ApiError> {
@@ -278,14 +364,130 @@ impl<S: Store> App<S> {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, Infallible> {
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let _in_flight = InFlight::new(&self.metrics);
+        if path == vmesh_api::ca::PATH {
+            let resp = self.create_certificate(req).await;
+            tracing::debug!(%method, path = ?path, status = resp.status().as_u16(), "request");
+            return Ok(resp);
+        }
         let r = self.route(req).await;
         let resp = r.unwrap_or_else(|e| error_response(&e));
         tracing::debug!(%method, path = ?path, status = resp.status().as_u16(), "request");
-        Ok(resp)
+        Ok(resp.map(http_body_util::Either::Left))
+    }
+
+    /// Istio's `IstioCertificateService/CreateCertificate`, unary gRPC: the token decides the
+    /// identity, [`crate::ca::WorkloadCa`] the certificate.
+    async fn create_certificate(&self, req: Request<Incoming>) -> Response<Body> {
+        // gRPC's rule for a request that is not gRPC at all: 415, no gRPC status.
+        let grpc = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with(vmesh_api::forward::GRPC_CONTENT_TYPE));
+        if req.method() != Method::POST || !grpc {
+            let e = ApiError::new(
+                ErrorKind::UnsupportedMediaType,
+                "CreateCertificate is gRPC: POST with content-type application/grpc",
+            );
+            return error_response(&e).map(http_body_util::Either::Left);
+        }
+        match self.issue(req).await {
+            Ok(chain) => {
+                let msg = prost::Message::encode_to_vec(&vmesh_api::ca::IstioCertificateResponse {
+                    cert_chain: chain,
+                });
+                grpc_response(Some(msg), vmesh_api::ca::status::OK, "")
+            }
+            Err(refusal) => {
+                self.metrics.certificates_refused.inc(&refusal);
+                match refusal {
+                    crate::ca::Refusal::ForeignIdentity { .. }
+                    | crate::ca::Refusal::NotAWorkload => {
+                        tracing::warn!(reason = refusal.reason(), error = ?refusal.to_string(), "certificate refused")
+                    }
+                    _ => {
+                        tracing::debug!(reason = refusal.reason(), error = ?refusal.to_string(), "certificate refused")
+                    }
+                }
+                grpc_response(None, refusal.grpc_status(), &refusal.to_string())
+            }
+        }
+    }
+
+    async fn issue(&self, req: Request<Incoming>) -> Result<Vec<String>, crate::ca::Refusal> {
+        use crate::ca::Refusal;
+        use vmesh_api::ca::{IstioCertificateRequest, CLUSTER_ID_HEADER, MAX_REQUEST_BYTES};
+        // The token first: nobody unauthenticated gets the server to read and parse a body.
+        let id = match self.authenticate(&req).map_err(Refusal::Token)? {
+            Caller::Vm(id) => id,
+            Caller::Admin => return Err(Refusal::NotAWorkload),
+        };
+        let peer = req
+            .extensions()
+            .get::<Peer>()
+            .map(|p| p.0.ip().to_string())
+            .unwrap_or_default();
+        let cluster_id: String = req
+            .headers()
+            .get(CLUSTER_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .chars()
+            .take(253)
+            .collect();
+        let limit = MAX_REQUEST_BYTES + 5;
+        let body = tokio::time::timeout(
+            self.body_timeout,
+            Limited::new(req.into_body(), limit).collect(),
+        )
+        .await
+        .map_err(|_| Refusal::Timeout(self.body_timeout))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Refusal::Oversized {
+                    limit: MAX_REQUEST_BYTES,
+                }
+            } else {
+                Refusal::BadMessage(format!("request body: {e}"))
+            }
+        })?
+        .to_bytes();
+        let mut frames = vmesh_api::forward::GrpcFrames::default();
+        frames.push(&body);
+        let msg = match frames.next_message() {
+            Ok(Some(m)) => m.to_vec(),
+            Ok(None) => {
+                return Err(Refusal::BadMessage(
+                    "no complete gRPC message in the request".into(),
+                ))
+            }
+            Err(vmesh_api::forward::DecodeError::Compressed(_)) => return Err(Refusal::Compressed),
+            Err(e) => return Err(Refusal::BadMessage(e.to_string())),
+        };
+        if frames.pending() > 0 {
+            return Err(Refusal::BadMessage(
+                "more than one message on a unary call".into(),
+            ));
+        }
+        let r: IstioCertificateRequest = prost::Message::decode(msg.as_slice())
+            .map_err(|e| Refusal::BadMessage(format!("not an IstioCertificateRequest: {e}")))?;
+        let mut signed = self
+            .ca
+            .sign(&r.csr, &id, r.validity_duration, self.clock.now())?;
+        self.metrics
+            .certificates_issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        signed.record.peer = peer;
+        signed.record.cluster_id = cluster_id;
+        self.ca.remember(signed.record);
+        Ok(signed.chain)
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Resp, ApiError> {
@@ -362,6 +564,15 @@ impl<S: Store> App<S> {
                     out["warnings"] = serde_json::json!(warnings);
                 }
                 Ok(json_response(StatusCode::OK, &out))
+            }
+            (&Method::GET, path::ADMIN_CERTIFICATES) => {
+                self.admin(&caller)?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &vmesh_api::ca::IssuedList {
+                        items: self.ca.recent(),
+                    },
+                ))
             }
             (&Method::POST, path::ADMIN_TOKENS) => {
                 self.admin(&caller)?;
@@ -777,6 +988,7 @@ async fn connection<S: Store>(
     let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let busy = act.begin();
         req.extensions_mut().insert(proven.clone());
+        req.extensions_mut().insert(Peer(peer));
         let app = app.clone();
         async move {
             let r = app.handle(req).await;

@@ -41,6 +41,13 @@ pub const ENV_IDLE_TIMEOUT: &str = "VMESH_CONTROL_IDLE_TIMEOUT";
 pub const ENV_MAX_CONNECTIONS: &str = "VMESH_CONTROL_MAX_CONNECTIONS";
 pub const ENV_MAX_CONNECTIONS_PER_SOURCE: &str = "VMESH_CONTROL_MAX_CONNECTIONS_PER_SOURCE";
 pub const ENV_CERT_LIFETIME: &str = "VMESH_CONTROL_CERT_LIFETIME";
+pub const ENV_TRUST_DOMAIN: &str = "VMESH_CONTROL_TRUST_DOMAIN";
+pub const ENV_MAX_WORKLOAD_CERT_TTL: &str = "MAX_WORKLOAD_CERT_TTL";
+pub const ENV_CA_CERT: &str = "VMESH_CONTROL_CA_CERT";
+pub const ENV_CA_KEY: &str = "VMESH_CONTROL_CA_KEY";
+pub const ENV_CA_CHAIN: &str = "VMESH_CONTROL_CA_CHAIN";
+pub const ENV_CA_ROOT: &str = "VMESH_CONTROL_CA_ROOT";
+pub const ENV_CACERTS: &str = "VMESH_CONTROL_CACERTS";
 
 #[derive(Debug, Parser)]
 #[command(name = "vmesh-control", version, about = "vmesh control plane")]
@@ -185,6 +192,32 @@ pub struct ServeArgs {
     /// restart.
     #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "90d")]
     pub cert_lifetime: Duration,
+    /// Trust domain of workload identities: spiffe://TRUST_DOMAIN/ns/NS/sa/SA (Istio's mesh
+    /// config `trustDomain`; `vm-bundle` writes the same default).
+    #[arg(long, env = ENV_TRUST_DOMAIN, default_value = vmesh_api::ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Longest workload certificate issued; a longer request is cut to it (env as istiod's).
+    #[arg(long, env = ENV_MAX_WORKLOAD_CERT_TTL, value_parser = parse_duration, default_value = "90d")]
+    pub max_workload_cert_ttl: Duration,
+    /// Sign with an existing CA (an intermediate) instead of the data dir's own root:
+    /// its certificate (PEM) ...
+    #[arg(long, env = ENV_CA_CERT, requires = "ca_key", conflicts_with = "cacerts")]
+    pub ca_cert: Option<PathBuf>,
+    /// ... and its private key (PKCS#8, PKCS#1 or SEC1 PEM).
+    #[arg(long, env = ENV_CA_KEY, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Certificates between --ca-cert and the root (may include both, as Istio's
+    /// cert-chain.pem does).
+    #[arg(long, env = ENV_CA_CHAIN, requires = "ca_cert")]
+    pub ca_chain: Option<PathBuf>,
+    /// The root every party trusts; default: the chain's last certificate, or --ca-cert when
+    /// it is self-signed.
+    #[arg(long, env = ENV_CA_ROOT, requires = "ca_cert")]
+    pub ca_root: Option<PathBuf>,
+    /// Istio's `cacerts` directory (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem):
+    /// share a root with an Istio cluster.
+    #[arg(long, env = ENV_CACERTS)]
+    pub cacerts: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -274,6 +307,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             all_namespaces,
             output,
+        } if matches!(
+            kind.as_str(),
+            "certificates" | "certificate" | "certs" | "cert"
+        ) =>
+        {
+            let _ = (name, namespace, all_namespaces);
+            get_certificates(&admin_client(&cli)?, *output).await
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output,
         } => {
             get(
                 &admin_client(&cli)?,
@@ -355,6 +402,20 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             humantime::format_duration(a.cert_lifetime)
         );
     }
+    if a.max_workload_cert_ttl < Duration::from_secs(60) {
+        bail!(
+            "--max-workload-cert-ttl ({}) must be at least 1m",
+            humantime::format_duration(a.max_workload_cert_ttl)
+        );
+    }
+    // Istio's trust domains are DNS-like names; anything else would make a SPIFFE ID that
+    // peers cannot match.
+    if !vmesh_istio::validate::is_dns1123_subdomain(&a.trust_domain) {
+        bail!(
+            "--trust-domain {:?} must be a lower-case DNS name (like cluster.local)",
+            a.trust_domain
+        );
+    }
     for (_, p) in &a.jwks {
         if !p.is_file() {
             bail!("--jwks: {} is not a readable file", p.display());
@@ -394,6 +455,11 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             max_connections_per_source: a.max_connections_per_source,
         },
         cert_lifetime: a.cert_lifetime,
+        ca: crate::server::CaConfig {
+            trust_domain: a.trust_domain.clone(),
+            max_ttl: a.max_workload_cert_ttl,
+            files: ca_files(a),
+        },
     };
     let running = start(cfg, Arc::new(SystemClock)).await?;
     let signal = signals.next().await;
@@ -406,6 +472,18 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         })
         .await;
     Ok(())
+}
+
+fn ca_files(a: &ServeArgs) -> Option<crate::tls::CaFiles> {
+    if let Some(dir) = &a.cacerts {
+        return Some(crate::tls::CaFiles::cacerts(dir));
+    }
+    Some(crate::tls::CaFiles {
+        cert: a.ca_cert.clone()?,
+        key: a.ca_key.clone()?,
+        chain: a.ca_chain.clone(),
+        root: a.ca_root.clone(),
+    })
 }
 
 /// `vmesh-control-` and 8 random hex digits.
@@ -503,6 +581,44 @@ async fn apply(c: &Client, path: &Path, namespace: &str) -> anyhow::Result<()> {
     }
     for o in outcomes {
         println!("{}/{} {}", resource_name(o.kind), o.name, o.action);
+    }
+    Ok(())
+}
+
+/// The workload certificates the server issued recently, newest first.
+async fn get_certificates(c: &Client, output: Option<Output>) -> anyhow::Result<()> {
+    let list: vmesh_api::ca::IssuedList = c
+        .json(
+            Method::GET,
+            vmesh_api::paths::control::ADMIN_CERTIFICATES,
+            None::<&()>,
+        )
+        .await?;
+    match output {
+        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&list)?),
+        Some(Output::Yaml) => print!("{}", serde_norway::to_string(&list)?),
+        None if list.items.is_empty() => {
+            eprintln!("No certificates issued since the server started.")
+        }
+        None => {
+            let mut rows = vec![vec![
+                "SERIAL".to_string(),
+                "IDENTITY".into(),
+                "NOT AFTER".into(),
+                "ISSUED AT".into(),
+                "PEER".into(),
+            ]];
+            for i in &list.items {
+                rows.push(vec![
+                    i.serial.clone(),
+                    i.spiffe_id.clone(),
+                    i.not_after.clone(),
+                    i.issued_at.clone(),
+                    i.peer.clone(),
+                ]);
+            }
+            print_rows(&rows);
+        }
     }
     Ok(())
 }
@@ -650,7 +766,12 @@ fn print_table(k: Kind, items: &[serde_json::Value], all: bool) {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    print_rows(&rows);
+}
+
+/// Columns padded to their widest cell, as kubectl prints them.
+fn print_rows(rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..rows.first().map_or(0, Vec::len))
         .map(|i| {
             rows.iter()
                 .map(|r| r.get(i).map_or(0, String::len))

@@ -6,10 +6,12 @@
 //! WorkloadEntry (semantics in `vmesh_istio`), tracks its liveness and health, and
 //! cleans it up. Every change flows from the store's watch into the in-memory [`cache`], from
 //! which [`tables`] builds one name table per namespace and answers long-polls. [`api`] is the
-//! HTTPS server, [`client`] the CLI's side of it.
+//! HTTPS server, [`client`] the CLI's side of it. [`ca`] signs workload certificates (Istio's
+//! `CreateCertificate`, on the same port) with the CA of [`tls`].
 
 pub mod api;
 pub mod bundle;
+pub mod ca;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -156,6 +156,10 @@ pub struct Metrics {
     /// Unauthenticated connections closed to make room for new ones.
     pub connections_evicted: AtomicU64,
     pub accept_errors: AtomicU64,
+    /// Workload certificates signed.
+    pub certificates_issued: AtomicU64,
+    /// CreateCertificate calls answered without a certificate.
+    pub certificates_refused: LabeledCounter<crate::ca::Refusal>,
 }
 
 /// State-derived gauges, computed by the caller at scrape time.
@@ -236,6 +240,17 @@ impl Metrics {
             out,
             "# HELP vmesh_accept_errors_total Failed accept calls (out of descriptors or memory).\n# TYPE vmesh_accept_errors_total counter\nvmesh_accept_errors_total {}",
             self.accept_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_certificates_issued_total Workload certificates signed.\n# TYPE vmesh_certificates_issued_total counter\nvmesh_certificates_issued_total {}",
+            self.certificates_issued.load(Ordering::Relaxed)
+        );
+        self.certificates_refused.render(
+            "vmesh_certificates_refused_total",
+            "reason",
+            "CreateCertificate calls refused, by reason.",
+            &mut out,
         );
         self.store_commit.render(
             "vmesh_store_commit_seconds",

@@ -53,6 +53,29 @@ pub struct ServeConfig {
     pub hygiene: crate::api::Hygiene,
     /// Lifetime of the serving certificate (at most a year); it is re-issued two thirds in.
     pub cert_lifetime: Duration,
+    /// The workload CA: trust domain, TTL bound, and an existing CA to sign with.
+    pub ca: CaConfig,
+}
+
+/// How workload certificates are issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaConfig {
+    /// `spiffe://TRUST_DOMAIN/...` (Istio's mesh config `trustDomain`).
+    pub trust_domain: String,
+    /// The longest certificate issued (Istio's `MAX_WORKLOAD_CERT_TTL`).
+    pub max_ttl: Duration,
+    /// Sign with this CA instead of the data dir's own root.
+    pub files: Option<crate::tls::CaFiles>,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            trust_domain: vmesh_api::ca::DEFAULT_TRUST_DOMAIN.into(),
+            max_ttl: crate::ca::DEFAULT_MAX_TTL,
+            files: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,7 +331,12 @@ fn secure_data_dir(dir: &Path) -> Result<(), ServeError> {
 }
 
 /// Re-issues the serving certificate two thirds into each one's life, until aborted.
-async fn renew_serving_cert(ca: Ca, sans: Vec<String>, lifetime: Duration, cert: Arc<ServingCert>) {
+async fn renew_serving_cert(
+    ca: Arc<Ca>,
+    sans: Vec<String>,
+    lifetime: Duration,
+    cert: Arc<ServingCert>,
+) {
     let mut wait = ServingCert::renew_after(lifetime);
     loop {
         tokio::time::sleep(wait).await;
@@ -331,7 +359,23 @@ async fn renew_serving_cert(ca: Ca, sans: Vec<String>, lifetime: Duration, cert:
 pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let dir = &cfg.data_dir;
     secure_data_dir(dir)?;
-    let ca = Ca::load_or_create(dir)?;
+    let ca = Arc::new(match &cfg.ca.files {
+        Some(files) => {
+            let ca = Ca::from_files(files)?;
+            // The CLI and `vm-bundle` trust (and hand to VMs) the data dir's root-cert.pem:
+            // with a plugged-in CA that is its root. The data dir's own root key, if any, is
+            // left alone; started again without --ca-cert, the server says the two disagree.
+            let root = dir.join(crate::tls::ROOT_CERT_FILE);
+            write_private(&root, ca.root_pem.as_bytes()).map_err(dir_err(&root))?;
+            ca
+        }
+        None => Ca::load_or_create(dir)?,
+    });
+    let workload_ca = Arc::new(crate::ca::WorkloadCa::new(
+        ca.clone(),
+        &cfg.ca.trust_domain,
+        cfg.ca.max_ttl,
+    ));
     let serving = ServingCert::new(ca.certified_key(&cfg.sans, cfg.cert_lifetime)?);
     let tls = Arc::new(serving.server_config()?);
     let admin_token = admin_token(dir, &SystemEntropy::default())?;
@@ -431,6 +475,7 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         metrics: metrics.clone(),
         clock,
         body_timeout: cfg.hygiene.body_timeout,
+        ca: workload_ca,
     });
     let h = cfg.hygiene;
     let (nofile, nofile_max) = match crate::conns::raise_nofile() {
@@ -447,7 +492,7 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         per_source: h.max_connections_per_source,
     };
     let admission = crate::conns::Admission::new(limits);
-    let root_cert_pem = ca.cert_pem.clone();
+    let root_cert_pem = ca.root_pem.clone();
     let renew = tokio::spawn(renew_serving_cert(
         ca,
         cfg.sans.clone(),

@@ -5,7 +5,7 @@
 //! `root-cert.pem`.
 
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -44,6 +44,10 @@ pub enum TlsError {
     Pem(String),
     #[error("{0:?} is neither a DNS name nor an IP address")]
     BadName(String),
+    #[error("{what}: {reason}")]
+    BadCa { what: String, reason: String },
+    #[error("data dir {dir}: {reason} (was the server last started with --ca-cert? pass it again, or remove root-cert.pem and root-key.pem to start a new root)")]
+    Mismatch { dir: String, reason: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -96,40 +100,348 @@ pub fn write_private(path: &Path, data: &[u8]) -> Result<(), std::io::Error> {
     std::fs::rename(&tmp, path)
 }
 
-/// The root CA of a data dir.
+/// Where an existing CA comes from (`--ca-cert`, `--ca-key`, `--ca-chain`, `--ca-root`, or
+/// Istio's `cacerts` directory): the CA signs, the root is what every party trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaFiles {
+    /// The signing CA's certificate (Istio's `ca-cert.pem`): usually an intermediate.
+    pub cert: PathBuf,
+    /// Its private key (`ca-key.pem`): PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM.
+    pub key: PathBuf,
+    /// Certificates between the CA and the root (`cert-chain.pem`; may include the CA itself
+    /// and the root, as Istio's does).
+    pub chain: Option<PathBuf>,
+    /// The root (`root-cert.pem`); default: the chain's self-signed last certificate, or the
+    /// CA itself when it is self-signed.
+    pub root: Option<PathBuf>,
+}
+
+impl CaFiles {
+    /// Istio's `cacerts` layout in `dir`; `cert-chain.pem` is optional there.
+    pub fn cacerts(dir: &Path) -> CaFiles {
+        use vmesh_api::ca::files;
+        let chain = dir.join("cert-chain.pem");
+        CaFiles {
+            cert: dir.join(files::CA_CERT),
+            key: dir.join(files::CA_KEY),
+            chain: chain.exists().then_some(chain),
+            root: Some(dir.join(files::ROOT_CERT)),
+        }
+    }
+}
+
+/// The CA that signs the serving certificate and workload certificates: the data dir's own
+/// self-signed root, or an existing CA loaded from files.
 pub struct Ca {
-    key: KeyPair,
-    pub cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    /// The signing CA's certificate and those between it and the root, in that order; empty
+    /// when the CA is the root itself.
+    intermediates: Vec<CertificateDer<'static>>,
+    root: CertificateDer<'static>,
+    /// The root as PEM: what clients trust and the bundle hands to VMs.
+    pub root_pem: String,
+    /// The signing CA's own expiry: nothing it signs outlives it.
+    pub not_after: time::OffsetDateTime,
+    /// Loaded from files rather than the data dir's own root.
+    pub external: bool,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("external", &self.external)
+            .field("intermediates", &self.intermediates.len())
+            .finish_non_exhaustive()
     }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(io(path))
+}
+
+fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| TlsError::Pem(path.display().to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem(path.display().to_string()));
+    }
+    Ok(certs)
+}
+
+/// PEM with `\n` line ends (what openssl and Go write; the pem crate's default is `\r\n`).
+pub fn pem_of(der: &CertificateDer<'_>) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// What a CA certificate must be to sign with: parsed, a CA, matching its key, in its validity.
+struct CaCert {
+    self_signed: bool,
+    not_after: time::OffsetDateTime,
+}
+
+fn check_ca_cert(
+    der: &CertificateDer<'_>,
+    key: Option<&KeyPair>,
+    what: &str,
+) -> Result<CaCert, TlsError> {
+    let bad = |reason: String| TlsError::BadCa {
+        what: what.to_string(),
+        reason,
+    };
+    let (_, x) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| bad(format!("not an X.509 certificate: {e}")))?;
+    match x.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => {
+            return Err(bad(
+                "not a CA certificate (basicConstraints CA:TRUE missing)".into(),
+            ))
+        }
+    }
+    if let Some(key) = key {
+        if x.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad("its public key is not the private key's".into()));
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = x.validity().not_after.to_datetime();
+    if now > not_after {
+        return Err(bad(format!("expired at {not_after}")));
+    }
+    if now < x.validity().not_before.to_datetime() {
+        return Err(bad(format!(
+            "not valid before {}",
+            x.validity().not_before.to_datetime()
+        )));
+    }
+    Ok(CaCert {
+        self_signed: x.subject() == x.issuer(),
+        not_after,
+    })
+}
+
+/// A private key PEM as rcgen (on ring) reads it: PKCS#8. PKCS#1 RSA keys and SEC1 EC keys,
+/// which openssl and Istio's sample `cacerts` use, are wrapped into PKCS#8 first.
+fn load_key(path: &Path) -> Result<KeyPair, TlsError> {
+    let text = read(path)?;
+    let parsed = pem::parse(&text).map_err(|_| TlsError::Pem(path.display().to_string()))?;
+    let der = parsed.contents();
+    let candidates: Vec<Vec<u8>> = match parsed.tag() {
+        "PRIVATE KEY" => vec![der.to_vec()],
+        "RSA PRIVATE KEY" => vec![pkcs8_wrap(RSA_ALG_ID, der)],
+        "EC PRIVATE KEY" => vec![pkcs8_wrap(EC_P256_ALG_ID, der), pkcs8_wrap(EC_P384_ALG_ID, der)],
+        other => {
+            return Err(TlsError::BadCa {
+                what: path.display().to_string(),
+                reason: format!("PEM block {other:?} is not a private key (PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE KEY)"),
+            })
+        }
+    };
+    candidates
+        .into_iter()
+        .find_map(|d| KeyPair::try_from(d).ok())
+        .ok_or_else(|| TlsError::BadCa {
+            what: path.display().to_string(),
+            reason:
+                "not an ECDSA P-256/P-384, Ed25519 or RSA private key this server can sign with"
+                    .into(),
+        })
+}
+
+/// AlgorithmIdentifier DER: rsaEncryption with NULL parameters.
+const RSA_ALG_ID: &[u8] = &[
+    0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+];
+/// id-ecPublicKey with prime256v1.
+const EC_P256_ALG_ID: &[u8] = &[
+    0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48,
+    0xce, 0x3d, 0x03, 0x01, 0x07,
+];
+/// id-ecPublicKey with secp384r1.
+const EC_P384_ALG_ID: &[u8] = &[
+    0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x05, 0x2b, 0x81, 0x04,
+    0x00, 0x22,
+];
+
+fn der_len(n: usize, out: &mut Vec<u8>) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        let bytes = n.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        let len = &bytes[skip..];
+        out.push(0x80 | len.len() as u8);
+        out.extend_from_slice(len);
+    }
+}
+
+/// PKCS#8 `PrivateKeyInfo { version 0, algorithm, privateKey OCTET STRING }` around a key.
+fn pkcs8_wrap(alg_id: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut inner = vec![0x02, 0x01, 0x00];
+    inner.extend_from_slice(alg_id);
+    inner.push(0x04);
+    der_len(key.len(), &mut inner);
+    inner.extend_from_slice(key);
+    let mut out = vec![0x30];
+    der_len(inner.len(), &mut out);
+    out.extend_from_slice(&inner);
+    out
 }
 
 impl Ca {
     /// Loads the CA from `dir`, creating it on first start.
     pub fn load_or_create(dir: &Path) -> Result<Ca, TlsError> {
         let (cert_path, key_path) = (dir.join(ROOT_CERT_FILE), dir.join(ROOT_KEY_FILE));
-        if key_path.exists() && cert_path.exists() {
-            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key = KeyPair::from_pem(&key_pem)?;
-            return Ok(Ca { key, cert_pem });
+        match (cert_path.exists(), key_path.exists()) {
+            (true, true) => {
+                let key = load_key(&key_path)?;
+                let cert = certs_in(&cert_path)?.swap_remove(0);
+                check_ca_cert(&cert, Some(&key), &cert_path.display().to_string()).map_err(
+                    |e| TlsError::Mismatch {
+                        dir: dir.display().to_string(),
+                        reason: e.to_string(),
+                    },
+                )?;
+                Ca::from_parts(key, cert.clone(), vec![], cert, false)
+            }
+            (true, false) => Err(TlsError::Mismatch {
+                dir: dir.display().to_string(),
+                reason: format!("{ROOT_CERT_FILE} without {ROOT_KEY_FILE}"),
+            }),
+            _ => {
+                let key = KeyPair::generate()?;
+                let cert = ca_params()?.self_signed(&key)?;
+                write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+                write_private(&cert_path, cert.pem().as_bytes()).map_err(io(&cert_path))?;
+                Ca::from_parts(key, cert.der().clone(), vec![], cert.der().clone(), false)
+            }
         }
-        let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
-        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
-        write_private(&cert_path, cert.pem().as_bytes()).map_err(io(&cert_path))?;
+    }
+
+    /// An existing CA (an organisation's intermediate, or Istio's `cacerts`): checked here, so
+    /// that a wrong file is reported before the server binds, not at the first signature.
+    pub fn from_files(f: &CaFiles) -> Result<Ca, TlsError> {
+        let key = load_key(&f.key)?;
+        let mut cert_file = certs_in(&f.cert)?;
+        let cert = cert_file.remove(0);
+        let info = check_ca_cert(&cert, Some(&key), &f.cert.display().to_string())?;
+        // Everything else that was given, in order: the rest of ca-cert.pem, then the chain.
+        let mut others = cert_file;
+        if let Some(chain) = &f.chain {
+            others.extend(certs_in(chain)?);
+        }
+        let root = match &f.root {
+            Some(r) => certs_in(r)?.swap_remove(0),
+            None => match others.last() {
+                Some(last) => last.clone(),
+                None if info.self_signed => cert.clone(),
+                None => {
+                    return Err(TlsError::BadCa {
+                        what: f.cert.display().to_string(),
+                        reason: "not self-signed, and no root given (--ca-root or --ca-chain ending in the root)".into(),
+                    })
+                }
+            },
+        };
+        let root_info = check_ca_cert(&root, None, "root certificate")?;
+        if !root_info.self_signed {
+            return Err(TlsError::BadCa {
+                what: "root certificate".into(),
+                reason: "not self-signed (the last certificate of the chain must be the root, or pass --ca-root)".into(),
+            });
+        }
+        let mut intermediates: Vec<CertificateDer<'static>> = vec![];
+        for c in others {
+            if c != root && c != cert && !intermediates.contains(&c) {
+                intermediates.push(c);
+            }
+        }
+        let ca = Ca::from_parts(key, cert, intermediates, root, true)?;
+        ca.check()?;
+        Ok(ca)
+    }
+
+    fn from_parts(
+        key: KeyPair,
+        cert: CertificateDer<'static>,
+        above: Vec<CertificateDer<'static>>,
+        root: CertificateDer<'static>,
+        external: bool,
+    ) -> Result<Ca, TlsError> {
+        let info = check_ca_cert(&cert, Some(&key), "CA certificate")?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        let intermediates = if cert == root {
+            vec![]
+        } else {
+            let mut i = vec![cert];
+            i.extend(above);
+            i
+        };
         Ok(Ca {
-            key,
-            cert_pem: cert.pem(),
+            issuer,
+            root_pem: pem_of(&root),
+            intermediates,
+            root,
+            not_after: info.not_after,
+            external,
         })
     }
 
-    /// A serving certificate (chain: leaf, root) and its key for `names` (DNS names or IPs),
-    /// valid from now for `lifetime` (capped at [`MAX_SERVING_LIFETIME`]).
+    /// Proves that what this CA signs verifies to its root, with a real verifier: a chain
+    /// that does not link up is an error at start, not at every handshake.
+    fn check(&self) -> Result<(), TlsError> {
+        let name = "vmesh-ca-check".to_string();
+        let (chain, _) = self.issue_server(std::slice::from_ref(&name), Duration::from_secs(60))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root.clone())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::BadCa {
+            what: "root certificate".into(),
+            reason: e.to_string(),
+        })?;
+        let (leaf, rest) = chain.split_first().ok_or(TlsError::Pem("chain".into()))?;
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &*verifier,
+            leaf,
+            rest,
+            &server_name(&name)?,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map_err(|e| TlsError::BadCa {
+            what: "CA chain".into(),
+            reason: format!("a certificate it signs does not verify to the root: {e}"),
+        })?;
+        Ok(())
+    }
+
+    /// Signs `params` for `public_key` (a CSR's): the workload CA's way in.
+    pub fn sign(
+        &self,
+        params: &CertificateParams,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<rcgen::Certificate, TlsError> {
+        Ok(params.signed_by(public_key, &self.issuer)?)
+    }
+
+    /// What follows a leaf this CA signed, as PEM: intermediates, then the root.
+    pub fn chain_pem(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.intermediates.iter().map(pem_of).collect();
+        v.push(self.root_pem.clone());
+        v
+    }
+
+    /// A serving certificate (chain: leaf, intermediates, root) and its key for `names` (DNS
+    /// names or IPs), valid from now for `lifetime` (capped at [`MAX_SERVING_LIFETIME`]).
     pub fn issue_server(
         &self,
         names: &[String],
@@ -159,14 +471,15 @@ impl Ca {
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         (p.not_before, p.not_after) = validity(lifetime.min(MAX_SERVING_LIFETIME));
+        p.not_after = p.not_after.min(self.not_after);
         let leaf_key = KeyPair::generate()?;
-        let issuer = Issuer::new(ca_params()?, &self.key);
-        let leaf = p.signed_by(&leaf_key, &issuer)?;
-        let root = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
-            .map_err(|_| TlsError::Pem(ROOT_CERT_FILE.into()))?;
+        let leaf = p.signed_by(&leaf_key, &self.issuer)?;
         let key = PrivateKeyDer::try_from(leaf_key.serialize_der())
             .map_err(|_| TlsError::Pem("serving key".into()))?;
-        Ok((vec![leaf.der().clone(), root], key))
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.intermediates.iter().cloned());
+        chain.push(self.root.clone());
+        Ok((chain, key))
     }
 
     /// A serving certificate ready for rustls.

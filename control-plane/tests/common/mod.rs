@@ -90,6 +90,7 @@ impl TestServer {
             shutdown_grace: Duration::from_secs(10),
             hygiene: Default::default(),
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            ca: Default::default(),
         };
         let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);
