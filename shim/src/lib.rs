@@ -193,7 +193,10 @@ fn start_control_plane(
 ) -> Result<(names::Tables, JoinHandle<()>, JoinHandle<()>), StartError> {
     let b = &c.bundle;
     // Before anything is served: Envoy, started after the shim, needs the SDS files there.
-    let cert_dir = cert::dir::CertDir::new(&c.cert_dir);
+    // Absolute: the SDS files name the PEM files by path, and Envoy resolves a relative one
+    // against its own working directory, not the shim's.
+    let cert_dir =
+        cert::dir::CertDir::new(std::path::absolute(&c.cert_dir).unwrap_or(c.cert_dir.clone()));
     cert_dir.prepare().map_err(StartError::CertDir)?;
     let endpoint = control::client::Endpoint {
         addr: b.discovery.connect,

@@ -86,7 +86,9 @@ fn echo_app() -> anyhow::Result<u16> {
 }
 
 /// A mesh CA, the VM's certificate (installed into `dir`) and a client's.
-fn certificates(dir: &Path) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn certificates(
+    dir: &Path,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca = rcgen::CertificateParams::default();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -203,7 +205,13 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// `clients` threads opening connections for `secs`: (connections/s, p50 us, p99 us).
-fn churn(side: Side, port: u16, config: &Arc<ClientConfig>, secs: f64, clients: usize) -> (f64, f64, f64) {
+fn churn(
+    side: Side,
+    port: u16,
+    config: &Arc<ClientConfig>,
+    secs: f64,
+    clients: usize,
+) -> (f64, f64, f64) {
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let handles: Vec<_> = (0..clients)
         .map(|_| {
@@ -220,13 +228,21 @@ fn churn(side: Side, port: u16, config: &Arc<ClientConfig>, secs: f64, clients: 
             })
         })
         .collect();
-    let mut all: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+    let mut all: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
     all.sort();
     (all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99))
 }
 
 /// Round trips of one byte on one open connection for `secs`: (p50 us, p99 us).
-fn round_trips(side: Side, port: u16, config: &Arc<ClientConfig>, secs: f64) -> anyhow::Result<(f64, f64)> {
+fn round_trips(
+    side: Side,
+    port: u16,
+    config: &Arc<ClientConfig>,
+    secs: f64,
+) -> anyhow::Result<(f64, f64)> {
     let tcp = TcpStream::connect(("127.0.0.1", port))?;
     tcp.set_nodelay(true)?;
     let mut s: Box<dyn ReadWrite> = match side {
@@ -266,7 +282,12 @@ fn main() -> anyhow::Result<()> {
     let log = std::fs::File::create(dir.path().join("envoy.log"))?;
     let _envoy = Stop(
         Command::new("envoy")
-            .args(["-c", &config_path.display().to_string(), "--concurrency", "1"])
+            .args([
+                "-c",
+                &config_path.display().to_string(),
+                "--concurrency",
+                "1",
+            ])
             .args(["--disable-hot-restart", "-l", "warning"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -285,14 +306,21 @@ fn main() -> anyhow::Result<()> {
     let ready = Instant::now() + Duration::from_secs(30);
     while one(Side::Tls, tls, &config).is_err() {
         if Instant::now() > ready {
-            bail!("the TLS listener never answered (see {})", dir.path().display());
+            bail!(
+                "the TLS listener never answered (see {})",
+                dir.path().display()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     println!("side  round  conn/s  conn_p50_us  conn_p99_us  rtt_p50_us  rtt_p99_us");
     let mut sums = [[0.0f64; 5]; 2];
     for r in 0..rounds {
-        let order = if r % 2 == 0 { [Side::Plain, Side::Tls] } else { [Side::Tls, Side::Plain] };
+        let order = if r % 2 == 0 {
+            [Side::Plain, Side::Tls]
+        } else {
+            [Side::Tls, Side::Plain]
+        };
         for side in order {
             let port = if side == Side::Tls { tls } else { plain };
             let (rate, p50, p99) = churn(side, port, &config, secs, clients);
@@ -305,8 +333,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let [p, t] = sums;
-    println!("mean plain: {:.0} conn/s, p50 {:.0} us, p99 {:.0} us; rtt p50 {:.0} us, p99 {:.0} us", p[0], p[1], p[2], p[3], p[4]);
-    println!("mean tls:   {:.0} conn/s, p50 {:.0} us, p99 {:.0} us; rtt p50 {:.0} us, p99 {:.0} us", t[0], t[1], t[2], t[3], t[4]);
+    println!(
+        "mean plain: {:.0} conn/s, p50 {:.0} us, p99 {:.0} us; rtt p50 {:.0} us, p99 {:.0} us",
+        p[0], p[1], p[2], p[3], p[4]
+    );
+    println!(
+        "mean tls:   {:.0} conn/s, p50 {:.0} us, p99 {:.0} us; rtt p50 {:.0} us, p99 {:.0} us",
+        t[0], t[1], t[2], t[3], t[4]
+    );
     println!(
         "tls/plain: conn/s {:.2}x, conn p50 {:.2}x (+{:.0} us), conn p99 {:.2}x, rtt p50 {:.2}x (+{:.0} us), rtt p99 {:.2}x",
         t[0] / p[0], t[1] / p[1], t[1] - p[1], t[2] / p[2], t[3] / p[3], t[3] - p[3], t[4] / p[4]

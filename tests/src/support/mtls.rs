@@ -120,10 +120,9 @@ pub fn connect(port: u16, client: Option<&Identity>) -> Result<Conn, String> {
     let config = match client {
         None => builder.with_no_client_auth(),
         Some(id) => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&id.chain_pem)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| format!("client chain: {e:?}"))?;
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&id.chain_pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("client chain: {e:?}"))?;
             let key = PrivateKeyDer::from_pem_slice(&id.key_pem)
                 .map_err(|e| format!("client key: {e:?}"))?;
             builder
@@ -133,7 +132,7 @@ pub fn connect(port: u16, client: Option<&Identity>) -> Result<Conn, String> {
     };
     let name = ServerName::try_from("vm.mesh.test").map_err(|e| e.to_string())?;
     let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let mut stream = StreamOwned::new(conn, tcp);
