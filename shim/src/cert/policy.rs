@@ -75,7 +75,7 @@ pub fn decide(now: SystemTime, held: Option<&Held>, want_uri: &str, roots: &[Vec
     if h.uris.len() != 1 || h.uris.first().map(String::as_str) != Some(want_uri) {
         return Next::Renew(Reason::IdentityChanged);
     }
-    if !roots.is_empty() && !roots.iter().any(|r| *r == h.root_der) {
+    if !roots.is_empty() && !roots.contains(&h.root_der) {
         return Next::Renew(Reason::RootChanged);
     }
     let at = rotate_at(h.not_before, h.not_after);
