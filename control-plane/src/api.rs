@@ -1071,6 +1071,18 @@ mod tests {
     use crate::random::RandomError;
 
     #[test]
+    fn grpc_messages_are_percent_encoded_as_the_grpc_spec_says() {
+        assert_eq!(
+            grpc_message("CSR: 100% bad").to_str().unwrap(),
+            "CSR: 100%25 bad"
+        );
+        assert_eq!(
+            grpc_message("line\nbreak é").to_str().unwrap(),
+            "line%0Abreak %C3%A9"
+        );
+    }
+
+    #[test]
     fn a_recurring_failure_is_logged_once_per_period_with_the_count_left_out() {
         let mut r = RateLimited::new(Duration::from_secs(10));
         let t0 = tokio::time::Instant::now();

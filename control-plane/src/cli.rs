@@ -73,6 +73,8 @@ pub enum LogFormat {
     Json,
 }
 
+// Parsed once per process: the size of the largest variant (serve's flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane.
@@ -239,6 +241,10 @@ pub struct BundleArgs {
     pub cluster_id: String,
     #[arg(long, default_value = "")]
     pub mesh_id: String,
+    /// Written to mesh.yaml and cluster.env; must be the server's --trust-domain, which the
+    /// VM's certificate is issued in.
+    #[arg(long, env = ENV_TRUST_DOMAIN, default_value = vmesh_api::ca::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
 
 /// `10s`, `1h30m`, `500ms`, `2d` (humantime's units, which include Go's); a bare number is
@@ -821,7 +827,7 @@ async fn vm_bundle(cli: &Cli, a: &BundleArgs) -> anyhow::Result<()> {
         },
         cluster_id: a.cluster_id.clone(),
         mesh_id: a.mesh_id.clone(),
-        ..BundleOptions::default()
+        trust_domain: a.trust_domain.clone(),
     };
     std::fs::create_dir_all(&a.output)
         .with_context(|| format!("creating {}", a.output.display()))?;

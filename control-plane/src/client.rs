@@ -48,6 +48,8 @@ pub struct Client {
     authority: String,
     name: ServerName<'static>,
     tls: TlsConnector,
+    /// The same trust, offering only h2: gRPC needs HTTP/2.
+    tls_h2: TlsConnector,
     token: String,
 }
 
@@ -98,11 +100,14 @@ impl Client {
     pub fn new(url: &str, root_pem: &[u8], token: &str) -> Result<Self, ClientError> {
         let (addr, authority, host) = parse_url(url)?;
         let cfg = client_config(root_pem)?;
+        let mut h2 = cfg.clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Client {
             addr,
             authority,
             name: server_name(&host)?,
             tls: TlsConnector::from(Arc::new(cfg)),
+            tls_h2: TlsConnector::from(Arc::new(h2)),
             token: token.to_string(),
         })
     }
@@ -115,7 +120,10 @@ impl Client {
         }
     }
 
-    pub async fn connect(&self) -> Result<Connection, ClientError> {
+    async fn tls(
+        &self,
+        connector: &TlsConnector,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
         let tcp = TcpStream::connect(&self.addr)
             .await
             .map_err(|source| ClientError::Connect {
@@ -123,14 +131,36 @@ impl Client {
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        let tls = self
-            .tls
+        connector
             .connect(self.name.clone(), tcp)
             .await
             .map_err(|source| ClientError::Connect {
                 addr: self.addr.clone(),
                 source,
-            })?;
+            })
+    }
+
+    /// An HTTP/2 connection for gRPC calls (`CreateCertificate`), as Istio's agent makes
+    /// them; many calls may share it at once.
+    pub async fn connect_grpc(&self) -> Result<GrpcConnection, ClientError> {
+        let tls = self.tls(&self.tls_h2).await?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(GrpcConnection {
+            sender,
+            authority: self.authority.clone(),
+            token: self.token.clone(),
+        })
+    }
+
+    pub async fn connect(&self) -> Result<Connection, ClientError> {
+        let tls = self.tls(&self.tls).await?;
         let (sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
         tokio::spawn(async move {
@@ -268,6 +298,148 @@ impl Connection {
                 ..ApiError::new(ErrorKind::Unknown, format!("response body: {e}"))
             },
         })
+    }
+}
+
+/// An HTTP/2 connection to the server for gRPC; cheap to clone (calls share it).
+#[derive(Debug, Clone)]
+pub struct GrpcConnection {
+    sender: hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    authority: String,
+    token: String,
+}
+
+/// A unary gRPC call's outcome as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcReply {
+    pub http_status: u16,
+    /// From the trailers (or, for a trailers-only answer, the headers); `None`: absent.
+    pub grpc_status: Option<u32>,
+    /// `grpc-message`, percent-decoded.
+    pub grpc_message: String,
+    /// The response body, still framed.
+    pub body: Bytes,
+}
+
+/// `grpc-message` decoded (`%XX` escapes; anything malformed stays as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (c, hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            _ => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl GrpcConnection {
+    /// The same connection, calling with another bearer token.
+    pub fn with_token(&self, token: &str) -> GrpcConnection {
+        GrpcConnection {
+            token: token.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// POSTs `body` (already gRPC-framed) to `path` with the headers Istio's agent sends:
+    /// `content-type: application/grpc`, `te: trailers`, the bearer token, and `extra`.
+    pub async fn unary(
+        &mut self,
+        path: &str,
+        extra: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<GrpcReply, ClientError> {
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(format!("https://{}{path}", self.authority))
+            .header(CONTENT_TYPE, vmesh_api::forward::GRPC_CONTENT_TYPE)
+            .header("te", "trailers");
+        if !self.token.is_empty() {
+            b = b.header(AUTHORIZATION, format!("Bearer {}", self.token));
+        }
+        for (k, v) in extra {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        let http_status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let collected = resp.into_body().collect().await?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let field = |name: &str| {
+            trailers
+                .get(name)
+                .or_else(|| headers.get(name))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(GrpcReply {
+            http_status,
+            grpc_status: field(vmesh_api::ca::status::STATUS_HEADER).and_then(|s| s.parse().ok()),
+            grpc_message: field(vmesh_api::ca::status::MESSAGE_HEADER)
+                .map(|m| percent_decode(&m))
+                .unwrap_or_default(),
+            body: collected.to_bytes(),
+        })
+    }
+
+    /// `CreateCertificate` as Istio's agent calls it (`ClusterID` header included): the chain,
+    /// or the gRPC status and message it was refused with.
+    pub async fn create_certificate(
+        &mut self,
+        req: &vmesh_api::ca::IstioCertificateRequest,
+        cluster_id: &str,
+    ) -> Result<Result<Vec<String>, (u32, String)>, ClientError> {
+        let mut framed = vec![];
+        vmesh_api::forward::frame(&prost::Message::encode_to_vec(req), &mut framed);
+        let r = self
+            .unary(
+                vmesh_api::ca::PATH,
+                &[(vmesh_api::ca::CLUSTER_ID_HEADER, cluster_id)],
+                Bytes::from(framed),
+            )
+            .await?;
+        match r.grpc_status {
+            Some(vmesh_api::ca::status::OK) => {
+                let mut frames = vmesh_api::forward::GrpcFrames::default();
+                frames.push(&r.body);
+                let msg = match frames.next_message() {
+                    Ok(Some(m)) => m,
+                    _ => {
+                        return Ok(Err((
+                            vmesh_api::ca::status::INTERNAL,
+                            "no response message".into(),
+                        )))
+                    }
+                };
+                match <vmesh_api::ca::IstioCertificateResponse as prost::Message>::decode(msg) {
+                    Ok(resp) => Ok(Ok(resp.cert_chain)),
+                    Err(e) => Ok(Err((
+                        vmesh_api::ca::status::INTERNAL,
+                        format!("response: {e}"),
+                    ))),
+                }
+            }
+            Some(code) => Ok(Err((code, r.grpc_message))),
+            None => Ok(Err((
+                vmesh_api::ca::status::INTERNAL,
+                format!("HTTP {} without grpc-status", r.http_status),
+            ))),
+        }
     }
 }
 

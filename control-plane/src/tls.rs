@@ -556,3 +556,83 @@ pub fn client_config(root_pem: &[u8]) -> Result<rustls::ClientConfig, TlsError> 
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::BadName(host.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        assert!(ok, "openssl {args:?}");
+    }
+
+    #[test]
+    fn pkcs1_and_sec1_keys_are_read_as_openssl_writes_them() {
+        let dir = vmesh_test_support::TempDir::new();
+        let d = dir.path();
+        openssl(d, &["genrsa", "-traditional", "-out", "rsa.pem", "2048"]);
+        openssl(
+            d,
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "p256.pem",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "ecparam",
+                "-name",
+                "secp384r1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "p384.pem",
+            ],
+        );
+        for (file, tag, alg) in [
+            ("rsa.pem", "RSA PRIVATE KEY", &rcgen::PKCS_RSA_SHA256),
+            ("p256.pem", "EC PRIVATE KEY", &rcgen::PKCS_ECDSA_P256_SHA256),
+            ("p384.pem", "EC PRIVATE KEY", &rcgen::PKCS_ECDSA_P384_SHA384),
+        ] {
+            let text = std::fs::read_to_string(d.join(file)).unwrap();
+            assert!(
+                text.starts_with(&format!("-----BEGIN {tag}-----")),
+                "{file}"
+            );
+            let key = load_key(&d.join(file)).unwrap();
+            assert!(key.is_compatible(alg), "{file}");
+        }
+        let e = load_key(&dir.file(
+            "cert.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ));
+        assert!(matches!(e, Err(TlsError::BadCa { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_data_dir_whose_root_and_key_disagree_is_refused() {
+        let a = vmesh_test_support::TempDir::new();
+        let b = vmesh_test_support::TempDir::new();
+        Ca::load_or_create(a.path()).unwrap();
+        Ca::load_or_create(b.path()).unwrap();
+        std::fs::copy(b.path().join(ROOT_CERT_FILE), a.path().join(ROOT_CERT_FILE)).unwrap();
+        let e = Ca::load_or_create(a.path());
+        assert!(matches!(e, Err(TlsError::Mismatch { .. })), "{e:?}");
+        std::fs::remove_file(b.path().join(ROOT_KEY_FILE)).unwrap();
+        let e = Ca::load_or_create(b.path());
+        assert!(matches!(e, Err(TlsError::Mismatch { .. })), "{e:?}");
+        // Not overwritten: the operator decides.
+        assert!(!b.path().join(ROOT_KEY_FILE).exists());
+    }
+}

@@ -4,7 +4,9 @@
 //! - name-table fan-out: N parked long-polls, time from a change to the last answer (`fanout`),
 //! - resident memory per registered VM (`memory`),
 //! - a VM's request latency while thousands of idle or slow unauthenticated connections are
-//!   held open, against quiet phases interleaved with them (`slow-clients`).
+//!   held open, against quiet phases interleaved with them (`slow-clients`),
+//! - workload certificates signed per second: N clients, each on its own HTTP/2 connection as
+//!   a VM's agent is, calling `CreateCertificate` with P-256 CSRs back to back (`certificates`).
 //!
 //! Results go to stdout as Markdown rows for docs/benchmarks.md.
 
@@ -55,6 +57,15 @@ enum Cmd {
         rounds: usize,
         #[arg(long, default_value_t = 10)]
         phase_secs: u64,
+    },
+    /// Workload certificates signed per second, and a call's latency.
+    Certificates {
+        /// Concurrent clients, each on its own connection with one call in flight.
+        #[arg(long, default_value_t = 100)]
+        clients: usize,
+        /// Calls measured (after a warm-up of one call per client).
+        #[arg(long, default_value_t = 20_000)]
+        calls: usize,
     },
     /// Resident memory per registered VM.
     Memory {
@@ -553,6 +564,65 @@ async fn slow_clients(
     Ok(())
 }
 
+/// `clients` connections call `CreateCertificate` back to back until `calls` have been
+/// answered. The CSRs are made beforehand (one key per client, as a VM has one), so the
+/// client's share of the CPU is TLS, HTTP/2 and prost, not key generation.
+async fn certificates(s: &Server, clients: usize, calls: usize) -> anyhow::Result<()> {
+    let vm = s.vm_client("bench", "bench-sa").await?;
+    let spiffe = "spiffe://cluster.local/ns/bench/sa/bench-sa";
+    let mut conns = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let key = rcgen::KeyPair::generate()?;
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.subject_alt_names = vec![rcgen::SanType::URI(spiffe.to_string().try_into()?)];
+        let req = vmesh_api::ca::IstioCertificateRequest {
+            csr: p.serialize_request(&key)?.pem()?,
+            validity_duration: 24 * 3600,
+            metadata: None,
+        };
+        let mut conn = vm.connect_grpc().await?;
+        // Warm-up: the connection's first call.
+        conn.create_certificate(&req, "Kubernetes")
+            .await?
+            .map_err(|(code, m)| anyhow::anyhow!("refused: {code} {m}"))?;
+        conns.push((conn, req));
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (mut conn, req) in conns {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < calls {
+                let t = Instant::now();
+                conn.create_certificate(&req, "Kubernetes")
+                    .await?
+                    .map_err(|(code, m)| anyhow::anyhow!("refused: {code} {m}"))?;
+                lat.push(t.elapsed());
+            }
+            anyhow::Ok(lat)
+        }));
+    }
+    let mut all = Vec::with_capacity(calls);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let took = start.elapsed();
+    all.sort();
+    let issued = metric(&s.admin, "vmesh_certificates_issued_total").await;
+    println!(
+        "| workload certificates, P-256 CSRs, {clients} clients (own h2 connection each) | {:.0} certificates/s; call latency p50 {}, p99 {} ({} calls; server counted {:?} issued) |",
+        all.len() as f64 / took.as_secs_f64(),
+        ms(pct(&all, 0.5)),
+        ms(pct(&all, 0.99)),
+        all.len(),
+        issued
+    );
+    Ok(())
+}
+
 async fn metric(admin: &Client, name: &str) -> Option<f64> {
     let r = admin.call(Method::GET, "/metrics", None).await.ok()?;
     let text = String::from_utf8_lossy(&r.body).into_owned();
@@ -575,6 +645,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rounds,
             phase_secs,
         } => slow_clients(&s, attackers, rounds, phase_secs).await?,
+        Cmd::Certificates { clients, calls } => certificates(&s, clients, calls).await?,
         Cmd::Memory { vms, concurrency } => {
             // Warm up: TLS, a table, a few registrations, so fixed costs are in the baseline.
             let vm = s.vm_client("bench", "bench-sa").await?;
