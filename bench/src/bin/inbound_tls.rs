@@ -92,11 +92,17 @@ fn certificates(
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca = rcgen::CertificateParams::default();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "vmesh bench root");
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = rcgen::Issuer::new(ca, &ca_key);
     let leaf = |sa: &str| -> anyhow::Result<(rcgen::Certificate, rcgen::KeyPair)> {
         let key = rcgen::KeyPair::generate()?;
         let mut p = rcgen::CertificateParams::default();
+        // Not rcgen's default subject, which is also the root's: a leaf named like its
+        // issuer looks self-signed to a verifier.
+        p.distinguished_name = rcgen::DistinguishedName::new();
         p.subject_alt_names = vec![rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
             format!("spiffe://cluster.local/ns/bench/sa/{sa}"),
         )?)];
@@ -306,10 +312,9 @@ fn main() -> anyhow::Result<()> {
     let ready = Instant::now() + Duration::from_secs(30);
     while one(Side::Tls, tls, &config).is_err() {
         if Instant::now() > ready {
-            bail!(
-                "the TLS listener never answered (see {})",
-                dir.path().display()
-            );
+            let log = std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default();
+            let last = one(Side::Tls, tls, &config).err();
+            bail!("the TLS listener never answered ({last:?}); Envoy's log:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
