@@ -136,6 +136,9 @@ pub mod files {
     /// Istio's `cacerts` secret: the CA's own certificate and key.
     pub const CA_CERT: &str = "ca-cert.pem";
     pub const CA_KEY: &str = "ca-key.pem";
+    /// vmesh's SDS resource files beside them (Envoy's `path_config_source`), one per secret.
+    pub const SDS_DEFAULT: &str = "sds-default.yaml";
+    pub const SDS_ROOTCA: &str = "sds-rootca.yaml";
 }
 
 /// SDS secret names as Istio's sidecars name them.

@@ -31,6 +31,9 @@ pub const ENV_HOSTS_FILE: &str = "VMESH_SHIM_HOSTS_FILE";
 pub const ENV_DISCOVERY_ADDRESS: &str = "VMESH_SHIM_DISCOVERY_ADDRESS";
 pub const ENV_STATE_DIR: &str = "VMESH_SHIM_STATE_DIR";
 pub const ENV_DEREGISTER_TIMEOUT: &str = "VMESH_SHIM_DEREGISTER_TIMEOUT";
+pub const ENV_CERT_DIR: &str = "VMESH_SHIM_CERT_DIR";
+pub const ENV_CERT_TTL: &str = "VMESH_SHIM_CERT_TTL";
+pub const ENV_ENVOY_ADMIN: &str = "VMESH_SHIM_ENVOY_ADMIN";
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15020";
 /// Envoy's DNS listener, where captured DNS traffic goes: never an upstream.
@@ -38,6 +41,10 @@ pub const DEFAULT_SELF_ADDR: &str = "127.0.0.1:15053";
 pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmesh";
 pub const DEFAULT_DEREGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Under the state dir, not Istio's `/etc/certs`: there the bundle's `root-cert.pem` is the
+/// root the shim trusts the control plane by, and rewriting it would change that trust.
+pub const CERT_SUBDIR: &str = "certs";
+pub const DEFAULT_ENVOY_ADMIN: &str = "127.0.0.1:15000";
 
 const CONTROL_PLANE: &str = "Control plane (any of these selects control-plane mode)";
 
@@ -134,6 +141,19 @@ pub struct RunArgs {
     /// How long deregistering may take at shutdown [default: 5s]
     #[arg(long, env = ENV_DEREGISTER_TIMEOUT, value_name = "DURATION", help_heading = CONTROL_PLANE)]
     pub deregister_timeout: Option<String>,
+
+    /// Where the VM's certificate is written for Envoy's SDS (key.pem, cert-chain.pem,
+    /// root-cert.pem, sds-*.yaml) [default: STATE_DIR/certs]
+    #[arg(long, env = ENV_CERT_DIR, value_name = "DIR", help_heading = CONTROL_PLANE)]
+    pub cert_dir: Option<PathBuf>,
+
+    /// The certificate lifetime asked of the CA, which may give less [default: 24h]
+    #[arg(long, env = ENV_CERT_TTL, value_name = "DURATION", help_heading = CONTROL_PLANE)]
+    pub cert_ttl: Option<String>,
+
+    /// Envoy's admin endpoint, read for the inbound listener's handshake counters.
+    #[arg(long, env = ENV_ENVOY_ADMIN, default_value = DEFAULT_ENVOY_ADMIN, value_name = "IP:PORT")]
+    pub envoy_admin: String,
 }
 
 /// Validated configuration: everything needed to start, nothing left to check.
@@ -155,6 +175,8 @@ pub struct Settings {
     pub search_domains: Vec<String>,
     /// The resolv.conf the search domains come from (followed in control-plane mode).
     pub resolv_conf: PathBuf,
+    /// Envoy's admin endpoint (its inbound listener's TLS counters).
+    pub envoy_admin: SocketAddr,
 }
 
 impl Settings {
@@ -199,6 +221,10 @@ pub struct ControlSettings {
     pub state_dir: PathBuf,
     /// The longest `POST /v1/deregister` may take at shutdown.
     pub deregister_timeout: Duration,
+    /// Where the VM's certificate goes (Envoy's SDS files).
+    pub cert_dir: PathBuf,
+    /// The certificate lifetime asked for.
+    pub cert_ttl: Duration,
 }
 
 /// resolv.conf as the source of the upstreams, followed while the shim runs: DHCP clients,
@@ -253,6 +279,10 @@ pub enum ConfigError {
     },
     #[error("--deregister-timeout {0:?}: expected a positive duration such as 5s or 1500ms")]
     DeregisterTimeout(String),
+    #[error("--cert-ttl {0:?}: expected a duration of at least 1s such as 24h or 90m")]
+    CertTtl(String),
+    #[error("--envoy-admin: {0}")]
+    EnvoyAdmin(AddrError),
     /// A problem in a bundle file or value; it names the file.
     #[error("{0}")]
     Bundle(BundleError),
@@ -299,6 +329,9 @@ impl RunArgs {
                 Err(e) => errors.push(ConfigError::SelfAddr(e)),
             }
         }
+        let envoy_admin = upstream::parse_socket_addr(&self.envoy_admin)
+            .map_err(|e| errors.push(ConfigError::EnvoyAdmin(e)))
+            .ok();
         let forward_timeout = parse_duration(&self.forward_timeout)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| errors.push(ConfigError::ForwardTimeout(self.forward_timeout.clone())))
@@ -360,8 +393,8 @@ impl RunArgs {
             path: self.resolv_conf.clone(),
             own,
         });
-        match (listen, forward_timeout) {
-            (Some(listen), Some(forward_timeout)) if errors.is_empty() => {
+        match (listen, forward_timeout, envoy_admin) {
+            (Some(listen), Some(forward_timeout), Some(envoy_admin)) if errors.is_empty() => {
                 let settings = Settings {
                     listen,
                     upstreams,
@@ -371,6 +404,7 @@ impl RunArgs {
                     resolv_watch,
                     search_domains,
                     resolv_conf: self.resolv_conf.clone(),
+                    envoy_admin,
                 };
                 log_mode(&settings);
                 Ok(settings)
@@ -395,6 +429,8 @@ impl RunArgs {
             ("--network", self.network.is_some()),
             ("--state-dir", self.state_dir.is_some()),
             ("--deregister-timeout", self.deregister_timeout.is_some()),
+            ("--cert-dir", self.cert_dir.is_some()),
+            ("--cert-ttl", self.cert_ttl.is_some()),
         ];
         given
             .into_iter()
@@ -438,10 +474,25 @@ impl RunArgs {
                 None
             }),
         };
+        let cert_ttl = match &self.cert_ttl {
+            None => Some(Duration::from_secs(
+                u64::try_from(vmesh_api::ca::DEFAULT_TTL_SECS).unwrap_or(86_400),
+            )),
+            Some(text) => parse_duration(text)
+                .filter(|d| *d >= Duration::from_secs(1))
+                .or_else(|| {
+                    errors.push(ConfigError::CertTtl(text.clone()));
+                    None
+                }),
+        };
         let state_dir = self
             .state_dir
             .clone()
             .unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        let cert_dir = self
+            .cert_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join(CERT_SUBDIR));
         let state_ok = check_writable_dir(&state_dir)
             .map_err(|source| {
                 errors.push(ConfigError::StateDir {
@@ -518,6 +569,8 @@ impl RunArgs {
             bundle: loaded.bundle,
             state_dir,
             deregister_timeout: deregister_timeout.filter(|_| state_ok)?,
+            cert_dir,
+            cert_ttl: cert_ttl?,
         })
     }
 }

@@ -17,10 +17,12 @@ use tokio::task::JoinHandle;
 pub mod backoff;
 pub mod bundle;
 pub mod capture;
+pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod envoy_stats;
 pub mod forwarder;
 pub mod grpc;
 pub mod interfaces;
@@ -43,6 +45,8 @@ use server::App;
 pub enum StartError {
     #[error("control plane TLS: {0}")]
     Tls(control::client::TlsSetupError),
+    #[error("{0}")]
+    CertDir(cert::dir::DirError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -58,6 +62,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     session: Option<JoinHandle<()>>,
+    keeper: Option<JoinHandle<()>>,
 }
 
 impl Running {
@@ -70,6 +75,11 @@ impl Running {
     /// requests to finish.
     pub async fn stop(self) {
         self.stop.send_replace(true);
+        if let Some(keeper) = self.keeper {
+            if let Err(error) = keeper.await {
+                tracing::error!(%error, "certificate keeper failed");
+            }
+        }
         if let Some(session) = self.session {
             if let Err(error) = session.await {
                 tracing::error!(%error, "registration session failed");
@@ -115,10 +125,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             .map(|t| format!("{} ({})", t.connect, t.server_name)),
     ));
     let mut session = None;
+    let mut keeper = None;
+    tokio::spawn(envoy_stats::follow(
+        settings.envoy_admin,
+        Arc::clone(&board),
+        stopped.clone(),
+    ));
     let tables = match (settings.names, settings.control) {
         (Some(names), _) => Some(names.watch(stopped.clone())),
         (None, Some(c)) => {
-            let (tables, session_task) = start_control_plane(
+            let (tables, session_task, keeper_task) = start_control_plane(
                 c,
                 settings.resolv_conf.clone(),
                 &tracker,
@@ -128,6 +144,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                 stopped.clone(),
             )?;
             session = Some(session_task);
+            keeper = Some(keeper_task);
             Some(tables)
         }
         (None, None) => None,
@@ -158,6 +175,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         stop,
         server,
         session,
+        keeper,
     })
 }
 
@@ -171,8 +189,14 @@ fn start_control_plane(
     board: &Arc<status::Board>,
     metrics: &Arc<metrics::Metrics>,
     stopped: watch::Receiver<bool>,
-) -> Result<(names::Tables, JoinHandle<()>), StartError> {
+) -> Result<(names::Tables, JoinHandle<()>, JoinHandle<()>), StartError> {
     let b = &c.bundle;
+    // Before anything is served: Envoy, started after the shim, needs the SDS files there.
+    // Absolute: the SDS files name the PEM files by path, and Envoy resolves a relative one
+    // against its own working directory, not the shim's.
+    let cert_dir =
+        cert::dir::CertDir::new(std::path::absolute(&c.cert_dir).unwrap_or(c.cert_dir.clone()));
+    cert_dir.prepare().map_err(StartError::CertDir)?;
     let endpoints = b
         .discovery
         .targets
@@ -193,6 +217,19 @@ fn start_control_plane(
     )
     .map_err(StartError::Tls)?;
     let cp = Arc::new(cp);
+    let keeper = cert::Keeper {
+        cp: Arc::clone(&cp),
+        dir: cert_dir,
+        ttl: c.cert_ttl,
+        trust_domain: if b.trust_domain.is_empty() {
+            vmesh_api::ca::DEFAULT_TRUST_DOMAIN.to_string()
+        } else {
+            b.trust_domain.clone()
+        },
+        root_path: b.root_cert_path.clone(),
+        board: Arc::clone(board),
+    };
+    let keeper = tokio::spawn(keeper.run(stopped.clone()));
     let view = view::follow(resolv_conf, stopped.clone());
     let (tables_tx, tables) = watch::channel(None);
     let source = control::tables::CpTables {
@@ -216,7 +253,7 @@ fn start_control_plane(
         metrics: Arc::clone(metrics),
         deregister_timeout: c.deregister_timeout,
     };
-    Ok((tables, tokio::spawn(session.run(stopped))))
+    Ok((tables, tokio::spawn(session.run(stopped)), keeper))
 }
 
 /// Serves until `signal` completes, then shuts down gracefully.

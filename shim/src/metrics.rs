@@ -160,6 +160,38 @@ impl Metrics {
             "Names in the table served to the filter.",
             status.name_table.names as f64,
         );
+        if let Some(c) = &status.certificate {
+            if let Some(t) = c.not_after_unix {
+                gauge(
+                    &mut out,
+                    "vmesh_shim_cert_expiry_timestamp_seconds",
+                    "gauge",
+                    "When the VM's workload certificate expires (Unix seconds).",
+                    t as f64,
+                );
+            }
+            gauge(
+                &mut out,
+                "vmesh_shim_cert_valid",
+                "gauge",
+                "1 while the VM holds an unexpired workload certificate.",
+                f64::from(u8::from(c.state == "valid" || c.state == "renewing")),
+            );
+            gauge(
+                &mut out,
+                "vmesh_shim_cert_issued_total",
+                "counter",
+                "Workload certificates obtained from the CA and installed (rotations included).",
+                c.issued as f64,
+            );
+            gauge(
+                &mut out,
+                "vmesh_shim_cert_failures_total",
+                "counter",
+                "Failed attempts to obtain a workload certificate (unreachable CA or refusal).",
+                c.failures as f64,
+            );
+        }
         for (name, value) in &status.data_plane.counters {
             let metric = format!("vmesh_data_plane_{}_total", snake(name));
             gauge(

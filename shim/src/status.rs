@@ -26,6 +26,37 @@ pub struct Status {
     pub health: Health,
     pub data_plane: DataPlaneStatus,
     pub name_table: TableStatus,
+    /// The VM's workload certificate (control-plane mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// `missing`, `valid`, `renewing` (past half-life, not renewed yet) or `expired`.
+    pub state: String,
+    /// Where Envoy reads it.
+    pub dir: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_unix: Option<u64>,
+    /// When the shim renews it (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_at: Option<String>,
+    /// Certificates installed, and failed attempts, since the shim started.
+    pub issued: u64,
+    pub failures: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_seconds_ago: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -109,6 +140,10 @@ struct Inner {
     acknowledged: bool,
     probe: Option<String>,
     table: Option<(String, &'static str, SystemTime, usize)>,
+    certificate: Option<crate::cert::Facts>,
+    /// Envoy's own counters the shim reads from its admin endpoint (see [`crate::envoy_stats`]),
+    /// shown beside the filter's.
+    envoy_counters: BTreeMap<String, u64>,
 }
 
 fn ago(t: SystemTime) -> f64 {
@@ -186,6 +221,16 @@ impl Board {
         self.inner().table = Some((version.to_string(), source, SystemTime::now(), names));
     }
 
+    /// Updates what the certificate keeper shows.
+    pub fn certificate(&self, f: impl FnOnce(&mut crate::cert::Facts)) {
+        let mut i = self.inner();
+        f(i.certificate.get_or_insert_with(Default::default));
+    }
+
+    pub fn envoy_counters(&self, counters: BTreeMap<String, u64>) {
+        self.inner().envoy_counters = counters;
+    }
+
     pub fn snapshot(&self, data_plane: &DataPlane) -> Status {
         let i = self.inner();
         let (state, why) = match &data_plane.state {
@@ -218,7 +263,12 @@ impl Board {
                     .last_report
                     .map(|t| (t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
                 reports: data_plane.reports,
-                counters: data_plane.counters.clone(),
+                counters: data_plane
+                    .counters
+                    .iter()
+                    .chain(&i.envoy_counters)
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
             },
             name_table: TableStatus {
                 version: i.table.as_ref().map(|t| t.0.clone()),
@@ -226,7 +276,39 @@ impl Board {
                 age_seconds: i.table.as_ref().map(|t| ago(t.2)),
                 names: i.table.as_ref().map_or(0, |t| t.3),
             },
+            certificate: i.certificate.as_ref().map(certificate_status),
         }
+    }
+}
+
+fn certificate_status(f: &crate::cert::Facts) -> CertificateStatus {
+    use crate::cert::{nanos, policy};
+    let held = match (f.not_before, f.not_after) {
+        (Some(not_before), Some(not_after)) => Some(policy::Held {
+            not_before,
+            not_after,
+            uris: Vec::new(),
+            root_der: Vec::new(),
+        }),
+        _ => None,
+    };
+    let rfc = |t: SystemTime| vmesh_api::time::format_rfc3339_secs(nanos(t));
+    CertificateStatus {
+        state: policy::state(SystemTime::now(), held.as_ref())
+            .as_str()
+            .to_string(),
+        dir: f.dir.clone(),
+        spiffe_id: f.spiffe_id.clone(),
+        serial: f.serial.clone(),
+        not_after: f.not_after.map(rfc),
+        not_after_unix: f.not_after.map(|t| nanos(t) / 1_000_000_000),
+        rotate_at: held
+            .as_ref()
+            .map(|h| rfc(policy::rotate_at(h.not_before, h.not_after))),
+        issued: f.issued,
+        failures: f.failures,
+        last_error: f.last_error.as_ref().map(|(m, _)| m.clone()),
+        last_error_seconds_ago: f.last_error.as_ref().map(|(_, t)| ago(*t)),
     }
 }
 
@@ -367,6 +449,31 @@ pub fn render(s: &Status) -> String {
     if !d.counters.is_empty() {
         let counters: Vec<String> = d.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let _ = writeln!(out, "counters:        {}", counters.join(" "));
+    }
+    if let Some(c) = &s.certificate {
+        let _ = writeln!(
+            out,
+            "certificate:     {} {} serial {} (expires {}, renews {}) in {}",
+            c.state,
+            c.spiffe_id.as_deref().unwrap_or("-"),
+            c.serial.as_deref().unwrap_or("-"),
+            c.not_after.as_deref().unwrap_or("-"),
+            c.rotate_at.as_deref().unwrap_or("-"),
+            c.dir
+        );
+        if c.state == "expired" || c.state == "missing" {
+            let _ = writeln!(
+                out,
+                "                 ERROR: the VM has no valid certificate: mesh peers refuse its mTLS"
+            );
+        }
+        if let Some(e) = &c.last_error {
+            let _ = writeln!(
+                out,
+                "certificate error: {e} ({})",
+                seconds(c.last_error_seconds_ago)
+            );
+        }
     }
     let t = &s.name_table;
     match &t.version {

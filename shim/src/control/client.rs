@@ -20,14 +20,17 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prost::Message;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use vmesh_api::ca::{self, IstioCertificateRequest, IstioCertificateResponse};
 use vmesh_api::control::{
     ApiError, EntryRef, EntryRequest, ErrorKind, HealthRequest, HealthResponse, RegisterRequest,
     RegisterResponse,
 };
+use vmesh_api::forward;
 use vmesh_api::paths::{content_type, control as path, header, query};
 
 use super::token::{TokenError, TokenSource};
@@ -67,6 +70,17 @@ pub enum CallError {
     Decode { status: u16, reason: String },
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// A gRPC call ended with a status other than OK (`grpc-status`, `grpc-message`).
+    #[error("gRPC status {code}: {message}")]
+    Grpc { code: u32, message: String },
+}
+
+/// gRPC status codes the client tells apart (grpc/grpc `doc/statuscodes.md`).
+pub mod grpc_code {
+    pub const OK: u32 = 0;
+    pub const DEADLINE_EXCEEDED: u32 = 4;
+    pub const RESOURCE_EXHAUSTED: u32 = 8;
+    pub const UNAVAILABLE: u32 = 14;
 }
 
 impl CallError {
@@ -78,6 +92,12 @@ impl CallError {
             CallError::Api(e) => e.error.is_transient() || e.status >= 500,
             CallError::Decode { status, .. } => *status >= 500,
             CallError::Token(_) => false,
+            CallError::Grpc { code, .. } => matches!(
+                *code,
+                grpc_code::UNAVAILABLE
+                    | grpc_code::DEADLINE_EXCEEDED
+                    | grpc_code::RESOURCE_EXHAUSTED
+            ),
         }
     }
 
@@ -418,6 +438,127 @@ impl ControlPlane {
             json: body,
         })
     }
+
+    /// Istio's `CreateCertificate`, over the same connection and trust as every other call:
+    /// one gRPC message each way (`vmesh_api::forward::frame`), the status in the trailers
+    /// (or in the headers, for a gRPC "trailers-only" answer).
+    pub async fn create_certificate(
+        &self,
+        req: &IstioCertificateRequest,
+    ) -> Result<IstioCertificateResponse, CallError> {
+        let (token, _) = self.token.get()?;
+        let mut body = Vec::new();
+        forward::frame(&req.encode_to_vec(), &mut body);
+        let attempt = async {
+            let (i, mut sender) = self.sender().await?;
+            let mut r = Request::builder()
+                .method(Method::POST)
+                .uri(format!(
+                    "https://{}{}",
+                    self.endpoints[i].0.authority,
+                    ca::PATH
+                ))
+                .header(CONTENT_TYPE, forward::GRPC_CONTENT_TYPE)
+                .header("te", "trailers");
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+                r = r.header(AUTHORIZATION, v);
+            }
+            let r = r
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| CallError::Decode {
+                    status: 0,
+                    reason: format!("request: {e}"),
+                })?;
+            sender.ready().await?;
+            let resp = sender.send_request(r).await?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let collected = resp.into_body().collect().await?;
+            let trailers = collected.trailers().cloned();
+            Ok::<_, CallError>((status, headers, trailers, collected.to_bytes()))
+        };
+        let (status, headers, trailers, bytes) =
+            match tokio::time::timeout(CALL_TIMEOUT, attempt).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    if matches!(e, CallError::Http(_)) {
+                        self.forget().await;
+                    }
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.forget().await;
+                    return Err(CallError::Timeout(CALL_TIMEOUT));
+                }
+            };
+        if status != StatusCode::OK {
+            return Err(CallError::Api(ApiError::from_response(
+                status.as_u16(),
+                &bytes,
+            )));
+        }
+        let grpc_status = |h: &hyper::HeaderMap| {
+            let code = h
+                .get("grpc-status")?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<u32>()
+                .ok()?;
+            let message = h
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .map(percent_decode)
+                .unwrap_or_default();
+            Some((code, message))
+        };
+        let (code, message) = trailers
+            .as_ref()
+            .and_then(grpc_status)
+            .or_else(|| grpc_status(&headers))
+            .ok_or_else(|| CallError::Decode {
+                status: 200,
+                reason: "no grpc-status in the answer".into(),
+            })?;
+        if code != grpc_code::OK {
+            return Err(CallError::Grpc { code, message });
+        }
+        let mut frames = forward::GrpcFrames::default();
+        frames.push(&bytes);
+        let decode = |reason: String| CallError::Decode {
+            status: 200,
+            reason,
+        };
+        let message = frames
+            .next_message()
+            .map_err(|e| decode(e.to_string()))?
+            .ok_or_else(|| decode("no response message".into()))?;
+        IstioCertificateResponse::decode(message).map_err(|e| decode(e.to_string()))
+    }
+}
+
+/// `grpc-message` is percent-encoded (gRPC over HTTP/2, "Responses").
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b, hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            _ => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -16,8 +16,16 @@ pub struct Envoy {
     pub admin: u16,
     pub dns: u16,
     pub doh: u16,
+    /// The inbound mTLS listener (15006 in the config).
+    pub inbound: u16,
+    /// Where Envoy reads the VM's certificate (SDS files).
+    pub cert_dir: PathBuf,
+    ports: Ports,
     proc: Proc,
 }
+
+/// The directory of SDS files in `vm-sidecar.yaml`, replaced by each test's.
+pub const CERT_DIR_IN_CONFIG: &str = "/var/lib/vmesh/certs";
 
 pub fn wasm() -> PathBuf {
     artifact(
@@ -27,12 +35,36 @@ pub fn wasm() -> PathBuf {
     )
 }
 
-/// The sidecar config with its well-known ports replaced by this test's.
-pub fn render_config(admin: u16, dns: u16, doh: u16, shim: u16) -> String {
+/// The sidecar config with its well-known ports and its certificate directory replaced by
+/// this test's. The inbound listener listens on loopback only.
+pub fn render_config(ports: Ports, shim: u16, cert_dir: &Path) -> String {
+    let Ports {
+        admin,
+        dns,
+        doh,
+        inbound,
+        app,
+    } = ports;
     let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml"))
         .expect("read vm-sidecar.yaml");
     let mut out = text.replace(WASM_IN_CONFIG, &wasm().display().to_string());
-    for (from, to) in [(15000, admin), (15053, dns), (15054, doh), (15020, shim)] {
+    assert!(
+        out.contains(CERT_DIR_IN_CONFIG),
+        "vm-sidecar.yaml no longer reads {CERT_DIR_IN_CONFIG}"
+    );
+    out = out.replace(CERT_DIR_IN_CONFIG, &cert_dir.display().to_string());
+    out = out.replace(
+        "address: 0.0.0.0, port_value: 15006",
+        "address: 127.0.0.1, port_value: 15006",
+    );
+    for (from, to) in [
+        (15000, admin),
+        (15053, dns),
+        (15054, doh),
+        (15020, shim),
+        (15006, inbound),
+        (8080, app),
+    ] {
         let needle = format!("port_value: {from}}}");
         assert!(
             out.contains(&needle),
@@ -43,12 +75,15 @@ pub fn render_config(admin: u16, dns: u16, doh: u16, shim: u16) -> String {
     out
 }
 
-/// Where an Envoy listens, so a restarted one can listen there again.
+/// Where an Envoy listens, so a restarted one can listen there again, and the app port its
+/// inbound listener forwards to.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
     pub admin: u16,
     pub dns: u16,
     pub doh: u16,
+    pub inbound: u16,
+    pub app: u16,
 }
 
 impl Ports {
@@ -57,7 +92,25 @@ impl Ports {
             admin: free_port(),
             dns: free_port(),
             doh: free_port(),
+            inbound: free_port(),
+            app: free_port(),
         }
+    }
+}
+
+/// Makes sure the SDS files Envoy's config names exist, as installing the VM would (Envoy
+/// refuses to start without them). A shim that writes them first wins: placeholders are
+/// only created where nothing is, and the shim's later rename replaces them.
+pub fn prepare_cert_dir(cert_dir: &Path) {
+    std::fs::create_dir_all(cert_dir).expect("create the cert dir");
+    for name in [
+        vmesh_api::ca::files::SDS_DEFAULT,
+        vmesh_api::ca::files::SDS_ROOTCA,
+    ] {
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(cert_dir.join(name));
     }
 }
 
@@ -78,9 +131,17 @@ impl Envoy {
     /// Starts Envoy without waiting for it to be live ([`Envoy::wait_live`]); see
     /// `Shim::spawn` for why.
     pub fn spawn(dir: &Path, shim_port: u16, ports: Ports, concurrency: u32) -> Envoy {
-        let Ports { admin, dns, doh } = ports;
+        let Ports {
+            admin,
+            dns,
+            doh,
+            inbound,
+            ..
+        } = ports;
+        let cert_dir = dir.join("certs");
+        prepare_cert_dir(&cert_dir);
         let config = dir.join(format!("envoy-{dns}.yaml"));
-        std::fs::write(&config, render_config(admin, dns, doh, shim_port)).expect("write config");
+        std::fs::write(&config, render_config(ports, shim_port, &cert_dir)).expect("write config");
         let args = vec![
             "-c".to_string(),
             config.display().to_string(),
@@ -101,6 +162,9 @@ impl Envoy {
             admin,
             dns,
             doh,
+            inbound,
+            cert_dir,
+            ports,
             proc,
         }
     }
@@ -137,11 +201,7 @@ impl Envoy {
     }
 
     pub fn ports(&self) -> Ports {
-        Ports {
-            admin: self.admin,
-            dns: self.dns,
-            doh: self.doh,
-        }
+        self.ports
     }
 
     /// The running process (for signals).

@@ -24,6 +24,8 @@ pub struct VmOptions {
     pub resolv_conf: Option<PathBuf>,
     /// More shim flags.
     pub shim_args: Vec<String>,
+    /// The app behind the inbound mTLS listener (default: a port nothing listens on).
+    pub app_port: Option<u16>,
 }
 
 impl VmOptions {
@@ -34,6 +36,7 @@ impl VmOptions {
             upstream: upstream.to_string(),
             resolv_conf: None,
             shim_args: Vec::new(),
+            app_port: None,
         }
     }
 }
@@ -65,10 +68,14 @@ impl Vm {
     pub fn spawn(dir: &Path, bundle: &Path, options: VmOptions) -> Vm {
         let dir = dir.join(format!("vm-{}", options.address));
         std::fs::create_dir_all(&dir).expect("vm dir");
+        let mut ports = Ports::free();
+        if let Some(app) = options.app_port {
+            ports.app = app;
+        }
         let mut vm = Vm {
             envoy: None,
             shim: None,
-            ports: Ports::free(),
+            ports,
             shim_port: free_port(),
             bundle: bundle.to_path_buf(),
             state_dir: dir.join("state"),
@@ -109,10 +116,19 @@ impl Vm {
         self.shim = Some(Shim::start(&self.dir, self.shim_port, &self.shim_options()));
     }
 
+    /// Where the shim writes the VM's certificate and Envoy reads it.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.dir.join("certs")
+    }
+
     fn shim_options(&self) -> ShimOptions {
         let mut args = vec![
             "--bundle".to_string(),
             self.bundle.display().to_string(),
+            "--cert-dir".into(),
+            self.cert_dir().display().to_string(),
+            "--envoy-admin".into(),
+            format!("127.0.0.1:{}", self.ports.admin),
             "--state-dir".into(),
             self.state_dir.display().to_string(),
             "--resolv-conf".into(),
