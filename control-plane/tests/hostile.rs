@@ -154,6 +154,10 @@ async fn connections_held_beyond_the_open_file_limit_do_not_stop_a_vm() {
             ("VMESH_CONTROL_HEADER_READ_TIMEOUT", "2s"),
             ("VMESH_CONTROL_HANDSHAKE_TIMEOUT", "2s"),
             ("VMESH_CONTROL_MAX_CONNECTIONS_PER_SOURCE", "120"),
+            // The VM registers as fast as it can for 8 s: this test is about connections,
+            // not the per-identity quota (hostile_bounds.rs tests that).
+            ("VMESH_CONTROL_REGISTRATION_RATE", "0"),
+            ("VMESH_CONTROL_MAX_ENTRIES_PER_IDENTITY", "0"),
         ],
     );
     let admin = common::wait_for_server(data.path(), &p.url).await;
