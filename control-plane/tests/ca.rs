@@ -21,17 +21,10 @@ use vmesh_test_support::process::Proc;
 use vmesh_test_support::{free_port, TempDir};
 use x509_parser::extensions::GeneralName;
 
+use common::release::release_binary;
 use common::{fixture, istio_vm_yaml, rs256, wait_for_server};
 
 const CLUSTER_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-
-fn release_binary() -> PathBuf {
-    vmesh_test_support::artifact(
-        "VMESH_CONTROL_BIN",
-        "release/vmesh-control",
-        "cargo build --release -p vmesh-control",
-    )
-}
 
 /// `vmesh-control serve` on a free port with `extra` flags, and an admin client once it is up.
 struct Control {
