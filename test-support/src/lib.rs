@@ -41,15 +41,39 @@ pub fn artifact(env: &str, relative: &str, build: &str) -> PathBuf {
     path
 }
 
-/// A port free for both UDP and TCP on 127.0.0.1 right now.
+/// The ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999), so
+/// no outgoing socket (the shim's upstream pool, a client, etcd's peers) can take one between
+/// the moment it is found free and the moment the program under test binds it. A port taken
+/// from the ephemeral range with `bind(:0)` and released raced exactly that way in CI (Envoy:
+/// "cannot bind ... Address already in use").
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port free for both UDP and TCP on 127.0.0.1 right now, never the same one twice in a
+/// process (until the range wraps). Processes start at different offsets (by pid), so test
+/// binaries running side by side rarely probe the same ports, and a port in use is skipped.
 pub fn free_port() -> u16 {
-    loop {
-        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
-        let port = tcp.local_addr().expect("local addr").port();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    // The first caller picks this process's offset; the loser of a race keeps the winner's.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)) else {
+            continue;
+        };
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            drop(tcp);
             return port;
         }
     }
+    panic!("no free port in {TEST_PORTS:?} on 127.0.0.1");
 }
 
 /// A directory removed when dropped. Readable by every user (0755), because tests run programs
