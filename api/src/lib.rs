@@ -18,6 +18,8 @@
 //! - [`json`]: the serde-free JSON reader (and a small writer) the filter uses, because serde_json
 //!   costs the `.wasm` too much; native code uses serde on the same types, and tests check both
 //!   agree;
+//! - [`traffic`]: mesh traffic routing: the filter roots, filter-state names and clusters the
+//!   filter and the Envoy configs share, and Istio's `outbound_.PORT_._.HOST` SNI;
 //! - [`time`]: RFC 3339 timestamps as Kubernetes and Istio write them (the health report's
 //!   `probeTime`, WorkloadEntry annotations and conditions).
 //!
@@ -47,3 +49,4 @@ pub mod names;
 pub mod paths;
 pub mod probe;
 pub mod time;
+pub mod traffic;

@@ -52,6 +52,25 @@ pub struct NameTable {
     /// that only carry names; the DNS responder does not read it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub services: BTreeMap<String, ServiceRoutes>,
+    /// The client's own network (Istio's `ISTIO_META_NETWORK` / `topology.istio.io/network`);
+    /// empty is the default network. An endpoint whose `network` differs from it is reached
+    /// through one of that network's [`NameTable::gateways`], never directly.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    /// Per network, the east-west gateways that let other networks in (Istio's meshNetworks
+    /// `gateways`, port 15443 by default). A network without one is unreachable from others:
+    /// its endpoints are left out of cross-network routing.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub gateways: BTreeMap<String, Vec<Gateway>>,
+}
+
+/// An east-west gateway's address as seen from other networks: mutual TLS passes through it
+/// untouched, routed by SNI `outbound_.PORT_._.HOST` (see `crate::traffic::sni`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    pub address: IpAddr,
+    pub port: u16,
 }
 
 /// How to reach one service host: its VIPs and, per service port, the endpoints.
@@ -122,6 +141,11 @@ pub struct Endpoint {
     pub locality: String,
     /// Load-balancing weight, at least 1.
     pub weight: u32,
+    /// The workload's SPIFFE identity (`spiffe://TRUST_DOMAIN/ns/NS/sa/SA`) when it runs a
+    /// sidecar that terminates mesh mTLS (Istio's `security.istio.io/tlsMode: istio`); the
+    /// client verifies exactly this URI SAN. Empty: a plain endpoint, reached without TLS.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -222,6 +222,7 @@ fn routes_ports(ports: impl Iterator<Item = PortEndpoints>) -> Vec<PortRoutes> {
                     network: e.network,
                     locality: e.locality,
                     weight: e.weight,
+                    identity: String::new(),
                 })
                 .collect(),
         })
@@ -425,6 +426,7 @@ impl MeshNames {
                             network: String::new(),
                             locality: String::new(),
                             weight: 1,
+                            identity: String::new(),
                         }],
                     })
                     .collect()
@@ -484,6 +486,8 @@ impl MeshNames {
             ],
             names,
             services,
+            network: String::new(),
+            gateways: Default::default(),
         };
         t.version = content_version(&t);
         t

@@ -819,6 +819,8 @@ mod tests {
             search_domains: vec!["Corp.Example".into()],
             names,
             services: BTreeMap::new(),
+            network: String::new(),
+            gateways: BTreeMap::new(),
         }
     }
 
@@ -965,6 +967,8 @@ mod tests {
             search_domains: vec![],
             names,
             services: BTreeMap::new(),
+            network: String::new(),
+            gateways: BTreeMap::new(),
         };
         let idx = NameIndex::from_table(&t).unwrap();
         let slots = (idx.slot_mask + 1) as usize;

@@ -359,6 +359,8 @@ pub fn small_table(version: &str) -> NameTable {
         ],
         names,
         services: Default::default(),
+        network: String::new(),
+        gateways: Default::default(),
     }
 }
 
@@ -425,6 +427,8 @@ pub fn kubernetes_scale_table(names: usize, version: &str) -> NameTable {
         ],
         names: BTreeMap::new(),
         services: Default::default(),
+        network: String::new(),
+        gateways: Default::default(),
     };
     let kubernetes = names * 4 / 5;
     for i in 0..kubernetes {
