@@ -57,6 +57,11 @@ pub struct NameTable {
     /// through one of that network's [`NameTable::gateways`], never directly.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub network: String,
+    /// The client's locality (`region/zone/subzone`, Istio's `istio-locality` form); empty
+    /// when unknown. Load balancing prefers endpoints whose locality shares the longest
+    /// prefix with it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
     /// Per network, the east-west gateways that let other networks in (Istio's meshNetworks
     /// `gateways`, port 15443 by default). A network without one is unreachable from others:
     /// its endpoints are left out of cross-network routing.

@@ -488,6 +488,7 @@ impl MeshNames {
             services,
             network: String::new(),
             gateways: Default::default(),
+            locality: String::new(),
         };
         t.version = content_version(&t);
         t

@@ -821,6 +821,7 @@ mod tests {
             services: BTreeMap::new(),
             network: String::new(),
             gateways: BTreeMap::new(),
+            locality: String::new(),
         }
     }
 
@@ -969,6 +970,7 @@ mod tests {
             services: BTreeMap::new(),
             network: String::new(),
             gateways: BTreeMap::new(),
+            locality: String::new(),
         };
         let idx = NameIndex::from_table(&t).unwrap();
         let slots = (idx.slot_mask + 1) as usize;

@@ -361,6 +361,7 @@ pub fn small_table(version: &str) -> NameTable {
         services: Default::default(),
         network: String::new(),
         gateways: Default::default(),
+        locality: String::new(),
     }
 }
 
@@ -429,6 +430,7 @@ pub fn kubernetes_scale_table(names: usize, version: &str) -> NameTable {
         services: Default::default(),
         network: String::new(),
         gateways: Default::default(),
+        locality: String::new(),
     };
     let kubernetes = names * 4 / 5;
     for i in 0..kubernetes {
