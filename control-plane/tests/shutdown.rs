@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,14 +22,7 @@ use vmesh_control::config::Document;
 use vmesh_test_support::free_port;
 use vmesh_test_support::process::Proc;
 
-/// The release binary `scripts/build.sh` builds (`VMESH_CONTROL_BIN` tests another one).
-fn release_binary() -> PathBuf {
-    vmesh_test_support::artifact(
-        "VMESH_CONTROL_BIN",
-        "release/vmesh-control",
-        "cargo build --release -p vmesh-control",
-    )
-}
+use common::release::release_binary;
 
 /// `vmesh-control serve` on a free port, its log in `log_dir`.
 struct Control {
