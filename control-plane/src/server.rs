@@ -482,6 +482,15 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         cfg.settings.clone(),
         metrics.clone(),
     ));
+    // Where the others (and `get replicas`) say this replica is: the bound address, or with
+    // a wildcard listener the certificate's first name on the bound port.
+    let announced = match cfg.sans.first() {
+        Some(name) if addr.ip().is_unspecified() => format!("{name}:{}", addr.port()),
+        _ => addr.to_string(),
+    };
+    if let Err(e) = registry.announce(&announced).await {
+        tracing::warn!(error = %e, "replica not announced in the store; its lease is taken at the next tick");
+    }
     let tables = NameTables::new(metrics.clone(), &cfg.domain);
     tables::rebuild(&*store, &cache, &tables).await;
     let (rebuild_stop, rebuild_stopped) = oneshot::channel::<()>();
@@ -498,16 +507,25 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
     let tick = cfg.tick.map(|every| {
         let r = registry.clone();
         let mut stopping = stop.subscribe();
+        let mut leases_gone = store.leases_gone();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 // A round that has begun runs to its end: its writes are compare-and-swap
                 // transactions that are fine to finish, and cutting one off saves nothing.
+                // A replica's lease ending (seen through the store's watch) starts a round
+                // at once: its VMs' entries are marked disconnected without waiting.
                 tokio::select! {
                     biased;
                     _ = crate::api::stopped(&mut stopping) => return,
                     _ = t.tick() => {}
+                    Ok(()) = async {
+                        match leases_gone.as_mut() {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                 }
                 if let Err(e) = r.tick().await {
                     tracing::warn!(error = %e, "periodic sweep failed");
