@@ -26,6 +26,8 @@ pub mod control {
     pub const ADMIN_TOKENS: &str = "/v1/admin/tokens";
     /// Workload certificates issued recently (newest first).
     pub const ADMIN_CERTIFICATES: &str = "/v1/admin/certificates";
+    /// The replicas sharing the store: address, liveness, entries owned, last seen.
+    pub const ADMIN_REPLICAS: &str = "/v1/admin/replicas";
     /// Followed by `KIND[/NAMESPACE[/NAME]]`.
     pub const ADMIN_OBJECTS: &str = "/v1/admin/objects/";
     pub const JWKS: &str = "/.well-known/jwks.json";

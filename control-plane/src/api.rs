@@ -529,7 +529,9 @@ impl<S: Store> App<S> {
                 return Ok(r);
             }
             (&Method::GET, path::METRICS) => {
-                let text = self.metrics.render(self.registry.gauges());
+                let text = self
+                    .metrics
+                    .render(self.registry.gauges(), &self.registry.replica_gauges());
                 let mut r = Response::new(Full::new(Bytes::from(text)));
                 r.headers_mut().insert(
                     CONTENT_TYPE,
@@ -599,6 +601,13 @@ impl<S: Store> App<S> {
                     &vmesh_api::ca::IssuedList {
                         items: self.ca.recent(),
                     },
+                ))
+            }
+            (&Method::GET, path::ADMIN_REPLICAS) => {
+                self.admin(&caller)?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &self.registry.replicas().await?,
                 ))
             }
             (&Method::POST, path::ADMIN_TOKENS) => {

@@ -31,6 +31,7 @@ pub const ENV_SAN: &str = "VMESH_CONTROL_SAN";
 pub const ENV_ISSUER: &str = "VMESH_CONTROL_ISSUER";
 pub const ENV_JWKS: &str = "VMESH_CONTROL_JWKS";
 pub const ENV_REPLICA: &str = "VMESH_CONTROL_REPLICA";
+pub const ENV_LEASE_TTL: &str = "VMESH_CONTROL_LEASE_TTL";
 pub const ENV_DOMAIN: &str = "VMESH_CONTROL_DOMAIN";
 pub const ENV_LOG: &str = "VMESH_CONTROL_LOG";
 pub const ENV_LOG_FORMAT: &str = "VMESH_CONTROL_LOG_FORMAT";
@@ -232,6 +233,10 @@ pub struct ServeArgs {
     /// Silence after which a VM counts as disconnected.
     #[arg(long, env = ENV_LIVENESS_TIMEOUT, value_parser = parse_duration, default_value = "15s")]
     pub liveness_timeout: Duration,
+    /// TTL of this replica's liveness lease in the store: this long after a replica dies, the
+    /// others mark its VMs' entries disconnected. Default: the liveness timeout, at least 10s.
+    #[arg(long, env = ENV_LEASE_TTL, value_parser = parse_duration)]
+    pub lease_ttl: Option<Duration>,
     /// Names and IPs for the serving certificate.
     #[arg(long, env = ENV_SAN, value_delimiter = ',',
           default_value = "localhost,127.0.0.1,::1,istiod.istio-system.svc,vmesh-control")]
@@ -429,6 +434,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Get {
             kind,
+            name: _,
+            namespace: _,
+            all_namespaces: _,
+            output,
+        } if matches!(kind.as_str(), "replicas" | "replica") => {
+            get_replicas(&admin_client(&cli)?, *output).await
+        }
+        Command::Get {
+            kind,
             name,
             namespace,
             all_namespaces,
@@ -493,6 +507,10 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
     }
     if a.grace_period.is_zero() {
         bail!("--grace-period must be positive");
+    }
+    // etcd grants whole seconds and refuses TTLs below its own minimum (about 2s by default).
+    if a.lease_ttl.is_some_and(|t| t < Duration::from_secs(2)) {
+        bail!("--lease-ttl must be at least 2s");
     }
     for (flag, d) in [
         ("--handshake-timeout", a.handshake_timeout),
@@ -572,7 +590,9 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             grace: a.grace_period,
             heartbeat_interval: a.heartbeat_interval,
             liveness_timeout: a.liveness_timeout,
-            lease_ttl: a.liveness_timeout.max(Duration::from_secs(10)),
+            lease_ttl: a
+                .lease_ttl
+                .unwrap_or_else(|| a.liveness_timeout.max(Duration::from_secs(10))),
             service_cidr: a.service_cluster_ip_range,
             quota: crate::quota::QuotaSettings {
                 max_entries_per_identity: a.max_entries_per_identity,
@@ -744,6 +764,57 @@ async fn apply(c: &Client, path: &Path, namespace: &str) -> anyhow::Result<()> {
     }
     for o in outcomes {
         println!("{}/{} {}", resource_name(o.kind), o.name, o.action);
+    }
+    Ok(())
+}
+
+/// The replicas sharing the store, as the one asked sees them.
+async fn get_replicas(c: &Client, output: Option<Output>) -> anyhow::Result<()> {
+    let list: crate::registry::replicas::ReplicaList = c
+        .json(
+            Method::GET,
+            vmesh_api::paths::control::ADMIN_REPLICAS,
+            None::<&()>,
+        )
+        .await?;
+    match output {
+        Some(Output::Json) => println!("{}", serde_json::to_string_pretty(&list)?),
+        Some(Output::Yaml) => print!("{}", serde_norway::to_string(&list)?),
+        None => {
+            let mut rows = vec![vec![
+                "REPLICA".to_string(),
+                "ADDRESS".into(),
+                "STATUS".into(),
+                "ENTRIES OWNED".into(),
+                "LAST SEEN".into(),
+            ]];
+            for r in &list.items {
+                let mut name = r.replica.clone();
+                if name == list.answered_by {
+                    name.push_str(" (*)");
+                }
+                rows.push(vec![
+                    name,
+                    if r.address.is_empty() {
+                        "<none>".into()
+                    } else {
+                        r.address.clone()
+                    },
+                    if r.alive {
+                        "Alive".into()
+                    } else {
+                        "Gone".into()
+                    },
+                    r.entries_owned.to_string(),
+                    if r.last_seen.is_empty() {
+                        "<never>".into()
+                    } else {
+                        r.last_seen.clone()
+                    },
+                ]);
+            }
+            print_rows(&rows);
+        }
     }
     Ok(())
 }

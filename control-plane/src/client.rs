@@ -112,6 +112,11 @@ impl Client {
         })
     }
 
+    /// The bearer token this client sends.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     /// The same server with another bearer token.
     pub fn with_token(&self, token: &str) -> Client {
         Client {

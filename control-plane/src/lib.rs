@@ -26,6 +26,7 @@ pub mod quota;
 pub mod random;
 pub mod registry;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod tables;
 pub mod tls;

@@ -182,8 +182,29 @@ pub struct EntryGauges {
     pub unhealthy: u64,
 }
 
+/// A Prometheus label value: backslash, quote and newline escaped (replica names come from
+/// a flag).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// This replica's own gauges: its name as a label, so that one dashboard over every replica
+/// tells them apart.
+#[derive(Debug, Default, Clone)]
+pub struct ReplicaGauges {
+    pub replica: String,
+    /// Connected entries whose `istio.io/workloadController` is this replica.
+    pub entries_owned: u64,
+    /// Whether its last lease renewal went through (0 while the store is unreachable).
+    pub lease_held: bool,
+    /// Replicas holding a lease at its last look, itself included.
+    pub replicas_alive: u64,
+}
+
 impl Metrics {
-    pub fn render(&self, g: EntryGauges) -> String {
+    pub fn render(&self, g: EntryGauges, r: &ReplicaGauges) -> String {
         let mut out = String::with_capacity(4096);
         self.registrations.render(
             "vmesh_registrations_total",
@@ -226,6 +247,22 @@ impl Metrics {
         for (h, n) in [("healthy", g.healthy), ("unhealthy", g.unhealthy)] {
             let _ = writeln!(out, "vmesh_workload_entries_health{{health=\"{h}\"}} {n}");
         }
+        let replica = label_value(&r.replica);
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_replica_entries_owned Connected WorkloadEntries this replica controls (istio.io/workloadController).\n# TYPE vmesh_replica_entries_owned gauge\nvmesh_replica_entries_owned{{replica=\"{replica}\"}} {}",
+            r.entries_owned
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_replica_lease_held 1 while this replica's liveness lease in the store is renewed.\n# TYPE vmesh_replica_lease_held gauge\nvmesh_replica_lease_held{{replica=\"{replica}\"}} {}",
+            u8::from(r.lease_held)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vmesh_replicas_alive Replicas holding a liveness lease, as this replica last saw them.\n# TYPE vmesh_replicas_alive gauge\nvmesh_replicas_alive{{replica=\"{replica}\"}} {}",
+            r.replicas_alive
+        );
         let _ = writeln!(
             out,
             "# HELP vmesh_name_table_long_polls Name-table long-polls waiting now.\n# TYPE vmesh_name_table_long_polls gauge\nvmesh_name_table_long_polls {}",

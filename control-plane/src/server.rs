@@ -113,6 +113,8 @@ pub enum ServeError {
     Store { path: String, source: StoreError },
     #[error("admin credential: {0}")]
     Random(#[from] RandomError),
+    #[error(transparent)]
+    Shared(#[from] crate::shared::SharedError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -373,6 +375,41 @@ async fn renew_serving_cert(
 pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, ServeError> {
     let dir = &cfg.data_dir;
     secure_data_dir(dir, cfg.store == StoreConfig::Embedded)?;
+    let metrics = Arc::new(Metrics::default());
+    let m2 = metrics.clone();
+    let observer: crate::store::redb::CommitObserver =
+        Arc::new(move |d, _| m2.store_commit.observe(d));
+    // etcd is opened first: replicas share one identity, and the data dir gets the store's
+    // copy before anything below loads it from there. The embedded store is opened once the
+    // identity has loaded, as it always was.
+    let etcd = match &cfg.store {
+        StoreConfig::Etcd(e) => {
+            let name = format!("etcd {} (prefix {})", e.endpoints.join(","), e.prefix);
+            let store = EtcdStore::open(e, clock.clone(), Some(observer.clone()))
+                .await
+                .map_err(|source| ServeError::Store {
+                    path: name.clone(),
+                    source,
+                })?;
+            let share_root = cfg.ca.files.is_none();
+            let adopted = crate::shared::adopt(&store, dir, share_root, || {
+                let local = |e: ServeError| crate::shared::SharedError::Io {
+                    path: dir.display().to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                };
+                if share_root {
+                    Ca::load_or_create(dir).map_err(|e| local(e.into()))?;
+                }
+                admin_token(dir, &SystemEntropy::default()).map_err(local)?;
+                signer(dir, &cfg.issuer).map_err(local)?;
+                Ok(())
+            })
+            .await?;
+            tracing::info!(?adopted, "identity shared through the store");
+            Some((store, name))
+        }
+        StoreConfig::Embedded => None,
+    };
     let ca = Arc::new(match &cfg.ca.files {
         Some(files) => {
             let ca = Ca::from_files(files)?;
@@ -413,20 +450,12 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
                 source,
             })?;
     }
-    let metrics = Arc::new(Metrics::default());
-    let m2 = metrics.clone();
-    let observer: crate::store::redb::CommitObserver =
-        Arc::new(move |d, _| m2.store_commit.observe(d));
-    let (store, store_name) = match &cfg.store {
-        StoreConfig::Embedded => {
+    let (store, store_name) = match etcd {
+        Some((store, name)) => (Ok(AnyStore::Etcd(store)), name),
+        None => {
             let path = dir.join(STORE_FILE);
             let store = RedbStore::open(&path, clock.clone(), Some(observer));
             (store.map(AnyStore::Redb), path.display().to_string())
-        }
-        StoreConfig::Etcd(e) => {
-            let store = EtcdStore::open(e, clock.clone(), Some(observer)).await;
-            let name = format!("etcd {} (prefix {})", e.endpoints.join(","), e.prefix);
-            (store.map(AnyStore::Etcd), name)
         }
     };
     let store_err = |source| ServeError::Store {
@@ -453,6 +482,15 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         cfg.settings.clone(),
         metrics.clone(),
     ));
+    // Where the others (and `get replicas`) say this replica is: the bound address, or with
+    // a wildcard listener the certificate's first name on the bound port.
+    let announced = match cfg.sans.first() {
+        Some(name) if addr.ip().is_unspecified() => format!("{name}:{}", addr.port()),
+        _ => addr.to_string(),
+    };
+    if let Err(e) = registry.announce(&announced).await {
+        tracing::warn!(error = %e, "replica not announced in the store; its lease is taken at the next tick");
+    }
     let tables = NameTables::new(metrics.clone(), &cfg.domain);
     tables::rebuild(&*store, &cache, &tables).await;
     let (rebuild_stop, rebuild_stopped) = oneshot::channel::<()>();
@@ -469,16 +507,25 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
     let tick = cfg.tick.map(|every| {
         let r = registry.clone();
         let mut stopping = stop.subscribe();
+        let mut leases_gone = store.leases_gone();
         tokio::spawn(async move {
             let mut t = tokio::time::interval(every);
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 // A round that has begun runs to its end: its writes are compare-and-swap
                 // transactions that are fine to finish, and cutting one off saves nothing.
+                // A replica's lease ending (seen through the store's watch) starts a round
+                // at once: its VMs' entries are marked disconnected without waiting.
                 tokio::select! {
                     biased;
                     _ = crate::api::stopped(&mut stopping) => return,
                     _ = t.tick() => {}
+                    Ok(()) = async {
+                        match leases_gone.as_mut() {
+                            Some(rx) => rx.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                 }
                 if let Err(e) = r.tick().await {
                     tracing::warn!(error = %e, "periodic sweep failed");

@@ -74,6 +74,19 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         calls: usize,
     },
+    /// Embedded vs etcd with one and three replicas, in one run: registrations per second
+    /// (connections spread over the replicas), name-table fan-out (long-polls spread over
+    /// them, the change applied on one), resident memory per registered VM per replica.
+    Replicas {
+        #[arg(long, default_value_t = 10_000)]
+        vms: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10_000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Resident memory per registered VM.
     Memory {
         #[arg(long, default_value_t = 20_000)]
@@ -266,37 +279,115 @@ impl Server {
         concurrency: usize,
     ) -> anyhow::Result<(Duration, Vec<Duration>)> {
         let vm = self.vm_client("bench", "bench-sa").await?;
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(offset));
-        let start = Instant::now();
-        let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let (vm, next) = (vm.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                let mut conn = vm.connect().await?;
-                let mut lat = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= offset + n {
-                        return anyhow::Ok(lat);
-                    }
-                    let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
-                    let t = Instant::now();
-                    conn.json::<Value>(
-                        Method::POST,
-                        vmesh_api::paths::control::REGISTER,
-                        Some(&json!({"group": "bench", "address": ip})),
-                    )
-                    .await?;
-                    lat.push(t.elapsed());
-                }
-            }));
-        }
-        let mut all = Vec::with_capacity(n);
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        Ok((start.elapsed(), all))
+        register_on(&[vm], offset, n, concurrency).await
     }
+}
+
+/// The bearer token a VM client carries (its requests' `Authorization`).
+fn vm_token(c: &Client) -> String {
+    c.token().to_string()
+}
+
+/// Registers VMs `offset..offset + n` from `concurrency` kept-alive connections, connection
+/// `i` to `clients[i % len]` (replicas); the elapsed time and each registration's latency.
+async fn register_on(
+    clients: &[Client],
+    offset: usize,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(offset));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..concurrency {
+        let (vm, next) = (clients[c % clients.len()].clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn = vm.connect().await?;
+            let mut lat = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= offset + n {
+                    return anyhow::Ok(lat);
+                }
+                let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+                let t = Instant::now();
+                conn.json::<Value>(
+                    Method::POST,
+                    vmesh_api::paths::control::REGISTER,
+                    Some(&json!({"group": "bench", "address": ip})),
+                )
+                .await?;
+                lat.push(t.elapsed());
+            }
+        }));
+    }
+    let mut all = Vec::with_capacity(n);
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((start.elapsed(), all))
+}
+
+async fn replicas(
+    cli: &Cli,
+    embedded: Server,
+    vms: usize,
+    concurrency: usize,
+    watchers: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let rate = |took: Duration| vms as f64 / took.as_secs_f64();
+    let (took, mut lat) = embedded.register(0, vms, concurrency).await?;
+    lat.sort();
+    println!("| registrations, {vms} VMs, {concurrency} connections, embedded store | {:.0} registrations/s; latency p50 {}, p99 {} |",
+        rate(took), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
+    fanout(std::slice::from_ref(&embedded), watchers, rounds).await?;
+    drop(embedded);
+    for n in [1usize, 3] {
+        let e = Etcd::start(&cli.etcd_bin).await?;
+        let mut servers = Vec::new();
+        for i in 0..n {
+            let flags = [
+                "--store".to_string(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                e.endpoint.clone(),
+                "--replica".into(),
+                format!("bench-{i}"),
+            ];
+            servers.push(Server::start_with(&cli.server_bin, &flags).await?);
+        }
+        // A token minted by the first replica registers on every one (shared identity).
+        let vm = servers[0].vm_client("bench", "bench-sa").await?;
+        let clients: Vec<Client> = servers
+            .iter()
+            .map(|s| s.admin.with_token(&vm_token(&vm)))
+            .collect();
+        // Warm-up, so fixed costs are in the memory baseline.
+        register_on(&clients, 1_000_000, 1000, concurrency).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before: Vec<u64> = servers
+            .iter()
+            .map(|s| s.rss_kib())
+            .collect::<Result<_, _>>()?;
+        let (took, mut lat) = register_on(&clients, 0, vms, concurrency).await?;
+        lat.sort();
+        println!("| registrations, {vms} VMs, {concurrency} connections, etcd (1 member, {n} replica{}) | {:.0} registrations/s; latency p50 {}, p99 {} |",
+            if n > 1 { "s" } else { "" }, rate(took), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after: Vec<u64> = servers
+            .iter()
+            .map(|s| s.rss_kib())
+            .collect::<Result<_, _>>()?;
+        let per: Vec<String> = before
+            .iter()
+            .zip(&after)
+            .map(|(b, a)| format!("{:.0}", a.saturating_sub(*b) as f64 * 1024.0 / vms as f64))
+            .collect();
+        println!("| memory per registered VM, each of {n} replica(s) on etcd | {} bytes per VM (RSS growth over {vms} VMs) |", per.join(" / "));
+        fanout(&servers, watchers, rounds).await?;
+    }
+    Ok(())
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -347,12 +438,25 @@ async fn current_version(vm: &Client) -> anyhow::Result<String> {
     }
 }
 
-async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()> {
+/// Long-polls parked on all of `servers` together.
+async fn open_polls_all(servers: &[Server]) -> anyhow::Result<i64> {
+    let mut n = 0;
+    for s in servers {
+        n += open_polls(&s.admin).await?;
+    }
+    Ok(n)
+}
+
+/// `watchers` long-polls spread over `servers` (replicas of one store); each change is
+/// applied on the first, and the time runs until the last watcher on any replica answered.
+async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::Result<()> {
+    let s = servers.first().context("no server")?;
     let vm = s.vm_client("bench", "bench-sa").await?;
     // One kept-alive connection per watcher, as each VM's shim has its own.
     let mut conns = Vec::with_capacity(watchers);
-    for _ in 0..watchers {
-        conns.push(vm.connect().await?);
+    for i in 0..watchers {
+        let on = &servers[i % servers.len()].admin;
+        conns.push(on.with_token(&vm_token(&vm)).connect().await?);
     }
     let mut lasts = Vec::new();
     let mut every = Vec::new();
@@ -386,11 +490,11 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
         }
         drop(tx);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while open_polls(&s.admin).await? < watchers as i64 {
+        while open_polls_all(servers).await? < watchers as i64 {
             if Instant::now() > deadline {
                 bail!(
                     "only {} of {watchers} long-polls parked",
-                    open_polls(&s.admin).await?
+                    open_polls_all(servers).await?
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -417,7 +521,12 @@ async fn fanout(s: &Server, watchers: usize, rounds: usize) -> anyhow::Result<()
     }
     lasts.sort();
     every.sort();
-    println!("| name-table fan-out, {watchers} long-polls, {rounds} changes | change -> last answer: p50 {}, p99 {}, max {}; change -> each answer: p50 {}, p99 {} |",
+    let on = if servers.len() > 1 {
+        format!(", over {} replicas on etcd", servers.len())
+    } else {
+        String::new()
+    };
+    println!("| name-table fan-out, {watchers} long-polls{on}, {rounds} changes | change -> last answer: p50 {}, p99 {}, max {}; change -> each answer: p50 {}, p99 {} |",
         ms(pct(&lasts, 0.5)), ms(pct(&lasts, 0.99)), ms(*lasts.last().unwrap_or(&Duration::ZERO)), ms(pct(&every, 0.5)), ms(pct(&every, 0.99)));
     Ok(())
 }
@@ -740,7 +849,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     vms as f64 / took.as_secs_f64(), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
             }
         }
-        Cmd::Fanout { watchers, rounds } => fanout(&s, watchers, rounds).await?,
+        Cmd::Fanout { watchers, rounds } => {
+            fanout(std::slice::from_ref(&s), watchers, rounds).await?
+        }
+        Cmd::Replicas {
+            vms,
+            concurrency,
+            watchers,
+            rounds,
+        } => replicas(&cli, s, vms, concurrency, watchers, rounds).await?,
         Cmd::SlowClients {
             attackers,
             rounds,

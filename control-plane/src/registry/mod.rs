@@ -25,6 +25,7 @@ use crate::store::{object_key, Precondition, Revision, Store, StoreError, Txn};
 
 mod admin;
 mod lifecycle;
+pub mod replicas;
 mod sweep;
 
 /// How many times a compare-and-swap write is retried after losing a race.
@@ -169,6 +170,12 @@ pub struct Registry<S: Store> {
     conns: Mutex<HashMap<ObjectKey, Conn>>,
     /// The registration rate per identity.
     limiter: RateLimiter,
+    /// Whether the last renewal of this replica's lease went through.
+    lease_held: std::sync::atomic::AtomicBool,
+    /// Leases seen at the last look.
+    replicas_alive: std::sync::atomic::AtomicU64,
+    /// When this replica last saw each replica's lease (nanoseconds).
+    last_seen: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl<S: Store> std::fmt::Debug for Registry<S> {
@@ -217,6 +224,9 @@ impl<S: Store> Registry<S> {
             settings,
             metrics,
             conns: Mutex::new(HashMap::new()),
+            lease_held: Default::default(),
+            replicas_alive: Default::default(),
+            last_seen: Default::default(),
         }
     }
 
@@ -354,6 +364,7 @@ impl<S: Store> Registry<S> {
 
     /// Stops holding the liveness lease (clean shutdown).
     pub async fn shutdown(&self) {
+        self.withdraw().await;
         if let Err(e) = self.store.revoke(&self.settings.replica).await {
             tracing::warn!(error = %e, "lease not revoked");
         }

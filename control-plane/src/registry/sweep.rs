@@ -15,10 +15,15 @@ impl<S: Store> Registry<S> {
     /// Periodic work: lease, liveness timeouts, sweep, re-registration into re-created groups.
     pub async fn tick(&self) -> Result<(), RegistryError> {
         let now = self.clock.now();
-        self.store
+        let renewed = self
+            .store
             .keep_alive(&self.settings.replica, self.settings.lease_ttl)
-            .await?;
+            .await;
+        self.lease_held
+            .store(renewed.is_ok(), std::sync::atomic::Ordering::Relaxed);
+        renewed?;
         let leases = self.store.leases().await?;
+        self.saw_leases(leases.keys().cloned(), now);
         self.limiter.prune(now);
 
         // VMs that went quiet.
@@ -102,6 +107,8 @@ impl<S: Store> Registry<S> {
                 Err(e) => tracing::warn!(entry = %key.name, error = %e, "sweep write failed"),
             }
         }
+
+        self.forget_gone(&leases).await;
 
         // Live VMs whose entry is gone while their group exists again.
         let missing: Vec<(String, String)> = {

@@ -273,6 +273,8 @@ struct Inner {
     seen: watch::Sender<Revision>,
     /// The leases this process holds: holder -> (lease id, granted TTL in seconds).
     held: tokio::sync::Mutex<HashMap<String, (i64, i64)>>,
+    /// Counts lease keys that went away (expired or revoked), as the watch saw them.
+    leases_gone: watch::Sender<u64>,
     follower: Mutex<Option<AbortHandle>>,
     clock: Arc<dyn Clock>,
     observer: Option<CommitObserver>,
@@ -306,6 +308,7 @@ struct Follower {
     prefix: String,
     events: broadcast::Sender<Change>,
     seen: watch::Sender<Revision>,
+    leases_gone: watch::Sender<u64>,
     keys: BTreeSet<String>,
 }
 
@@ -337,11 +340,13 @@ impl EtcdStore {
         let (keys, rev) = data_keys(&mut client, &prefix).await?;
         let (events, _) = broadcast::channel(4096);
         let (seen, _) = watch::channel(rev);
+        let (leases_gone, _) = watch::channel(0);
         let follower = Follower {
             client: client.clone(),
             prefix: prefix.clone(),
             events: events.clone(),
             seen: seen.clone(),
+            leases_gone: leases_gone.clone(),
             keys,
         };
         let task = tokio::spawn(follower.run());
@@ -352,6 +357,7 @@ impl EtcdStore {
                 events,
                 seen,
                 held: tokio::sync::Mutex::new(HashMap::new()),
+                leases_gone,
                 follower: Mutex::new(Some(task.abort_handle())),
                 clock,
                 observer,
@@ -402,6 +408,13 @@ impl EtcdStore {
 
     fn client(&self) -> Client {
         self.inner.client.clone()
+    }
+
+    /// Changes whenever a liveness lease ends (etcd deleting the key of an expired lease, or
+    /// a replica revoking its own): the survivors act on a dead replica when etcd says it is
+    /// dead, not at their next periodic look.
+    pub fn leases_gone(&self) -> watch::Receiver<u64> {
+        self.inner.leases_gone.subscribe()
     }
 
     fn full(&self, key: &str) -> String {
@@ -571,6 +584,9 @@ impl Follower {
                 // A revision that only touched leases still advances the watchers, which
                 // wait for revisions they were told about (a commit's, a listing's).
                 let Some(key) = own_key(kv.key(), &self.prefix, &lease_dir) else {
+                    if ev.event_type() == EventType::Delete {
+                        self.leases_gone.send_modify(|n| *n += 1);
+                    }
                     continue;
                 };
                 c.events.push(match ev.event_type() {
@@ -756,7 +772,9 @@ impl Store for EtcdStore {
             let Ok(ttl) = call(self.client().lease_time_to_live(kv.lease(), None)).await else {
                 continue;
             };
-            if ttl.ttl() > 0 {
+            // Whole seconds left, rounded down: 0 is a lease in its last second, still held
+            // (-1 is etcd's "no such lease").
+            if ttl.ttl() >= 0 {
                 let left = Duration::from_secs(u64::try_from(ttl.ttl()).unwrap_or(0));
                 out.insert(holder.to_string(), now.saturating_add(nanos(left)));
             }

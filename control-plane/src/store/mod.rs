@@ -124,6 +124,15 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
+    /// Fires when another holder's lease ends (etcd); `None` for the embedded store, which
+    /// has one replica and nobody else's lease to watch.
+    pub fn leases_gone(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            AnyStore::Redb(_) => None,
+            AnyStore::Etcd(s) => Some(s.leases_gone()),
+        }
+    }
+
     /// Finishes (embedded) or stops following (etcd); later calls may fail `Unavailable`.
     pub async fn close(&self) {
         match self {
