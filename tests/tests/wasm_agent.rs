@@ -421,7 +421,9 @@ fn the_first_tick_asks_envoy_admin_ready_then_reports_to_the_shim() -> Result<()
             counter::DNS_ANSWERED,
             counter::DNS_ERRORS,
             counter::DNS_FORWARDED,
-            counter::DNS_QUERIES
+            counter::DNS_QUERIES,
+            counter::OUTBOUND_CONNECTIONS,
+            counter::OUTBOUND_FAILURES
         ]
     );
     assert!(r.counters.iter().all(|(_, v)| v == 0));
