@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub ca: CaConfig,
     /// Where config and WorkloadEntries live.
     pub store: StoreConfig,
+    /// Per network, its east-west gateways (meshNetworks), given to every table.
+    pub gateways: std::collections::BTreeMap<String, Vec<vmesh_api::names::Gateway>>,
 }
 
 /// How workload certificates are issued.
@@ -491,7 +493,12 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
     if let Err(e) = registry.announce(&announced).await {
         tracing::warn!(error = %e, "replica not announced in the store; its lease is taken at the next tick");
     }
-    let tables = NameTables::new(metrics.clone(), &cfg.domain);
+    let tables = NameTables::new(
+        metrics.clone(),
+        &cfg.domain,
+        &cfg.ca.trust_domain,
+        cfg.gateways.clone(),
+    );
     tables::rebuild(&*store, &cache, &tables).await;
     let (rebuild_stop, rebuild_stopped) = oneshot::channel::<()>();
     let rebuild = tokio::spawn(tables::run(
