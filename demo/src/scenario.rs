@@ -427,7 +427,11 @@ impl Demo {
         check_interrupt()?;
         self.names()?;
         check_interrupt()?;
-        let _ = options.requests;
+        self.requests(options.requests)?;
+        check_interrupt()?;
+        self.through_gateway()?;
+        check_interrupt()?;
+        self.replica_leaves()?;
         Ok(())
     }
 
@@ -527,6 +531,46 @@ impl Demo {
         wait("the gateway's Envoy is live", patience(), || {
             envoy_ready(&self.gw.ns)
         })?;
+        // Network B reaches the control plane only through the gateway.
+        let client = self.client()?.node.clone();
+        let code = |addr: Ipv4Addr| {
+            let url = format!("https://{addr}:{CP_PORT}/");
+            let args = [
+                "-sk",
+                "-m",
+                "2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url,
+            ];
+            let out = netns::exec(&client.ns, "curl", &args);
+            (format!("curl -sk -w '%{{http_code}}' {url}"), out)
+        };
+        let (cmd, direct) = code(self.cp.addr());
+        self.out.cmd(&client.name, &cmd);
+        if direct.ok {
+            return Err(fail(
+                "network-b is cut off from network-a",
+                format!(
+                    "the client reached the control plane directly: {}",
+                    direct.stdout
+                ),
+            ));
+        }
+        self.out.text(&format!(
+            "{} (no route: network-b reaches network-a only through the gateway)",
+            direct.stderr.trim()
+        ));
+        let (cmd, via) = code(b);
+        self.out.cmd(&client.name, &cmd);
+        let via = via
+            .result()
+            .map_err(|e| fail("the control plane through the gateway", e))?;
+        self.out.text(&format!(
+            "HTTP {via} (the control plane, through the gateway)"
+        ));
         Ok(())
     }
 
@@ -805,7 +849,182 @@ impl Demo {
                 self.report.service_vip = got.lines().next().unwrap_or_default().to_string();
             }
         }
-        let _ = (HTTPBIN_PORT, Instant::now());
+        Ok(())
+    }
+
+    /// curl on the client (a fresh connection each time, captured into its Envoy).
+    fn curl(&self, url: &str) -> Result<String, String> {
+        let client = &self.client().map_err(|e| e.to_string())?.node;
+        netns::exec(&client.ns, "curl", &["-sS", "-m", "5", "--fail", url]).result()
+    }
+
+    /// Which WorkloadEntry a python-http answer ("hello from vm-a1") came from.
+    fn answered_by(&self, body: &str) -> Option<String> {
+        let vm = body.trim().strip_prefix("hello from ")?;
+        let addr = self.vms.iter().find(|v| v.node.name == vm)?.node.addr();
+        self.report
+            .entries
+            .iter()
+            .find(|(_, a)| **a == addr.to_string())
+            .map(|(name, _)| name.clone())
+    }
+
+    /// The client asks vmservice.example.com until both replicas have answered.
+    fn requests(&mut self, count: usize) -> Result<(), DemoError> {
+        let client = self.client()?.node.clone();
+        let url = format!("http://{SERVICE_HOST}/");
+        self.out.step(&format!(
+            "7. curl {url} from the client: its Envoy picks a replica, mutual TLS across the \
+             east-west gateway into {}",
+            NET_A.name
+        ));
+        wait(
+            "the first answer from vmservice.example.com",
+            patience(),
+            || self.curl(&url),
+        )?;
+        self.out
+            .cmd(&client.name, &format!("curl -s {url}   # {count} times"));
+        let replicas: BTreeMap<&String, &String> = self
+            .report
+            .entries
+            .iter()
+            .filter(|(name, _)| name.starts_with("python-http-"))
+            .collect();
+        let mut answers = Vec::new();
+        // Connections are balanced one by one; keep asking (a few times more at most) until
+        // each replica has answered once.
+        for i in 0..count * 4 {
+            check_interrupt()?;
+            let all_seen = replicas.keys().all(|r| answers.contains(*r));
+            if i >= count && all_seen {
+                break;
+            }
+            let body = self
+                .curl(&url)
+                .map_err(|e| fail(&format!("request {} to {url}", i + 1), e))?;
+            let entry = self
+                .answered_by(&body)
+                .ok_or_else(|| fail("tell who answered", format!("{body:?}")))?;
+            self.out
+                .text(&format!("{:>2}: {:<20} <- {entry}", i + 1, body.trim()));
+            answers.push(entry);
+        }
+        for r in replicas.keys() {
+            if !answers.contains(*r) {
+                return Err(fail(
+                    "both replicas answer",
+                    format!("{r} never answered in {} requests", answers.len()),
+                ));
+            }
+        }
+        self.report.answers = answers;
+        Ok(())
+    }
+
+    /// The client reaches httpbin (a cluster workload in network A) through the gateway.
+    fn through_gateway(&mut self) -> Result<(), DemoError> {
+        let client = self.client()?.node.clone();
+        let url = format!("http://{HTTPBIN_HOST}:{HTTPBIN_PORT}/get");
+        self.out.step(&format!(
+            "8. curl {url} from the client: the Kubernetes Service httpbin.default, through the \
+             east-west gateway"
+        ));
+        let body = wait("httpbin answers the client", patience(), || {
+            let b = self.curl(&url)?;
+            if b.contains("\"url\"") {
+                Ok(b)
+            } else {
+                Err(format!("not httpbin's answer: {b:?}"))
+            }
+        })?;
+        self.out.cmd(&client.name, &format!("curl -s {url}"));
+        self.out.text(&body);
+        self.report.httpbin = body;
+        Ok(())
+    }
+
+    /// One replica's Envoy stops: it leaves the answers, then its entry is deleted.
+    fn replica_leaves(&mut self) -> Result<(), DemoError> {
+        let Some(i) = self.vms.iter().position(|v| v.node.name == "vm-a2") else {
+            return Err(fail("find vm-a2", "none"));
+        };
+        let gone = self.vms[i].node.clone();
+        let entry = self
+            .report
+            .entries
+            .iter()
+            .find(|(_, a)| **a == gone.addr().to_string())
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        self.out.step(&format!(
+            "9. {}'s Envoy stops: its entry turns unhealthy, leaves the answers, and is deleted \
+             after the grace period ({GRACE_PERIOD:?})",
+            gone.name
+        ));
+        self.out.cmd(&gone.name, "kill $(pidof envoy)");
+        if let Some(mut envoy) = self.vms[i].envoy.take() {
+            envoy.kill();
+        }
+        let stopped = Instant::now();
+        let url = format!("http://{SERVICE_HOST}/");
+        // Left: this many answers in a row from the others.
+        const IN_A_ROW: usize = 6;
+        let mut row = 0;
+        let mut n = 0;
+        let deadline = LIVENESS_TIMEOUT + GRACE_PERIOD + patience();
+        while row < IN_A_ROW {
+            check_interrupt()?;
+            if stopped.elapsed() > deadline {
+                return Err(fail(
+                    &format!("{entry} leaves the answers"),
+                    format!("still answering or failing after {deadline:?}"),
+                ));
+            }
+            n += 1;
+            let t = stopped.elapsed().as_secs_f32();
+            match self.curl(&url) {
+                Ok(body) => {
+                    let who = self.answered_by(&body).unwrap_or_default();
+                    if who == entry {
+                        row = 0;
+                    } else {
+                        row += 1;
+                    }
+                    self.out
+                        .text(&format!("{t:>5.1}s {n:>2}: {:<20} <- {who}", body.trim()));
+                }
+                Err(e) => {
+                    row = 0;
+                    self.out
+                        .text(&format!("{t:>5.1}s {n:>2}: failed: {}", e.trim()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let left = stopped.elapsed();
+        self.report.left_answers_after = Some(left);
+        self.out.text(&format!(
+            "{entry} left the answers {:.1}s after its Envoy stopped",
+            left.as_secs_f32()
+        ));
+        wait(&format!("{entry} is deleted"), deadline, || {
+            match self
+                .entries(VM_NAMESPACE)?
+                .iter()
+                .any(|e| e["metadata"]["name"] == entry.as_str())
+            {
+                true => Err("still there".to_string()),
+                false => Ok(()),
+            }
+        })?;
+        let deleted = stopped.elapsed();
+        self.report.entry_deleted_after = Some(deleted);
+        self.out.text(&format!(
+            "{entry} deleted {:.1}s after its Envoy stopped",
+            deleted.as_secs_f32()
+        ));
+        self.show_ctl(&["get", "workloadentries", "-n", VM_NAMESPACE])?;
         Ok(())
     }
 }
