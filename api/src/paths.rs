@@ -47,6 +47,10 @@ pub mod query {
     pub const WAIT: &str = "wait";
     /// The admin credential's choice of namespace.
     pub const NAMESPACE: &str = "namespace";
+    /// The client's network (`ISTIO_META_NETWORK`), echoed in the table's `network`.
+    pub const NETWORK: &str = "network";
+    /// The client's locality (`region/zone/subzone`), echoed in the table's `locality`.
+    pub const LOCALITY: &str = "locality";
 
     /// `s` percent-encoded for a query value (RFC 3986 unreserved characters stay as they are;
     /// versions are opaque strings).

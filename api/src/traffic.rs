@@ -12,6 +12,8 @@
 //! | [`state::UPSTREAM`]        | `envoy.network.transport_socket.original_dst_address` |
 //! | [`state::SNI`]             | `envoy.network.upstream_server_name`                |
 //! | [`state::SAN`]             | `envoy.network.upstream_subject_alt_names`          |
+//! | [`state::DYNAMIC_HOST`]    | `envoy.upstream.dynamic_host`                       |
+//! | [`state::DYNAMIC_PORT`]    | `envoy.upstream.dynamic_port`                       |
 
 /// The roots of the one `.wasm` that handle traffic (the DNS and agent roots are elsewhere).
 pub mod roots {
@@ -34,6 +36,11 @@ pub mod state {
     pub const SNI: &str = "vmesh_sni";
     /// The URI SAN the upstream certificate must carry (mesh mTLS only).
     pub const SAN: &str = "vmesh_san";
+    /// The host name [`super::clusters::DNS_FORWARD`] resolves (DNS-resolved services); for
+    /// other decisions the upstream IP, which no other cluster reads.
+    pub const DYNAMIC_HOST: &str = "vmesh_dynamic_host";
+    /// The port that goes with [`DYNAMIC_HOST`].
+    pub const DYNAMIC_PORT: &str = "vmesh_dynamic_port";
 }
 
 /// The clusters a filter decision names (every Envoy config that loads a traffic root defines
@@ -45,6 +52,12 @@ pub mod clusters {
     /// ORIGINAL_DST in plain TCP: destinations outside the mesh (unchanged), endpoints
     /// without a sidecar, and the gateway's pass-through of TLS it does not terminate.
     pub const PASSTHROUGH: &str = "vmesh_passthrough";
+    /// Dynamic forward proxy in plain TCP: endpoints of `resolution: DNS` services, which are
+    /// host names that Envoy resolves when connecting.
+    pub const DNS_FORWARD: &str = "vmesh_dns_forward";
+    /// A cluster without endpoints: a known service with no endpoint this client can reach
+    /// (Envoy closes the connection at once, as Istio's empty cluster does).
+    pub const NO_ENDPOINT: &str = "vmesh_no_endpoint";
 }
 
 /// The port east-west gateways listen on for mesh mTLS (Istio's `tls` port, AUTO_PASSTHROUGH).

@@ -243,6 +243,23 @@ fn query_param(query: &str, name: &str) -> Option<String> {
     vmesh_api::paths::query::param(Some(query), name).filter(|v| !v.is_empty())
 }
 
+/// A network name a client may send: Istio's are free-form, but a table key made of anything
+/// would let a client fill the table cache with junk, so the characters are those of
+/// Kubernetes label values and names.
+fn is_network_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Istio's locality, `region[/zone[/subzone]]`: at most three parts of printable ASCII.
+fn is_locality(s: &str) -> bool {
+    s.is_empty()
+        || (s.split('/').count() <= 3
+            && s.split('/')
+                .all(|p| p.len() <= 63 && p.bytes().all(|b| b.is_ascii_graphic())))
+}
+
 /// The body, refused once it is over `limit` bytes or still arriving after `timeout`: a client
 /// trickling a body a byte at a time would otherwise hold its request (and its connection)
 /// for as long as it liked.
@@ -635,9 +652,28 @@ impl<S: Store> App<S> {
                 .map_err(|_| ApiError::bad("wait", "Invalid value: seconds as an integer"))?
                 .min(MAX_WAIT_SECS),
         };
+        let network = query_param(query, vmesh_api::paths::query::NETWORK).unwrap_or_default();
+        if !is_network_name(&network) {
+            return Err(ApiError::bad(
+                "network",
+                "Invalid value: at most 253 characters from [A-Za-z0-9._-]",
+            ));
+        }
+        let locality = query_param(query, vmesh_api::paths::query::LOCALITY).unwrap_or_default();
+        if !is_locality(&locality) {
+            return Err(ApiError::bad(
+                "locality",
+                "Invalid value: region/zone/subzone, each at most 63 printable characters",
+            ));
+        }
+        let key = crate::tables::TableKey {
+            namespace: ns,
+            network,
+            locality,
+        };
         match self
             .tables
-            .poll(&ns, known, Duration::from_secs(wait))
+            .poll(&key, known, Duration::from_secs(wait))
             .await
         {
             Some(t) => {

@@ -47,6 +47,7 @@ pub const ENV_MAX_ENTRIES_PER_IDENTITY: &str = "VMESH_CONTROL_MAX_ENTRIES_PER_ID
 pub const ENV_REGISTRATION_RATE: &str = "VMESH_CONTROL_REGISTRATION_RATE";
 pub const ENV_REGISTRATION_BURST: &str = "VMESH_CONTROL_REGISTRATION_BURST";
 pub const ENV_TRUST_DOMAIN: &str = "VMESH_CONTROL_TRUST_DOMAIN";
+pub const ENV_MESH_NETWORKS: &str = "VMESH_CONTROL_MESH_NETWORKS";
 pub const ENV_MAX_WORKLOAD_CERT_TTL: &str = "MAX_WORKLOAD_CERT_TTL";
 pub const ENV_CA_CERT: &str = "VMESH_CONTROL_CA_CERT";
 pub const ENV_CA_KEY: &str = "VMESH_CONTROL_CA_KEY";
@@ -296,6 +297,11 @@ pub struct ServeArgs {
     /// config `trustDomain`; `vm-bundle` writes the same default).
     #[arg(long, env = ENV_TRUST_DOMAIN, default_value = vmesh_api::ca::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Istio's meshNetworks file (istiod's `--networksConfig`, YAML or JSON:
+    /// `networks: NAME: {gateways: [{address: IP, port: 15443}]}`): each network's east-west
+    /// gateways, which every name table carries. Read once at start.
+    #[arg(long, env = ENV_MESH_NETWORKS)]
+    pub mesh_networks: Option<PathBuf>,
     /// Longest workload certificate issued; a longer request is cut to it (env as istiod's).
     #[arg(long, env = ENV_MAX_WORKLOAD_CERT_TTL, value_parser = parse_duration, default_value = "90d")]
     pub max_workload_cert_ttl: Duration,
@@ -535,6 +541,11 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             a.trust_domain
         );
     }
+    let gateways = match &a.mesh_networks {
+        None => Default::default(),
+        Some(path) => read_mesh_networks(path)
+            .with_context(|| format!("--mesh-networks {}", path.display()))?,
+    };
     for (_, p) in &a.jwks {
         if !p.is_file() {
             bail!("--jwks: {} is not a readable file", p.display());
@@ -598,6 +609,7 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
             files: ca_files(a),
         },
         store,
+        gateways,
     };
     let running = start(cfg, Arc::new(SystemClock)).await?;
     let signal = signals.next().await;
@@ -610,6 +622,15 @@ async fn serve(cli: &Cli, a: &ServeArgs) -> anyhow::Result<()> {
         })
         .await;
     Ok(())
+}
+
+/// The per-network gateways of a meshNetworks file.
+pub fn read_mesh_networks(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<vmesh_api::names::Gateway>>> {
+    let text = std::fs::read_to_string(path)?;
+    let networks: vmesh_istio::networks::MeshNetworks = serde_norway::from_str(&text)?;
+    Ok(networks.gateways()?)
 }
 
 fn ca_files(a: &ServeArgs) -> Option<crate::tls::CaFiles> {

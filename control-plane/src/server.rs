@@ -58,6 +58,8 @@ pub struct ServeConfig {
     pub ca: CaConfig,
     /// Where config and WorkloadEntries live.
     pub store: StoreConfig,
+    /// Per network, its east-west gateways (meshNetworks), given to every table.
+    pub gateways: std::collections::BTreeMap<String, Vec<vmesh_api::names::Gateway>>,
 }
 
 /// How workload certificates are issued.
@@ -453,7 +455,12 @@ pub async fn start(cfg: ServeConfig, clock: Arc<dyn Clock>) -> Result<Running, S
         cfg.settings.clone(),
         metrics.clone(),
     ));
-    let tables = NameTables::new(metrics.clone(), &cfg.domain);
+    let tables = NameTables::new(
+        metrics.clone(),
+        &cfg.domain,
+        &cfg.ca.trust_domain,
+        cfg.gateways.clone(),
+    );
     tables::rebuild(&*store, &cache, &tables).await;
     let (rebuild_stop, rebuild_stopped) = oneshot::channel::<()>();
     let rebuild = tokio::spawn(tables::run(

@@ -1,4 +1,4 @@
-//! Name tables per client namespace and their long-poll.
+//! Name tables per client (namespace, network, locality) and their long-poll.
 //!
 //! A background task rebuilds [`MeshNames`] after store changes (coalescing bursts for a few
 //! milliseconds), allocates VIPs, persists the VIP table and writes each ServiceEntry's
@@ -6,16 +6,23 @@
 //! of every namespace a client has asked for. Long-polls wait on one generation counter and compare
 //! their namespace's version, so a change wakes every waiter once and only those whose table
 //! changed answer.
+//!
+//! A table also carries the client's own network and locality (its data plane routes with
+//! them), so the cache is keyed by all three: there are few distinct networks and localities
+//! in a mesh, and each key costs one serialization per change, not one per request. Keys
+//! beyond [`MAX_CACHED_TABLES`] (clients making up localities) are cut per request instead of
+//! growing the cache.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
+use vmesh_api::names::Gateway;
 use vmesh_istio::model::{ObjectKey, Resource, Service, ServiceEntry, Status, WorkloadEntry};
-use vmesh_istio::names::{hosts_needing_vips, status_addresses, Mesh, MeshNames};
+use vmesh_istio::names::{hosts_needing_vips, status_addresses, Client, Mesh, MeshNames};
 use vmesh_istio::vip::allocate;
 
 use crate::cache::Cache;
@@ -29,10 +36,38 @@ pub struct Served {
     pub body: Bytes,
 }
 
+/// Most (namespace, network, locality) tables kept and re-cut on every change.
+pub const MAX_CACHED_TABLES: usize = 1024;
+
+/// Whom a table is for; see [`Client`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct TableKey {
+    pub namespace: String,
+    pub network: String,
+    pub locality: String,
+}
+
+impl TableKey {
+    pub fn namespace(ns: &str) -> TableKey {
+        TableKey {
+            namespace: ns.to_string(),
+            ..TableKey::default()
+        }
+    }
+
+    fn client(&self) -> Client<'_> {
+        Client {
+            namespace: &self.namespace,
+            network: &self.network,
+            locality: &self.locality,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     mesh: Arc<MeshNames>,
-    per_ns: HashMap<String, Arc<Served>>,
+    per_ns: HashMap<TableKey, Arc<Served>>,
 }
 
 #[derive(Debug)]
@@ -43,10 +78,12 @@ pub struct NameTables {
     closed: AtomicBool,
     metrics: Arc<Metrics>,
     domain: String,
+    trust_domain: String,
+    gateways: BTreeMap<String, Vec<Gateway>>,
 }
 
-fn serve(mesh: &MeshNames, ns: &str) -> Arc<Served> {
-    let t = mesh.table_for(ns);
+fn serve(mesh: &MeshNames, key: &TableKey) -> Arc<Served> {
+    let t = mesh.table_for_client(&key.client());
     Arc::new(Served {
         body: Bytes::from(t.to_json()),
         version: t.version,
@@ -62,7 +99,14 @@ impl Drop for PollGuard<'_> {
 }
 
 impl NameTables {
-    pub fn new(metrics: Arc<Metrics>, domain: &str) -> Arc<Self> {
+    /// Tables for a mesh with this cluster domain, SPIFFE trust domain (endpoint
+    /// identities) and per-network east-west gateways (meshNetworks).
+    pub fn new(
+        metrics: Arc<Metrics>,
+        domain: &str,
+        trust_domain: &str,
+        gateways: BTreeMap<String, Vec<Gateway>>,
+    ) -> Arc<Self> {
         let (generation, _) = watch::channel(0);
         Arc::new(NameTables {
             inner: RwLock::new(Inner::default()),
@@ -70,22 +114,28 @@ impl NameTables {
             closed: AtomicBool::new(false),
             metrics,
             domain: domain.to_string(),
+            trust_domain: trust_domain.to_string(),
+            gateways,
         })
     }
 
-    /// The namespace's current table.
-    pub fn current(&self, ns: &str) -> Arc<Served> {
+    /// The client's current table.
+    pub fn current(&self, key: &TableKey) -> Arc<Served> {
         {
             let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = g.per_ns.get(ns) {
+            if let Some(s) = g.per_ns.get(key) {
                 return s.clone();
             }
         }
         let mut g = self.inner.write().unwrap_or_else(|p| p.into_inner());
         let mesh = g.mesh.clone();
+        if g.per_ns.len() >= MAX_CACHED_TABLES && !g.per_ns.contains_key(key) {
+            drop(g);
+            return serve(&mesh, key);
+        }
         g.per_ns
-            .entry(ns.to_string())
-            .or_insert_with(|| serve(&mesh, ns))
+            .entry(key.clone())
+            .or_insert_with(|| serve(&mesh, key))
             .clone()
     }
 
@@ -104,7 +154,12 @@ impl NameTables {
 
     /// The table at once if `known` is not its version; otherwise the next one, or `None`
     /// after `wait` (or at once after [`NameTables::close`]).
-    pub async fn poll(&self, ns: &str, known: Option<&str>, wait: Duration) -> Option<Arc<Served>> {
+    pub async fn poll(
+        &self,
+        ns: &TableKey,
+        known: Option<&str>,
+        wait: Duration,
+    ) -> Option<Arc<Served>> {
         // Subscribed before `closed` is read, so a `close` in between still wakes this poll.
         let mut rx = self.generation.subscribe();
         let cur = self.current(ns);
@@ -138,11 +193,11 @@ impl NameTables {
     }
 
     fn publish(&self, mesh: MeshNames) {
-        let namespaces: Vec<String> = {
+        let namespaces: Vec<TableKey> = {
             let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
             g.per_ns.keys().cloned().collect()
         };
-        let fresh: HashMap<String, Arc<Served>> = namespaces
+        let fresh: HashMap<TableKey, Arc<Served>> = namespaces
             .iter()
             .map(|ns| (ns.clone(), serve(&mesh, ns)))
             .collect();
@@ -231,6 +286,8 @@ pub async fn rebuild<S: Store>(store: &S, cache: &Cache, tables: &NameTables) {
         service_entries: &ses,
         entries: &entries,
         vips: &vips,
+        trust_domain: &tables.trust_domain,
+        gateways: &tables.gateways,
     });
     let mut txn = Txn::default();
     if vips != old_vips {

@@ -34,5 +34,6 @@ pub use vmesh_api::json;
 pub mod names;
 pub mod probe;
 pub mod responder;
+pub mod routes;
 pub mod tunnel;
 pub mod udp_tunnel;

@@ -2,7 +2,8 @@
 //!
 //! The config model ([`model`]) and its validation ([`validate`]), WorkloadEntry
 //! auto-registration, liveness and health ([`workload`]), service selection and port mapping
-//! ([`select`]), VIP allocation ([`vip`]) and name-table assembly ([`names`]).
+//! ([`select`]), VIP allocation ([`vip`]), name-table assembly ([`names`]) and meshNetworks'
+//! east-west gateways ([`networks`]).
 //!
 //! Data flows one way: the control plane decodes YAML into [`model`] objects, checks them with
 //! [`validate::validate`], turns registrations into WorkloadEntries with [`workload`], and builds
@@ -27,6 +28,7 @@ pub mod cluster_ip;
 pub mod labels;
 pub mod model;
 pub mod names;
+pub mod networks;
 pub mod select;
 pub mod validate;
 pub mod vip;

@@ -16,6 +16,7 @@ use super::select::{
 };
 use super::validate::{is_partial_wildcard, parse_cidr};
 use super::vip::{slot_ips, VipTable};
+use vmesh_api::ca::spiffe_id;
 use vmesh_api::names::{
     self as table, NameInfo, NameTable, PortRoutes, Registry, Resolution as TableResolution,
     ServiceRoutes,
@@ -33,6 +34,19 @@ pub struct Mesh<'a> {
     pub service_entries: &'a [&'a ServiceEntry],
     pub entries: &'a [&'a WorkloadEntry],
     pub vips: &'a VipTable,
+    /// The SPIFFE trust domain of endpoint identities (`spiffe://TD/ns/NS/sa/SA`).
+    pub trust_domain: &'a str,
+    /// Per network, its east-west gateways (from meshNetworks), copied into every table.
+    pub gateways: &'a BTreeMap<String, Vec<table::Gateway>>,
+}
+
+/// Who a table is for: the namespace decides what it sees; network and locality are the
+/// client's own, copied into the table for the data plane's routing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Client<'a> {
+    pub namespace: &'a str,
+    pub network: &'a str,
+    pub locality: &'a str,
 }
 
 /// ServiceEntry label that opts its hosts out of VIP auto-allocation when `"false"`.
@@ -199,6 +213,7 @@ pub struct MeshNames {
     domain: String,
     /// Host -> its definitions, best first.
     hosts: BTreeMap<String, Vec<HostDef>>,
+    gateways: BTreeMap<String, Vec<table::Gateway>>,
 }
 
 fn to_port(p: u32) -> u16 {
@@ -207,7 +222,19 @@ fn to_port(p: u32) -> u16 {
 
 type PortEndpoints = (u32, String, String, Vec<Endpoint>);
 
-fn routes_ports(ports: impl Iterator<Item = PortEndpoints>) -> Vec<PortRoutes> {
+/// The service's namespace and the trust domain, which with an endpoint's service account
+/// make its SPIFFE identity (selection only looks in the service's own namespace, and Istio
+/// names inline endpoints' accounts in the ServiceEntry's).
+#[derive(Clone, Copy)]
+struct IdentityScope<'a> {
+    trust_domain: &'a str,
+    namespace: &'a str,
+}
+
+fn routes_ports(
+    ports: impl Iterator<Item = PortEndpoints>,
+    scope: IdentityScope<'_>,
+) -> Vec<PortRoutes> {
     ports
         .map(|(port, name, protocol, eps)| PortRoutes {
             port: to_port(port),
@@ -217,12 +244,16 @@ fn routes_ports(ports: impl Iterator<Item = PortEndpoints>) -> Vec<PortRoutes> {
                 .into_iter()
                 .filter(|e| e.healthy)
                 .map(|e| table::Endpoint {
+                    identity: e
+                        .service_account
+                        .as_deref()
+                        .map(|sa| spiffe_id(scope.trust_domain, scope.namespace, sa))
+                        .unwrap_or_default(),
                     address: e.address,
                     port: e.port,
                     network: e.network,
                     locality: e.locality,
                     weight: e.weight,
-                    identity: String::new(),
                 })
                 .collect(),
         })
@@ -238,6 +269,7 @@ impl MeshNames {
         let mut out = MeshNames {
             domain: mesh.domain.to_string(),
             hosts: BTreeMap::new(),
+            gateways: mesh.gateways.clone(),
         };
         // Selectors only look inside their own namespace: index once, not per service.
         let mut by_ns: BTreeMap<&str, Vec<&WorkloadEntry>> = BTreeMap::new();
@@ -249,7 +281,7 @@ impl MeshNames {
         }
         let in_ns = |ns: &str| by_ns.get(ns).map(Vec::as_slice).unwrap_or_default();
         for svc in mesh.services {
-            out.add_service(svc, in_ns(&svc.metadata.namespace));
+            out.add_service(svc, in_ns(&svc.metadata.namespace), mesh);
         }
         for se in mesh.service_entries {
             out.add_service_entry(se, in_ns(&se.metadata.namespace), mesh);
@@ -264,7 +296,7 @@ impl MeshNames {
         self.hosts.entry(def.host.clone()).or_default().push(def);
     }
 
-    fn add_service(&mut self, svc: &Service, entries: &[&WorkloadEntry]) {
+    fn add_service(&mut self, svc: &Service, entries: &[&WorkloadEntry], mesh: &Mesh<'_>) {
         let m = &svc.metadata;
         let host = format!("{}.{}.svc.{}", m.name, m.namespace, self.domain);
         let selected = selected_by_service(svc, entries.iter().copied());
@@ -331,7 +363,13 @@ impl MeshNames {
                     TableResolution::Static
                 },
                 vips,
-                ports: routes_ports(per_port.into_iter()),
+                ports: routes_ports(
+                    per_port.into_iter(),
+                    IdentityScope {
+                        trust_domain: mesh.trust_domain,
+                        namespace: &m.namespace,
+                    },
+                ),
             },
         });
     }
@@ -431,7 +469,13 @@ impl MeshNames {
                     })
                     .collect()
             } else {
-                routes_ports(per_port.clone().into_iter())
+                routes_ports(
+                    per_port.clone().into_iter(),
+                    IdentityScope {
+                        trust_domain: mesh.trust_domain,
+                        namespace: &m.namespace,
+                    },
+                )
             };
             self.push(HostDef {
                 host: host.clone(),
@@ -457,8 +501,17 @@ impl MeshNames {
         }
     }
 
-    /// The table a client in `namespace` receives, its version set.
+    /// The table a client in `namespace` receives (no network, no locality), its version set.
     pub fn table_for(&self, namespace: &str) -> NameTable {
+        self.table_for_client(&Client {
+            namespace,
+            ..Client::default()
+        })
+    }
+
+    /// The table `client` receives, its version set.
+    pub fn table_for_client(&self, client: &Client<'_>) -> NameTable {
+        let namespace = client.namespace;
         let mut names = BTreeMap::new();
         let mut services = BTreeMap::new();
         for (host, defs) in &self.hosts {
@@ -486,9 +539,9 @@ impl MeshNames {
             ],
             names,
             services,
-            network: String::new(),
-            gateways: Default::default(),
-            locality: String::new(),
+            network: client.network.to_string(),
+            gateways: self.gateways.clone(),
+            locality: client.locality.to_string(),
         };
         t.version = content_version(&t);
         t
@@ -595,6 +648,8 @@ mod tests {
                 service_entries: &ses,
                 entries: &entries,
                 vips: &vips,
+                trust_domain: "cluster.local",
+                gateways: &BTreeMap::new(),
             })
         }
     }
@@ -909,6 +964,155 @@ mod tests {
         assert!(st.iter().all(|a| a.host == "A.example.com"));
         assert!(st[0].value.starts_with("240.240."));
         assert!(st[1].value.starts_with("2001:2::"));
+    }
+
+    /// Istio's `getTLSModeFromWorkloadEntry`, plus auto-registered entries (a VM registers
+    /// through its sidecar) and `default` where Istio would check no SAN.
+    #[test]
+    fn endpoints_with_a_sidecar_carry_their_spiffe_identity() {
+        let mut auto = vm("python-http-10.0.0.1", "10.0.0.1", "python-http");
+        auto.metadata.annotations.insert(
+            crate::workload::ANNOTATION_AUTO_REGISTRATION_GROUP.into(),
+            "python-http".into(),
+        );
+        let mut auto_sa = vm("python-http-10.0.0.2", "10.0.0.2", "python-http");
+        auto_sa.metadata.annotations = auto.metadata.annotations.clone();
+        auto_sa.spec.service_account = "my-vm".into();
+        let mut manual_sa = vm("m3", "10.0.0.3", "python-http");
+        manual_sa.spec.service_account = "db".into();
+        let mut labelled = vm("m4", "10.0.0.4", "python-http");
+        labelled
+            .spec
+            .labels
+            .insert(crate::workload::LABEL_TLS_MODE.into(), "istio".into());
+        let mut disabled = vm("m5", "10.0.0.5", "python-http");
+        disabled.spec.service_account = "db".into();
+        disabled
+            .metadata
+            .labels
+            .insert(crate::workload::LABEL_TLS_MODE.into(), "disabled".into());
+        let plain = vm("m6", "10.0.0.6", "python-http");
+        let f = Fixture {
+            services: vec![],
+            ses: vec![vmservice(Resolution::Static)],
+            entries: vec![auto, auto_sa, manual_sa, labelled, disabled, plain],
+        };
+        let t = f.names().table_for("sample");
+        let ids: Vec<(&str, &str)> = t.services["vmservice.example.com"].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address.as_str(), e.identity.as_str()))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                (
+                    "10.0.0.1",
+                    "spiffe://cluster.local/ns/vm-namespace/sa/default"
+                ),
+                (
+                    "10.0.0.2",
+                    "spiffe://cluster.local/ns/vm-namespace/sa/my-vm"
+                ),
+                ("10.0.0.3", "spiffe://cluster.local/ns/vm-namespace/sa/db"),
+                (
+                    "10.0.0.4",
+                    "spiffe://cluster.local/ns/vm-namespace/sa/default"
+                ),
+                ("10.0.0.5", ""),
+                ("10.0.0.6", ""),
+            ]
+        );
+    }
+
+    #[test]
+    fn inline_and_dns_host_endpoints_are_plain_unless_istio_s_rule_says_otherwise() {
+        let mut inline = vmservice(Resolution::Static);
+        inline.spec.workload_selector = None;
+        inline.spec.endpoints = vec![
+            WorkloadEntrySpec {
+                address: "10.0.1.1".into(),
+                ..Default::default()
+            },
+            WorkloadEntrySpec {
+                address: "10.0.1.2".into(),
+                service_account: "ext".into(),
+                ..Default::default()
+            },
+        ];
+        let mut dns = vmservice(Resolution::Dns);
+        dns.metadata = meta("dns", "vm-namespace");
+        dns.spec.hosts = vec!["dns.example.com".into()];
+        dns.spec.workload_selector = None;
+        let f = Fixture {
+            services: vec![],
+            ses: vec![inline, dns],
+            entries: vec![],
+        };
+        let t = f.names().table_for("sample");
+        let ids: Vec<&str> = t.services["vmservice.example.com"].ports[0]
+            .endpoints
+            .iter()
+            .map(|e| e.identity.as_str())
+            .collect();
+        assert_eq!(ids, ["", "spiffe://cluster.local/ns/vm-namespace/sa/ext"]);
+        assert_eq!(
+            t.services["dns.example.com"].ports[0].endpoints[0].identity,
+            ""
+        );
+    }
+
+    #[test]
+    fn the_client_s_network_locality_and_the_mesh_gateways_are_in_its_table() {
+        let mut e = vm("python-http-10.0.0.1", "10.0.0.1", "python-http");
+        e.spec.network = "vm-network".into();
+        let ses = [vmservice(Resolution::Static)];
+        let se_refs: Vec<&ServiceEntry> = ses.iter().collect();
+        let entries = [&e];
+        let vips = allocate(&VipTable::new(), &hosts_needing_vips(&se_refs));
+        let gateways: BTreeMap<String, Vec<table::Gateway>> = [(
+            "vm-network".to_string(),
+            vec![table::Gateway {
+                address: "198.18.1.10".parse().unwrap(),
+                port: 15443,
+            }],
+        )]
+        .into();
+        let build = |gateways: &BTreeMap<String, Vec<table::Gateway>>| {
+            MeshNames::build(&Mesh {
+                domain: "cluster.local",
+                services: &[],
+                service_entries: &se_refs,
+                entries: &entries,
+                vips: &vips,
+                trust_domain: "example.org",
+                gateways,
+            })
+        };
+        let names = build(&gateways);
+        let client = Client {
+            namespace: "sample",
+            network: "network1",
+            locality: "us-east/1a",
+        };
+        let t = names.table_for_client(&client);
+        assert_eq!(
+            (t.network.as_str(), t.locality.as_str()),
+            ("network1", "us-east/1a")
+        );
+        assert_eq!(t.gateways, gateways);
+        let ep = &t.services["vmservice.example.com"].ports[0].endpoints[0];
+        assert_eq!(ep.network, "vm-network");
+        // The same content for another network is another table, and so is a gateway change.
+        let other = names.table_for_client(&Client {
+            network: "vm-network",
+            ..client
+        });
+        assert_ne!(t.version, other.version);
+        let no_gateways = build(&BTreeMap::new()).table_for_client(&client);
+        assert_ne!(t.version, no_gateways.version);
+        assert!(no_gateways.gateways.is_empty());
+        NameIndex::from_json(&t.to_json()).unwrap();
     }
 
     #[test]

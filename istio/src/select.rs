@@ -16,7 +16,7 @@ use super::model::{
     IntOrString, Labels, Resolution, Service, ServiceEntry, ServiceEntryPort, ServicePort,
     WorkloadEntry, WorkloadEntrySpec,
 };
-use super::workload::{effective_labels, is_healthy};
+use super::workload::{effective_labels, is_auto_registered, is_healthy, sidecar_service_account};
 
 /// Every selector label present with the same value. An empty selector selects everything.
 pub fn selects(selector: &Labels, labels: &Labels) -> bool {
@@ -32,9 +32,17 @@ pub struct Endpoint {
     pub locality: String,
     pub weight: u32,
     pub healthy: bool,
+    /// The service account of the workload's sidecar (in the service's namespace, where
+    /// selection looks), `None` for a plain endpoint: see [`sidecar_service_account`].
+    pub service_account: Option<String>,
 }
 
-fn endpoint(spec: &WorkloadEntrySpec, port: u32, healthy: bool) -> Option<Endpoint> {
+fn endpoint(
+    spec: &WorkloadEntrySpec,
+    port: u32,
+    healthy: bool,
+    service_account: Option<&str>,
+) -> Option<Endpoint> {
     Some(Endpoint {
         address: spec.address.clone(),
         port: u16::try_from(port).ok().filter(|p| *p != 0)?,
@@ -42,7 +50,13 @@ fn endpoint(spec: &WorkloadEntrySpec, port: u32, healthy: bool) -> Option<Endpoi
         locality: spec.locality.clone(),
         weight: spec.weight.max(1),
         healthy,
+        service_account: service_account.map(str::to_string),
     })
+}
+
+/// [`sidecar_service_account`] of a selected WorkloadEntry.
+fn entry_service_account(e: &WorkloadEntry) -> Option<&str> {
+    sidecar_service_account(&e.spec, &effective_labels(e), is_auto_registered(e))
 }
 
 fn se_target(spec: &WorkloadEntrySpec, port: &ServiceEntryPort) -> u32 {
@@ -95,13 +109,28 @@ pub fn service_entry_endpoints(
     let mut out: Vec<Endpoint> = if se.spec.workload_selector.is_some() {
         selected
             .iter()
-            .filter_map(|e| endpoint(&e.spec, se_target(&e.spec, port), is_healthy(e)))
+            .filter_map(|e| {
+                endpoint(
+                    &e.spec,
+                    se_target(&e.spec, port),
+                    is_healthy(e),
+                    entry_service_account(e),
+                )
+            })
             .collect()
     } else {
         se.spec
             .endpoints
             .iter()
-            .filter_map(|s| endpoint(s, se_target(s, port), true))
+            // Istio converts inline endpoints as WorkloadEntries: the same TLS rule.
+            .filter_map(|s| {
+                endpoint(
+                    s,
+                    se_target(s, port),
+                    true,
+                    sidecar_service_account(s, &s.labels, false),
+                )
+            })
             .collect()
     };
     out.sort();
@@ -140,7 +169,7 @@ pub fn service_endpoints(port: &ServicePort, selected: &[&WorkloadEntry]) -> Vec
                 Some(IntOrString::Int(n)) if *n != 0 => named(&port.name).unwrap_or(*n),
                 _ => named(&port.name).unwrap_or(port.port),
             };
-            endpoint(&e.spec, target, is_healthy(e))
+            endpoint(&e.spec, target, is_healthy(e), entry_service_account(e))
         })
         .collect();
     out.sort();

@@ -130,6 +130,36 @@ pub fn expected_service_account(group: &WorkloadGroup) -> &str {
     }
 }
 
+/// Istio's label saying whether a workload's sidecar terminates mesh mTLS (`istio`) or not
+/// (`disabled`, or any other value).
+pub const LABEL_TLS_MODE: &str = "security.istio.io/tlsMode";
+pub const TLS_MODE_ISTIO: &str = "istio";
+
+/// The service account whose SPIFFE identity a workload's sidecar presents, or `None` when it
+/// runs none (Istio's `getTLSModeFromWorkloadEntry`): the `security.istio.io/tlsMode` label
+/// decides when present; otherwise a `serviceAccount` means a sidecar. vmesh adds one case:
+/// an auto-registered entry always has one (its VM registered through its sidecar), even when
+/// the template names no account.
+///
+/// Where Istio leaves the identity empty (tlsMode `istio` without a `serviceAccount`: mTLS
+/// without a SAN check), the table has no way to say "TLS, any identity", so the account is
+/// `default`, the one Kubernetes gives a pod that names none and the one a VM's token is
+/// minted for when its group names none ([`expected_service_account`]).
+pub fn sidecar_service_account<'a>(
+    spec: &'a super::model::WorkloadEntrySpec,
+    labels: &Labels,
+    auto_registered: bool,
+) -> Option<&'a str> {
+    let sidecar = match labels.get(LABEL_TLS_MODE) {
+        Some(mode) => mode == TLS_MODE_ISTIO,
+        None => auto_registered || !spec.service_account.is_empty(),
+    };
+    sidecar.then_some(match spec.service_account.as_str() {
+        "" => DEFAULT_SERVICE_ACCOUNT,
+        sa => sa,
+    })
+}
+
 /// Labels: the VM's over the group's metadata labels over the template's.
 pub fn merge_labels(template: &Labels, group_meta: &Labels, vm: &Labels) -> Labels {
     let mut out = template.clone();

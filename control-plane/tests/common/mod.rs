@@ -43,6 +43,7 @@ pub struct Options {
     pub settings: Settings,
     pub jwks: Vec<(String, PathBuf)>,
     pub store: StoreConfig,
+    pub gateways: std::collections::BTreeMap<String, Vec<vmesh_api::names::Gateway>>,
 }
 
 impl Default for Options {
@@ -55,6 +56,7 @@ impl Default for Options {
             },
             jwks: vec![],
             store: StoreConfig::Embedded,
+            gateways: Default::default(),
         }
     }
 }
@@ -96,6 +98,7 @@ impl TestServer {
             cert_lifetime: Duration::from_secs(90 * 24 * 3600),
             ca: Default::default(),
             store: o.store,
+            gateways: o.gateways,
         };
         let running = start(cfg, clock.clone()).await.unwrap();
         let url = format!("https://{}", running.addr);
