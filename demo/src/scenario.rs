@@ -41,6 +41,8 @@ const HTTPBIN_APP_PORT: u16 = 8080;
 /// The name the shim dials and the control plane's serving certificate carries.
 const DISCOVERY_HOST: &str = "istiod.istio-system.svc";
 const CP_PORT: u16 = 15012;
+/// The east-west gateway's mTLS passthrough port (Istio's 15443).
+const GATEWAY_PORT: u16 = vmesh_api::traffic::GATEWAY_PORT;
 
 /// The control plane's timings: short, so the demo shows a replica leaving within seconds.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -469,8 +471,21 @@ impl Demo {
             self.cp.addr()
         ));
         let data = self.dir.join("cp").display().to_string();
+        // Istio's meshNetworks: network-a is reached from other networks through the
+        // gateway's network-b address.
+        let gw_b = self.gw.addr_in(NET_B).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let networks = format!(
+            "networks:\n  {a}:\n    endpoints:\n    - fromRegistry: Kubernetes\n    gateways:\n    \
+             - address: {gw_b}\n      port: {GATEWAY_PORT}\n",
+            a = NET_A.name,
+        );
+        let networks_file = self.dir.join("mesh-networks.yaml");
+        std::fs::write(&networks_file, &networks).map_err(|e| fail("write meshNetworks", e))?;
+        let networks_file = networks_file.display().to_string();
         let args: Vec<String> = [
             "serve",
+            "--mesh-networks",
+            &networks_file,
             "--data-dir",
             &data,
             "--listen",
@@ -485,6 +500,7 @@ impl Demo {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        self.out.text(&format!("meshNetworks (--mesh-networks):\n{networks}"));
         self.out.text(&format!(
             "heartbeats every {HEARTBEAT:?}; a silent VM is disconnected after {LIVENESS_TIMEOUT:?} \
              and its entry deleted {GRACE_PERIOD:?} later"
