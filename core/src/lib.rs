@@ -27,6 +27,8 @@
 pub mod dns;
 pub mod doh;
 pub mod framing;
+/// The east-west gateway's SNI routing.
+pub mod gateway;
 /// The filter's end of the forwarding stream to the shim.
 pub mod link;
 /// The serde-free JSON reader, shared with the filter and the shim through `vmesh-api`.

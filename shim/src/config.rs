@@ -34,6 +34,23 @@ pub const ENV_DEREGISTER_TIMEOUT: &str = "VMESH_SHIM_DEREGISTER_TIMEOUT";
 pub const ENV_CERT_DIR: &str = "VMESH_SHIM_CERT_DIR";
 pub const ENV_CERT_TTL: &str = "VMESH_SHIM_CERT_TTL";
 pub const ENV_ENVOY_ADMIN: &str = "VMESH_SHIM_ENVOY_ADMIN";
+pub const ENV_ROLE: &str = "VMESH_SHIM_ROLE";
+
+/// The WorkloadGroup a gateway's bundle is taken to name when it names none: a gateway never
+/// registers, so the group is only a label in `status`.
+pub const GATEWAY_GROUP: &str = "istio-eastwestgateway";
+
+/// What the shim runs beside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Role {
+    /// A VM's sidecar: registers the VM, reports its health, keeps its certificate.
+    #[default]
+    Vm,
+    /// An east-west gateway: long-polls the table (for the gateway's network) and serves it to
+    /// the gateway's Envoy, nothing else. It registers no WorkloadEntry (no service selects a
+    /// gateway) and asks for no certificate (it terminates no TLS).
+    Gateway,
+}
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:15020";
 /// Envoy's DNS listener, where captured DNS traffic goes: never an upstream.
@@ -134,6 +151,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "NETWORK", help_heading = CONTROL_PLANE)]
     pub network: Option<String>,
 
+    /// `vm`: register, report health, keep the certificate. `gateway` (beside an east-west
+    /// gateway's Envoy): only fetch the table; the bundle then needs no WorkloadGroup.
+    #[arg(long, env = ENV_ROLE, value_enum, help_heading = CONTROL_PLANE)]
+    pub role: Option<Role>,
+
     /// Where the shim keeps its state (the last name table) [default: /var/lib/vmesh]
     #[arg(long, env = ENV_STATE_DIR, value_name = "DIR", help_heading = CONTROL_PLANE)]
     pub state_dir: Option<PathBuf>,
@@ -225,6 +247,7 @@ pub struct ControlSettings {
     pub cert_dir: PathBuf,
     /// The certificate lifetime asked for.
     pub cert_ttl: Duration,
+    pub role: Role,
 }
 
 /// resolv.conf as the source of the upstreams, followed while the shim runs: DHCP clients,
@@ -427,6 +450,7 @@ impl RunArgs {
             ("--group", self.group.is_some()),
             ("--namespace", self.namespace.is_some()),
             ("--network", self.network.is_some()),
+            ("--role", self.role.is_some()),
             ("--state-dir", self.state_dir.is_some()),
             ("--deregister-timeout", self.deregister_timeout.is_some()),
             ("--cert-dir", self.cert_dir.is_some()),
@@ -520,8 +544,13 @@ impl RunArgs {
             }
             value.clone()
         };
+        let role = self.role.unwrap_or_default();
+        let group = not_empty("--group", &self.group);
         let overrides = Overrides {
-            group: not_empty("--group", &self.group),
+            group: match role {
+                Role::Gateway => group.or_else(|| Some(GATEWAY_GROUP.to_string())),
+                Role::Vm => group,
+            },
             namespace: not_empty("--namespace", &self.namespace),
             network: self.network.clone(),
             address,
@@ -571,6 +600,7 @@ impl RunArgs {
             deregister_timeout: deregister_timeout.filter(|_| state_ok)?,
             cert_dir,
             cert_ttl: cert_ttl?,
+            role,
         })
     }
 }

@@ -229,11 +229,21 @@ fn start_control_plane(
         root_path: b.root_cert_path.clone(),
         board: Arc::clone(board),
     };
-    let keeper = tokio::spawn(keeper.run(stopped.clone()));
+    let gateway = c.role == config::Role::Gateway;
+    // A gateway terminates no TLS: nothing asks for its certificate.
+    let keeper = if gateway {
+        tokio::spawn(async {})
+    } else {
+        tokio::spawn(keeper.run(stopped.clone()))
+    };
     let view = view::follow(resolv_conf, stopped.clone());
     let (tables_tx, tables) = watch::channel(None);
     let source = control::tables::CpTables {
         cp: Arc::clone(&cp),
+        whoami: control::client::TableClient {
+            network: b.network.clone(),
+            locality: b.locality.clone(),
+        },
         cache: c.state_dir.join(control::tables::CACHE_FILE),
         view,
         tables: tables_tx,
@@ -241,6 +251,14 @@ fn start_control_plane(
     };
     let cached = source.load_cache();
     tokio::spawn(source.run(cached, stopped.clone()));
+    if gateway {
+        // No WorkloadEntry: no service selects a gateway, and the table is all it needs.
+        tracing::info!(
+            network = %b.network,
+            "gateway role: fetching the table only, not registering"
+        );
+        return Ok((tables, tokio::spawn(async {}), keeper));
+    }
     let (verdicts_tx, verdicts) = watch::channel(None);
     tokio::spawn(prober::run(plan.subscribe(), verdicts_tx, stopped.clone()));
     let session = control::session::Session {

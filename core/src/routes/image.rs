@@ -13,7 +13,6 @@
 //! str = u32 length + UTF-8; ip = u8 4 or 6 + 4 or 16 bytes; little-endian
 //! ```
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use vmesh_api::names::{Endpoint, Gateway, PortRoutes, Registry, Resolution, ServiceRoutes};
@@ -141,11 +140,9 @@ pub fn decode(bytes: &[u8]) -> Result<RouteTable, RouteError> {
             vips,
             ports,
         };
-        if t.services.insert(host, svc).is_some() {
-            return Err(RouteError::BadImage("service twice"));
-        }
+        t.services.push((host, svc));
     }
-    let mut gateways = BTreeMap::new();
+    let mut gateways = Vec::new();
     for _ in 0..r.count()? {
         let network = r.str()?;
         let mut list = Vec::new();
@@ -155,7 +152,7 @@ pub fn decode(bytes: &[u8]) -> Result<RouteTable, RouteError> {
                 port: r.u16()?,
             });
         }
-        gateways.insert(network, list);
+        gateways.push((network, list));
     }
     t.gateways = gateways;
     if !r.0.is_empty() {

@@ -32,7 +32,6 @@
 mod image;
 mod parse;
 
-use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use vmesh_api::names::{Endpoint, Gateway, Resolution, ServiceRoutes};
@@ -113,8 +112,17 @@ impl Decision {
 pub struct RouteIndex {
     table: RouteTable,
     ports: Vec<PortIndex>,
-    by_addr: HashMap<(IpAddr, u16), u32>,
-    by_host: HashMap<(String, u16), u32>,
+    /// Sorted by key, looked up by binary search: sorted vectors cost the `.wasm` far less
+    /// code than hash maps and are as quick at these sizes.
+    /// Both lookups in one vector, so one sort is compiled in.
+    keys: Vec<(Key, u32)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Addr(IpAddr, u16),
+    /// Lower-case host, port.
+    Host(String, u16),
 }
 
 /// One service port, ready to choose from.
@@ -129,7 +137,7 @@ struct PortIndex {
     /// Endpoints in the client's own network only (a gateway routes only there).
     local: Pick,
     /// `resolution: NONE`: endpoint IP -> identity, for endpoints in this network.
-    none_identities: HashMap<IpAddr, String>,
+    none_identities: Vec<(IpAddr, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,8 +197,7 @@ impl RouteIndex {
     pub fn compile(table: RouteTable) -> Result<Self, RouteError> {
         table.validate()?;
         let mut ports = Vec::new();
-        let mut by_addr = HashMap::new();
-        let mut by_host = HashMap::new();
+        let mut keys = Vec::new();
         for (host, svc) in &table.services {
             for pr in &svc.ports {
                 let id = u32::try_from(ports.len()).map_err(|_| RouteError::TooLarge)?;
@@ -200,24 +207,21 @@ impl RouteIndex {
                         .filter_map(|e| reach(&table, svc.resolution, e, local_only))
                         .collect::<Vec<_>>()
                 };
-                let mut none_identities = HashMap::new();
+                let mut none_identities = Vec::new();
                 if svc.resolution == Resolution::None {
                     for e in &pr.endpoints {
                         if let (Ok(ip), true) =
                             (e.address.parse::<IpAddr>(), e.network == table.network)
                         {
-                            none_identities.insert(ip, e.identity.clone());
-                            by_addr.entry((ip, pr.port)).or_insert(id);
+                            none_identities.push((ip, e.identity.clone()));
+                            keys.push((Key::Addr(ip, pr.port), id));
                         }
                     }
                 }
                 for vip in &svc.vips {
-                    // Two services on one VIP and port: the first host (sorted) keeps it.
-                    by_addr.entry((*vip, pr.port)).or_insert(id);
+                    keys.push((Key::Addr(*vip, pr.port), id));
                 }
-                by_host
-                    .entry((host.to_ascii_lowercase(), pr.port))
-                    .or_insert(id);
+                keys.push((Key::Host(host.to_ascii_lowercase(), pr.port), id));
                 ports.push(PortIndex {
                     host: host.clone(),
                     port: pr.port,
@@ -229,18 +233,18 @@ impl RouteIndex {
                 });
             }
         }
-        Ok(RouteIndex {
-            table,
-            ports,
-            by_addr,
-            by_host,
-        })
+        // Two services on one address and port (or one host in two cases): the first host in
+        // the table's order keeps it (a stable sort keeps insertion order among equals).
+        keys.sort_by(|a, b| a.0.cmp(&b.0));
+        keys.dedup_by(|later, first| later.0 == first.0);
+        Ok(RouteIndex { table, ports, keys })
     }
 
     /// The VM's outbound decision for a connection to `dst` (its original destination).
     /// `rand` is a uniformly random number; the same `rand` gives the same choice.
     pub fn outbound(&self, dst: SocketAddr, rand: u64) -> Decision {
-        let Some(&id) = self.by_addr.get(&(dst.ip(), dst.port())) else {
+        let key = Key::Addr(dst.ip(), dst.port());
+        let Some(id) = find(&self.keys, |k| k.cmp(&key)) else {
             return Decision::passthrough(dst);
         };
         let Some(p) = self.ports.get(id as usize) else {
@@ -248,8 +252,8 @@ impl RouteIndex {
         };
         match p.resolution {
             Resolution::Unknown => Decision::passthrough(dst),
-            Resolution::None => match p.none_identities.get(&dst.ip()) {
-                Some(identity) if !identity.is_empty() => {
+            Resolution::None => match p.none_identities.iter().find(|(ip, _)| *ip == dst.ip()) {
+                Some((_, identity)) if !identity.is_empty() => {
                     Decision::to_ip(dst, Some((&p.sni, identity)), id)
                 }
                 _ => Decision::to_ip(dst, None, id),
@@ -264,7 +268,10 @@ impl RouteIndex {
     /// client's own network only (what an east-west gateway forwards to); `None` for a host and
     /// port not in the table.
     pub fn by_host(&self, host: &str, port: u16, rand: u64) -> Option<Decision> {
-        let &id = self.by_host.get(&(host.to_ascii_lowercase(), port))?;
+        let id = find(&self.keys, |k| match k {
+            Key::Addr(..) => std::cmp::Ordering::Less,
+            Key::Host(h, p) => cmp_ignore_case(h, host).then(p.cmp(&port)),
+        })?;
         let p = self.ports.get(id as usize)?;
         Some(p.choose(&p.local, rand, id))
     }
@@ -318,6 +325,18 @@ impl PortIndex {
     }
 }
 
+fn find<K>(sorted: &[(K, u32)], cmp: impl Fn(&K) -> std::cmp::Ordering) -> Option<u32> {
+    let i = sorted.binary_search_by(|(k, _)| cmp(k)).ok()?;
+    sorted.get(i).map(|(_, id)| *id)
+}
+
+/// Compares a lower-case key with a host as written, without allocating per lookup.
+fn cmp_ignore_case(lower: &str, host: &str) -> std::cmp::Ordering {
+    lower
+        .bytes()
+        .cmp(host.bytes().map(|b| b.to_ascii_lowercase()))
+}
+
 /// How this client reaches endpoint `e`, if it can, with its locality and weight.
 fn reach(
     table: &RouteTable,
@@ -337,8 +356,9 @@ fn reach(
         }
         let gws: Vec<SocketAddr> = table
             .gateways
-            .get(&e.network)
-            .map(|g| {
+            .iter()
+            .find(|(n, _)| *n == e.network)
+            .map(|(_, g)| {
                 g.iter()
                     .map(|g| SocketAddr::new(g.address, g.port))
                     .collect()
@@ -447,9 +467,10 @@ impl RouteTable {
     }
 }
 
-/// The pieces of [`RouteTable`] the codec shares.
-type Services = BTreeMap<String, ServiceRoutes>;
-type Gateways = BTreeMap<String, Vec<Gateway>>;
+/// The pieces of [`RouteTable`] the codec shares: (key, value) in the document's order. A
+/// key given twice: the first one counts (lookups keep the first).
+type Services = Vec<(String, ServiceRoutes)>;
+type Gateways = Vec<(String, Vec<Gateway>)>;
 
 #[cfg(test)]
 mod tests;

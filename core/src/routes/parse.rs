@@ -2,7 +2,6 @@
 //! serde_json). Everything else in the document (`names`, search domains, fields a newer
 //! control plane adds) is skipped.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use vmesh_api::names::{Endpoint, Gateway, PortRoutes, Registry, Resolution, ServiceRoutes};
@@ -94,14 +93,12 @@ fn int<T: TryFrom<u64>>(r: &mut Reader<'_>, field: &str) -> Result<T, JsonError>
 }
 
 fn services(r: &mut Reader<'_>) -> Result<Services, JsonError> {
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     r.begin_object()?;
     let mut first = true;
     while let Some(host) = r.next_key(&mut first)? {
         let svc = service(r)?;
-        if out.insert(host.into_owned(), svc).is_some() {
-            return Err(invalid(r, "a service host appears twice".into()));
-        }
+        out.push((host.into_owned(), svc));
     }
     Ok(out)
 }
@@ -264,7 +261,7 @@ fn endpoint(r: &mut Reader<'_>) -> Result<Endpoint, JsonError> {
 }
 
 fn gateways(r: &mut Reader<'_>) -> Result<Gateways, JsonError> {
-    let mut out = BTreeMap::new();
+    let mut out = Vec::new();
     r.begin_object()?;
     let mut first = true;
     while let Some(network) = r.next_key(&mut first)? {
@@ -295,9 +292,7 @@ fn gateways(r: &mut Reader<'_>) -> Result<Gateways, JsonError> {
                 port: port.ok_or_else(|| missing("port"))?,
             });
         }
-        if out.insert(network.into_owned(), list).is_some() {
-            return Err(invalid(r, "a gateway network appears twice".into()));
-        }
+        out.push((network.into_owned(), list));
     }
     Ok(out)
 }

@@ -3,6 +3,8 @@ use std::net::SocketAddr;
 use vmesh_api::names::{Endpoint, Gateway, NameTable, PortRoutes, Registry, ServiceRoutes};
 use vmesh_api::traffic::clusters;
 
+use std::collections::BTreeMap;
+
 use super::*;
 
 const ID_A: &str = "spiffe://cluster.local/ns/vm-services/sa/my-vm";
@@ -399,6 +401,12 @@ fn the_image_carries_the_whole_routing_table() {
     let again = RouteIndex::from_image(&ix.image()).unwrap();
     assert_eq!(again.table, ix.table);
     assert_eq!(again.image(), ix.image());
-    assert_eq!(ix.table.services, t.services);
-    assert_eq!(ix.table.gateways, t.gateways);
+    assert_eq!(
+        ix.table.services,
+        t.services.into_iter().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ix.table.gateways,
+        t.gateways.into_iter().collect::<Vec<_>>()
+    );
 }

@@ -145,6 +145,16 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// What a name-table client says about itself: the table carries them back for the data
+/// plane's routing (its own network decides which endpoints it reaches directly).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableClient {
+    /// `ISTIO_META_NETWORK`.
+    pub network: String,
+    /// `region/zone/subzone`, from the labels as pilot-agent reads them.
+    pub locality: String,
+}
+
 pub struct ControlPlane {
     /// Never empty.
     endpoints: Vec<(Endpoint, ServerName<'static>)>,
@@ -412,15 +422,25 @@ impl ControlPlane {
             .map(drop)
     }
 
-    /// `GET /v1/name-table`: waits up to `wait` for a version other than `known`.
+    /// `GET /v1/name-table`: waits up to `wait` for a version other than `known`. The
+    /// table is cut for `whoami`'s network and locality (empty ones are not sent).
     pub async fn name_table(
         &self,
         known: Option<&str>,
         wait: Duration,
+        whoami: &TableClient,
     ) -> Result<TablePoll, CallError> {
         let mut target = format!("{}?{}={}", path::NAME_TABLE, query::WAIT, wait.as_secs());
         if let Some(v) = known {
             target.push_str(&format!("&{}={}", query::VERSION, query::encode(v)));
+        }
+        for (name, value) in [
+            (query::NETWORK, &whoami.network),
+            (query::LOCALITY, &whoami.locality),
+        ] {
+            if !value.is_empty() {
+                target.push_str(&format!("&{name}={}", query::encode(value)));
+            }
         }
         let (status, headers, body) = self
             .call(Method::GET, &target, None, wait + POLL_MARGIN)

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use vmesh_api::names::{is_auto_allocated, NameTable};
 use vmesh_core::names::NameIndex;
 
-use super::client::{ControlPlane, TablePoll};
+use super::client::{ControlPlane, TableClient, TablePoll};
 use crate::backoff::Backoff;
 use crate::names::Table;
 use crate::status::Board;
@@ -106,6 +106,8 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The control-plane table source.
 pub struct CpTables {
     pub cp: Arc<ControlPlane>,
+    /// The network and locality the table is asked for.
+    pub whoami: TableClient,
     pub cache: PathBuf,
     pub view: watch::Receiver<VmView>,
     pub tables: watch::Sender<Option<Arc<Table>>>,
@@ -177,7 +179,9 @@ impl CpTables {
                 }
                 refused_token = None;
             }
-            let poll = self.cp.name_table(known.as_deref(), POLL_WAIT);
+            let poll = self
+                .cp
+                .name_table(known.as_deref(), POLL_WAIT, &self.whoami);
             let result = tokio::select! {
                 r = poll => r,
                 Ok(()) = view.changed() => {

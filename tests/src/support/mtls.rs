@@ -107,6 +107,15 @@ impl Conn {
 
 /// Connects to 127.0.0.1:`port` and completes the TLS handshake.
 pub fn connect(port: u16, client: Option<&Identity>) -> Result<Conn, String> {
+    connect_sni(port, "vm.mesh.test", client)
+}
+
+/// [`connect`] with the SNI `server_name` (an east-west gateway routes by it).
+pub fn connect_sni(
+    port: u16,
+    server_name: &str,
+    client: Option<&Identity>,
+) -> Result<Conn, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let seen = Arc::new(Mutex::new(None));
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
@@ -130,7 +139,7 @@ pub fn connect(port: u16, client: Option<&Identity>) -> Result<Conn, String> {
                 .map_err(|e| e.to_string())?
         }
     };
-    let name = ServerName::try_from("vm.mesh.test").map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| e.to_string())?;
     let conn = ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
     let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     tcp.set_read_timeout(Some(Duration::from_secs(5)))
