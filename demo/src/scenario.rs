@@ -89,6 +89,21 @@ spec:
     labels:
       app: python-http
 ---
+# The east-west gateway's identity: its shim fetches network-a's table with it (it registers
+# nothing: a gateway is no workload).
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata:
+  name: istio-eastwestgateway
+  namespace: istio-system
+spec:
+  metadata:
+    labels:
+      app: istio-eastwestgateway
+  template:
+    serviceAccount: istio-eastwestgateway
+    network: network-a
+---
 # The client VM, in the other network.
 apiVersion: networking.istio.io/v1
 kind: WorkloadGroup
@@ -171,6 +186,8 @@ pub struct Report {
     pub answers: Vec<String>,
     /// httpbin's answer through the east-west gateway.
     pub httpbin: String,
+    /// Connections the gateway routed on 15443 (its `vmesh_gateway_cx_routed`).
+    pub gateway_routed: u64,
     /// From stopping a replica's Envoy until it no longer answers.
     pub left_answers_after: Option<Duration>,
     /// From stopping it until its WorkloadEntry was deleted.
@@ -500,7 +517,8 @@ impl Demo {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.out.text(&format!("meshNetworks (--mesh-networks):\n{networks}"));
+        self.out
+            .text(&format!("meshNetworks (--mesh-networks):\n{networks}"));
         self.out.text(&format!(
             "heartbeats every {HEARTBEAT:?}; a silent VM is disconnected after {LIVENESS_TIMEOUT:?} \
              and its entry deleted {GRACE_PERIOD:?} later"
@@ -522,26 +540,58 @@ impl Demo {
         Ok(())
     }
 
-    /// The east-west gateway: 15012 on its network-b address to the control plane.
+    /// The east-west gateway: `envoy-configs/eastwest-gateway.yaml` with the filter, and a
+    /// shim in gateway role for its table.
     fn gateway(&mut self) -> Result<(), DemoError> {
         let b = self.gw.addr_in(NET_B).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let a = self.gw.addr_in(NET_A).unwrap_or(Ipv4Addr::UNSPECIFIED);
         self.out.step(&format!(
-            "3. The east-west gateway: {} in network-a, {b} in network-b (no IP forwarding)",
-            self.gw.addr_in(NET_A).unwrap_or(Ipv4Addr::UNSPECIFIED)
+            "3. The east-west gateway: {a} in network-a, {b} in network-b (no IP forwarding); \
+             {GATEWAY_PORT} mTLS passed through by SNI, {CP_PORT} to the control plane"
         ));
         let dir = self.dir.join("gw");
         std::fs::create_dir_all(&dir).map_err(|e| fail("create the gateway's directory", e))?;
-        let config = dir.join("envoy.yaml");
-        std::fs::write(&config, gateway_stand_in(b, self.cp.addr()))
-            .map_err(|e| fail("write the gateway's config", e))?;
-        self.out
-            .cmd(&self.gw.name, &format!("envoy -c {}", config.display()));
+        let bundle = self.bundle("istio-eastwestgateway", "istio-system", self.cp.addr())?;
+        let shim = self.programs.shim.display().to_string();
+        let shim_args: Vec<String> = [
+            "--bundle",
+            &bundle.display().to_string(),
+            "--role",
+            "gateway",
+            "--address",
+            &a.to_string(),
+            "--state-dir",
+            &dir.join("state").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.out.cmd(
+            &self.gw.name,
+            &format!("vmesh-shim --bundle {} --role gateway &", bundle.display()),
+        );
+        self.gateway.push(Proc::spawn(
+            "gateway shim",
+            Path::new("ip"),
+            &netns::exec_args(&self.gw.ns, As::Caller, &shim, &shim_args),
+            &dir.join("shim.log"),
+        ));
+        let config = dir.join("eastwest-gateway.yaml");
+        std::fs::write(
+            &config,
+            gateway_config(&self.programs.wasm, self.cp.addr())?,
+        )
+        .map_err(|e| fail("write the gateway's config", e))?;
+        self.out.cmd(
+            &self.gw.name,
+            "envoy -c envoy-configs/eastwest-gateway.yaml &",
+        );
         let envoy = self.programs.envoy.display().to_string();
         let args = envoy_args(&config);
-        self.gateway.push(Proc::spawn_guarded(
+        self.gateway.push(Proc::spawn(
             "gateway envoy",
             Path::new("ip"),
-            &netns::exec_args(&self.gw.ns, As::Group(PROXY_GID), &envoy, &args),
+            &netns::exec_args(&self.gw.ns, As::Caller, &envoy, &args),
             &dir.join("envoy.log"),
         ));
         wait("the gateway's Envoy is live", patience(), || {
@@ -957,6 +1007,37 @@ impl Demo {
         self.out.cmd(&client.name, &format!("curl -s {url}"));
         self.out.text(&body);
         self.report.httpbin = body;
+        // The gateway's own count says the connections went through it.
+        let routed = "wasmcustom.vmesh_gateway_cx_routed";
+        let stats = netns::exec(
+            &self.gw.ns,
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "2",
+                &format!("http://127.0.0.1:15000/stats?filter={routed}"),
+            ],
+        )
+        .result()
+        .map_err(|e| fail("the gateway's stats", e))?;
+        self.out.cmd(
+            &self.gw.name,
+            &format!("curl -s 'localhost:15000/stats?filter={routed}'"),
+        );
+        self.out.text(&stats);
+        let count: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{routed}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if count == 0 {
+            return Err(fail(
+                "the client's connections went through the gateway",
+                format!("{routed} is 0"),
+            ));
+        }
+        self.report.gateway_routed = count;
         Ok(())
     }
 
@@ -1085,11 +1166,13 @@ fn envoy_ready(ns: &str) -> Result<(), String> {
     }
 }
 
+/// Where the Envoy configs name the built filter (relative to the repository root).
+const WASM_IN_CONFIG: &str = "target/wasm32-wasip1/release/vmesh_filter.wasm";
+
 /// `envoy-configs/vm-sidecar.yaml` as a VM runs it: the built `.wasm` by its full path, the
 /// certificate directory this VM's shim fills. Ports stay Istio's: each VM has its own
 /// loopback.
 fn sidecar_config(wasm: &Path, certs: &Path) -> Result<String, DemoError> {
-    const WASM_IN_CONFIG: &str = "target/wasm32-wasip1/release/vmesh_filter.wasm";
     const CERTS_IN_CONFIG: &str = "/var/lib/vmesh/certs";
     let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml"))
         .map_err(|e| fail("read envoy-configs/vm-sidecar.yaml", e))?;
@@ -1104,31 +1187,22 @@ fn sidecar_config(wasm: &Path, certs: &Path) -> Result<String, DemoError> {
         .replace(CERTS_IN_CONFIG, &certs.display().to_string()))
 }
 
-/// Until the east-west gateway's own config exists: 15012 on its network-b address passed to
-/// the control plane.
-fn gateway_stand_in(listen: Ipv4Addr, cp: Ipv4Addr) -> String {
-    format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: 15000}}}}
-static_resources:
-  listeners:
-  - name: to_control_plane
-    address: {{socket_address: {{address: {listen}, port_value: {CP_PORT}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: control_plane
-          cluster: control_plane
-  clusters:
-  - name: control_plane
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: control_plane
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {cp}, port_value: {CP_PORT}}}}}}}
-"#
-    )
+/// `envoy-configs/eastwest-gateway.yaml` as the gateway runs it: the built `.wasm` by its
+/// full path, the control plane's address in network-a.
+fn gateway_config(wasm: &Path, cp: Ipv4Addr) -> Result<String, DemoError> {
+    const CP_IN_CONFIG: &str = "address: vmesh-control, port_value: 15012}";
+    let text = std::fs::read_to_string(repo_root().join("envoy-configs/eastwest-gateway.yaml"))
+        .map_err(|e| fail("read envoy-configs/eastwest-gateway.yaml", e))?;
+    if !text.contains(WASM_IN_CONFIG) || !text.contains(CP_IN_CONFIG) {
+        return Err(fail(
+            "render eastwest-gateway.yaml",
+            format!("it no longer names {WASM_IN_CONFIG} and {CP_IN_CONFIG}"),
+        ));
+    }
+    Ok(text
+        .replace(WASM_IN_CONFIG, &wasm.display().to_string())
+        .replace(
+            CP_IN_CONFIG,
+            &format!("address: {cp}, port_value: {CP_PORT}}}"),
+        ))
 }
