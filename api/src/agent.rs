@@ -30,6 +30,11 @@ pub mod counter {
     /// Answered with an error code by the filter (FORMERR, NOTIMP, REFUSED, SERVFAIL for
     /// a failed forward or no table yet, BADVERS), or dropped.
     pub const DNS_ERRORS: &str = "dnsErrors";
+    /// Connections the outbound listener took (mesh services and pass-through alike).
+    pub const OUTBOUND_CONNECTIONS: &str = "outboundConnections";
+    /// Outbound connections that never reached an upstream: connect failure (refused, timed
+    /// out, a TLS handshake or SAN check that failed), or a service with no reachable endpoint.
+    pub const OUTBOUND_FAILURES: &str = "outboundFailures";
 }
 
 /// The body of `POST /v1/agent/report`.

@@ -60,6 +60,13 @@ pub mod clusters {
     pub const NO_ENDPOINT: &str = "vmesh_no_endpoint";
 }
 
+/// The per-service-port stat the outbound filter keeps, without Envoy's `wasmcustom.` prefix:
+/// `vmesh_outbound_HOST_PORT_WHAT` (`WHAT`: `cx_total`, `cx_failed`, `bytes_sent`,
+/// `bytes_received`).
+pub fn outbound_stat(host: &str, port: u16, what: &str) -> String {
+    format!("vmesh_outbound_{host}_{port}_{what}")
+}
+
 /// The port east-west gateways listen on for mesh mTLS (Istio's `tls` port, AUTO_PASSTHROUGH).
 pub const GATEWAY_PORT: u16 = 15443;
 

@@ -16,10 +16,19 @@ pub enum Role {
     DnsUdp,
     /// Network filter in front of echo on the TCP DNS listener: RFC 1035 framing.
     DnsTcp,
+    /// Network filter on the VM's outbound listener (15001): original destination -> the
+    /// decision `set_filter_state` hands to `tcp_proxy` (`vmesh_api::traffic`).
+    Outbound,
 }
 
 /// The root ids, in the order [`ConfigError::UnknownRootId`] lists them.
-pub const ROOT_IDS: [&str; 4] = ["vmesh_agent", "vmesh_dns", "vmesh_dns_udp", "vmesh_dns_tcp"];
+pub const ROOT_IDS: [&str; 5] = [
+    "vmesh_agent",
+    "vmesh_dns",
+    "vmesh_dns_udp",
+    "vmesh_dns_tcp",
+    vmesh_api::traffic::roots::OUTBOUND,
+];
 
 impl Role {
     pub fn from_root_id(root_id: &str) -> Result<Self, ConfigError> {
@@ -28,6 +37,7 @@ impl Role {
             "vmesh_dns" => Ok(Role::Dns),
             "vmesh_dns_udp" => Ok(Role::DnsUdp),
             "vmesh_dns_tcp" => Ok(Role::DnsTcp),
+            vmesh_api::traffic::roots::OUTBOUND => Ok(Role::Outbound),
             other => Err(ConfigError::UnknownRootId(other.to_string())),
         }
     }
@@ -259,6 +269,7 @@ mod tests {
         assert_eq!(Role::from_root_id("vmesh_dns"), Ok(Role::Dns));
         assert_eq!(Role::from_root_id("vmesh_dns_udp"), Ok(Role::DnsUdp));
         assert_eq!(Role::from_root_id("vmesh_dns_tcp"), Ok(Role::DnsTcp));
+        assert_eq!(Role::from_root_id("vmesh_outbound"), Ok(Role::Outbound));
         let err = Role::from_root_id("dns").unwrap_err().to_string();
         assert!(err.contains("vmesh_dns_tcp"), "{err}");
         assert!(Role::from_root_id("dns").is_err());

@@ -8,7 +8,10 @@
 //! - `vmesh_dns_udp` / `vmesh_dns_tcp` (network filters in front of echo): answer UDP (through
 //!   udp_proxy's tunnel) and TCP DNS from the table and forward the rest through the shim
 //!   ([`conn`]), on one gRPC stream per worker that the DNS roots of a VM share ([`stream`]);
-//! - `vmesh_dns` (HTTP filter on the DoH listener): the same for DNS over HTTPS ([`dns`]).
+//! - `vmesh_dns` (HTTP filter on the DoH listener): the same for DNS over HTTPS ([`dns`]);
+//! - `vmesh_outbound` (network filter on the outbound listener, 15001): routes each
+//!   connection by its original destination from the routing table the agent publishes
+//!   ([`outbound`], [`routes`]).
 //!
 //! Decisions live in `vmesh-core` and are tested natively; this crate moves bytes between
 //! Envoy and them. A panic here would kill the worker's VM for every plugin, so host results
@@ -30,6 +33,8 @@ pub mod conn;
 pub mod dns;
 pub mod liveness;
 pub mod metrics;
+pub mod outbound;
+pub mod routes;
 pub mod stream;
 pub mod table;
 
@@ -46,6 +51,7 @@ use crate::config::{Config, Role};
 use crate::conn::{Carrier, DnsConn};
 use crate::dns::{DnsStream, Worker};
 use crate::metrics::Metrics;
+use crate::outbound::{OutboundConn, OutboundWorker};
 use crate::table::WorkerTable;
 
 const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "+", env!("VMESH_GIT_HASH"));
@@ -71,6 +77,8 @@ enum RootRole {
     Dns(Rc<Worker>),
     /// UDP or TCP DNS (a network filter).
     Conn(Rc<Worker>, Carrier),
+    /// The outbound listener (a network filter).
+    Outbound(Rc<OutboundWorker>),
 }
 
 impl Root {
@@ -100,6 +108,16 @@ impl Root {
         let metrics = Metrics::define();
         self.role = match role {
             Role::Agent => RootRole::Agent(Box::new(Agent::new(config, metrics))),
+            Role::Outbound => {
+                let worker = OutboundWorker::new(metrics);
+                worker.routes.borrow_mut().refresh();
+                if let Err(e) =
+                    hostcalls::set_tick_period(Duration::from_millis(config.table_check_ms))
+                {
+                    return Err(format!("cannot start the tick: {e:?}"));
+                }
+                RootRole::Outbound(Rc::new(worker))
+            }
             Role::Dns | Role::DnsUdp | Role::DnsTcp => {
                 // The UDP root's tick also sends the tunnels' keepalives; the table check
                 // is a small shared-data read, cheap at the faster of the two periods.
@@ -185,6 +203,10 @@ impl RootContext for Root {
                 stream::tick(self.id);
                 conn::send_keepalives(worker, self.id);
             }
+            RootRole::Outbound(worker) => {
+                worker.routes.borrow_mut().refresh();
+                liveness::record_worker_tick();
+            }
             RootRole::Unconfigured => {}
         }
     }
@@ -193,9 +215,10 @@ impl RootContext for Root {
         // Returning None makes the SDK panic; a stream we do not serve gets a pass-through.
         Some(match &self.role {
             RootRole::Dns(worker) => Box::new(DnsStream::new(Rc::clone(worker), context_id)),
-            RootRole::Agent(_) | RootRole::Conn(..) | RootRole::Unconfigured => {
-                Box::new(PassThrough)
-            }
+            RootRole::Agent(_)
+            | RootRole::Conn(..)
+            | RootRole::Outbound(_)
+            | RootRole::Unconfigured => Box::new(PassThrough),
         })
     }
 
@@ -204,13 +227,14 @@ impl RootContext for Root {
             RootRole::Conn(worker, carrier) => {
                 Box::new(DnsConn::new(Rc::clone(worker), context_id, *carrier))
             }
+            RootRole::Outbound(worker) => Box::new(OutboundConn::new(Rc::clone(worker))),
             RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => Box::new(PassThrough),
         })
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(match self.role {
-            RootRole::Conn(..) => ContextType::StreamContext,
+            RootRole::Conn(..) | RootRole::Outbound(_) => ContextType::StreamContext,
             RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => {
                 ContextType::HttpContext
             }

@@ -26,9 +26,17 @@ pub enum Counter {
     TableRejected,
     /// A gauge: names in the published table.
     TableNames,
+    /// Outbound connections (`vmesh_outbound` root), all destinations.
+    OutboundCx,
+    /// Outbound connections that never reached an upstream.
+    OutboundFailed,
+    OutboundBytesSent,
+    OutboundBytesReceived,
+    /// Routing tables the agent refused (the names may still have been taken).
+    RoutesRejected,
 }
 
-const ALL: [(Counter, &str, MetricType); 15] = [
+const ALL: [(Counter, &str, MetricType); 20] = [
     (Counter::Answered, "vmesh_dns_answered", MetricType::Counter),
     (Counter::NoData, "vmesh_dns_nodata", MetricType::Counter),
     (
@@ -72,6 +80,31 @@ const ALL: [(Counter, &str, MetricType); 15] = [
         MetricType::Counter,
     ),
     (Counter::TableNames, "vmesh_table_names", MetricType::Gauge),
+    (
+        Counter::OutboundCx,
+        "vmesh_outbound_cx_total",
+        MetricType::Counter,
+    ),
+    (
+        Counter::OutboundFailed,
+        "vmesh_outbound_cx_failed",
+        MetricType::Counter,
+    ),
+    (
+        Counter::OutboundBytesSent,
+        "vmesh_outbound_bytes_sent",
+        MetricType::Counter,
+    ),
+    (
+        Counter::OutboundBytesReceived,
+        "vmesh_outbound_bytes_received",
+        MetricType::Counter,
+    ),
+    (
+        Counter::RoutesRejected,
+        "vmesh_routes_rejected",
+        MetricType::Counter,
+    ),
 ];
 
 #[derive(Debug, Clone, Default)]
@@ -179,6 +212,8 @@ pub fn report_counters(get: impl Fn(Counter) -> u64) -> Counters {
             counter::DNS_ERRORS,
             rejected.saturating_add(get(ForwardFailed)),
         ),
+        (counter::OUTBOUND_CONNECTIONS, get(OutboundCx)),
+        (counter::OUTBOUND_FAILURES, get(OutboundFailed)),
     ] {
         counters.set(name, value);
     }
@@ -194,7 +229,7 @@ mod tests {
         // A distinct power of two per stat shows which ones each sum took.
         let get = |c: Counter| 1u64 << (c as u32);
         let r = report_counters(get);
-        assert_eq!(r.len(), 4);
+        assert_eq!(r.len(), 6);
         let bits = |cs: &[Counter]| cs.iter().map(|c| get(*c)).sum::<u64>();
         use Counter::*;
         let answered = bits(&[Answered, NoData]);
@@ -213,7 +248,15 @@ mod tests {
         assert_eq!(r(counter::DNS_QUERIES), answered + get(Forwarded) + other);
         assert_eq!(r(counter::DNS_ERRORS), other + get(ForwardFailed));
         // Truncation and table stats are no queries of their own.
-        for c in [Truncated, TableUpdates, TableRejected, TableNames] {
+        assert_eq!(r(counter::OUTBOUND_CONNECTIONS), get(OutboundCx));
+        assert_eq!(r(counter::OUTBOUND_FAILURES), get(OutboundFailed));
+        for c in [
+            Truncated,
+            TableUpdates,
+            TableRejected,
+            TableNames,
+            OutboundCx,
+        ] {
             assert_eq!(r(counter::DNS_QUERIES) & get(c), 0, "{c:?}");
         }
     }

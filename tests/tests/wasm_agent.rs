@@ -15,8 +15,8 @@ use vmesh_core::framing::Framing;
 use vmesh_core::names::NameIndex;
 use vmesh_tests::wasm_host::vmesh::{
     self, calls_to, framed, pending_to, query, single_callout_to, small_table, table_poll,
-    ADMIN_CLUSTER, IMAGE_KEY, NAME_TABLE_PATH as TABLE, PROBE_CLUSTER, SHIM_AUTHORITY,
-    SHIM_CLUSTER, VERSION_KEY, VM_ID, WORKER_TICK_KEY,
+    ADMIN_CLUSTER, IMAGE_KEY, NAME_TABLE_PATH as TABLE, PROBE_CLUSTER, ROUTES_IMAGE_KEY,
+    ROUTES_VERSION_KEY, SHIM_AUTHORITY, SHIM_CLUSTER, VERSION_KEY, VM_ID, WORKER_TICK_KEY,
 };
 use vmesh_tests::wasm_host::{
     Host, HostCall, HttpCallRequest, HttpResponse, LogLevel, Status, Vm, VmError,
@@ -107,8 +107,15 @@ fn a_200_table_is_published_image_first_then_version() -> Result<(), VmError> {
         })
         .collect();
     let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(keys, [IMAGE_KEY, VERSION_KEY], "workers key on the version");
+    assert_eq!(
+        keys,
+        [IMAGE_KEY, VERSION_KEY, ROUTES_IMAGE_KEY, ROUTES_VERSION_KEY],
+        "workers key on the version; names first, then routes"
+    );
     assert_eq!(writes[1].1, b"v1");
+    assert_eq!(writes[3].1, b"v1");
+    let routes = vmesh_core::routes::RouteIndex::from_image(&writes[2].1).expect("routes image");
+    assert_eq!(routes.version(), "v1");
 
     let index = NameIndex::from_image(writes[0].1.clone()).expect("a valid image");
     assert_eq!((index.version(), index.len()), ("v1", table.names.len()));
@@ -421,7 +428,9 @@ fn the_first_tick_asks_envoy_admin_ready_then_reports_to_the_shim() -> Result<()
             counter::DNS_ANSWERED,
             counter::DNS_ERRORS,
             counter::DNS_FORWARDED,
-            counter::DNS_QUERIES
+            counter::DNS_QUERIES,
+            counter::OUTBOUND_CONNECTIONS,
+            counter::OUTBOUND_FAILURES
         ]
     );
     assert!(r.counters.iter().all(|(_, v)| v == 0));

@@ -56,7 +56,13 @@ fn exports_declare_abi_0_2_1_an_allocator_and_a_reactor_entry_point() {
     assert!(!exports.iter().any(|e| e == "_start"));
 }
 
-const ROOT_IDS: [&str; 4] = [AGENT_ROOT_ID, DNS_ROOT_ID, DNS_UDP_ROOT_ID, DNS_TCP_ROOT_ID];
+const ROOT_IDS: [&str; 5] = [
+    AGENT_ROOT_ID,
+    DNS_ROOT_ID,
+    DNS_UDP_ROOT_ID,
+    DNS_TCP_ROOT_ID,
+    vmesh_api::traffic::roots::OUTBOUND,
+];
 
 #[test]
 fn every_root_starts_and_configures_with_an_empty_configuration() -> Result<(), VmError> {

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use proxy_wasm::hostcalls;
 use vmesh_api::paths::{content_type, query, shim};
 use vmesh_core::names::NameIndex;
+use vmesh_core::routes::RouteIndex;
 
 use crate::callout;
 use crate::config::Config;
@@ -120,6 +121,19 @@ impl NamePoll {
         if let Err(e) = table::publish(&index) {
             log::error!("name table not published: {e}");
             return self.failed();
+        }
+        // Routing is compiled from the same document; a routing part this version cannot use
+        // leaves the last good routes in place but does not hold the names back.
+        match RouteIndex::from_json(json) {
+            Ok(routes) => {
+                if let Err(e) = crate::routes::publish(&routes) {
+                    log::error!("routing table not published: {e}");
+                }
+            }
+            Err(e) => {
+                self.metrics.add(Counter::RoutesRejected, 1);
+                log::error!("routing table refused, routing with the last one: {e}");
+            }
         }
         self.metrics.add(Counter::TableUpdates, 1);
         self.metrics.set(Counter::TableNames, index.len() as u64);

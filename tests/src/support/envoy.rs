@@ -36,7 +36,9 @@ pub fn wasm() -> PathBuf {
 }
 
 /// The sidecar config with its well-known ports and its certificate directory replaced by
-/// this test's. The inbound listener listens on loopback only.
+/// this test's. The inbound listener listens on loopback only, the outbound one on
+/// `ports.outbound_ip` (a loopback address a test's table may use as a VIP: without the
+/// capture rules, a connection's original destination is the listener's own address).
 pub fn render_config(ports: Ports, shim: u16, cert_dir: &Path) -> String {
     let Ports {
         admin,
@@ -44,6 +46,8 @@ pub fn render_config(ports: Ports, shim: u16, cert_dir: &Path) -> String {
         doh,
         inbound,
         app,
+        outbound,
+        outbound_ip,
     } = ports;
     let text = std::fs::read_to_string(repo_root().join("envoy-configs/vm-sidecar.yaml"))
         .expect("read vm-sidecar.yaml");
@@ -57,12 +61,28 @@ pub fn render_config(ports: Ports, shim: u16, cert_dir: &Path) -> String {
         "address: 0.0.0.0, port_value: 15006",
         "address: 127.0.0.1, port_value: 15006",
     );
+    let outbound_bind = "address: 0.0.0.0, port_value: 15001";
+    assert!(
+        out.contains(outbound_bind),
+        "vm-sidecar.yaml no longer has {outbound_bind}"
+    );
+    out = out.replace(
+        outbound_bind,
+        &format!("address: {outbound_ip}, port_value: 15001"),
+    );
+    let direct = "destination_port: 15006}";
+    assert!(
+        out.contains(direct),
+        "vm-sidecar.yaml no longer has {direct}"
+    );
+    out = out.replace(direct, &format!("destination_port: {inbound}}}"));
     for (from, to) in [
         (15000, admin),
         (15053, dns),
         (15054, doh),
         (15020, shim),
         (15006, inbound),
+        (15001, outbound),
         (8080, app),
     ] {
         let needle = format!("port_value: {from}}}");
@@ -84,6 +104,9 @@ pub struct Ports {
     pub doh: u16,
     pub inbound: u16,
     pub app: u16,
+    /// The outbound listener (15001 in the config) and the address it binds.
+    pub outbound: u16,
+    pub outbound_ip: std::net::Ipv4Addr,
 }
 
 impl Ports {
@@ -94,6 +117,8 @@ impl Ports {
             doh: free_port(),
             inbound: free_port(),
             app: free_port(),
+            outbound: free_port(),
+            outbound_ip: std::net::Ipv4Addr::LOCALHOST,
         }
     }
 }

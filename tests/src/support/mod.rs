@@ -8,6 +8,7 @@ pub mod dnsmasq;
 pub mod doh;
 pub mod echo;
 pub mod envoy;
+pub mod mesh_pki;
 pub mod mtls;
 pub mod shim;
 pub mod sidecar;

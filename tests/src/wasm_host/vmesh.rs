@@ -36,6 +36,9 @@ pub const WORKER_TICK_KEY: &str = "vmesh.worker.tick";
 /// Shared data keys the agent publishes under (filter `table.rs`).
 pub const IMAGE_KEY: &str = "vmesh.names.image";
 pub const VERSION_KEY: &str = "vmesh.names.version";
+/// The same for the routing table (filter `routes.rs`).
+pub const ROUTES_IMAGE_KEY: &str = "vmesh.routes.image";
+pub const ROUTES_VERSION_KEY: &str = "vmesh.routes.version";
 
 pub const A: u16 = 1;
 pub const AAAA: u16 = 28;
