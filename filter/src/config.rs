@@ -19,15 +19,19 @@ pub enum Role {
     /// Network filter on the VM's outbound listener (15001): original destination -> the
     /// decision `set_filter_state` hands to `tcp_proxy` (`vmesh_api::traffic`).
     Outbound,
+    /// Network filter on an east-west gateway's 15443 listener: SNI -> an endpoint of the
+    /// gateway's own network, TLS passed through ([`crate::gateway`]).
+    Gateway,
 }
 
 /// The root ids, in the order [`ConfigError::UnknownRootId`] lists them.
-pub const ROOT_IDS: [&str; 5] = [
+pub const ROOT_IDS: [&str; 6] = [
     "vmesh_agent",
     "vmesh_dns",
     "vmesh_dns_udp",
     "vmesh_dns_tcp",
     vmesh_api::traffic::roots::OUTBOUND,
+    vmesh_api::traffic::roots::GATEWAY,
 ];
 
 impl Role {
@@ -38,6 +42,7 @@ impl Role {
             "vmesh_dns_udp" => Ok(Role::DnsUdp),
             "vmesh_dns_tcp" => Ok(Role::DnsTcp),
             vmesh_api::traffic::roots::OUTBOUND => Ok(Role::Outbound),
+            vmesh_api::traffic::roots::GATEWAY => Ok(Role::Gateway),
             other => Err(ConfigError::UnknownRootId(other.to_string())),
         }
     }

@@ -111,20 +111,19 @@ impl StreamContext for GatewayConn {
             .and_then(|b| String::from_utf8(b).ok())
             .unwrap_or_default();
         let index = w.routes.borrow().get();
-        let (cluster, upstream, host, port) =
-            match route(index.as_deref(), &sni, w.next_rand()) {
-                Ok(d) => {
-                    bump(w.routed);
-                    (d.cluster, d.upstream, d.dynamic_host, d.dynamic_port)
+        let (cluster, upstream, host, port) = match route(index.as_deref(), &sni, w.next_rand()) {
+            Ok(d) => {
+                bump(w.routed);
+                (d.cluster, d.upstream, d.dynamic_host, d.dynamic_port)
+            }
+            Err(r) => {
+                log::debug!("gateway: {sni:?} refused: {}", r.as_str());
+                if let Some(i) = REFUSALS.iter().position(|x| *x == r) {
+                    bump(w.refused.get(i).copied().flatten());
                 }
-                Err(r) => {
-                    log::debug!("gateway: {sni:?} refused: {}", r.as_str());
-                    if let Some(i) = REFUSALS.iter().position(|x| *x == r) {
-                        bump(w.refused.get(i).copied().flatten());
-                    }
-                    (clusters::NO_ENDPOINT, String::new(), String::new(), 0)
-                }
-            };
+                (clusters::NO_ENDPOINT, String::new(), String::new(), 0)
+            }
+        };
         let port = port.to_string();
         // Always every value, so the copies `set_filter_state` makes never read a missing one.
         for (name, value) in [

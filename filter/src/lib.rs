@@ -11,7 +11,10 @@
 //! - `vmesh_dns` (HTTP filter on the DoH listener): the same for DNS over HTTPS ([`dns`]);
 //! - `vmesh_outbound` (network filter on the outbound listener, 15001): routes each
 //!   connection by its original destination from the routing table the agent publishes
-//!   ([`outbound`], [`routes`]).
+//!   ([`outbound`], [`routes`]);
+//! - `vmesh_gateway` (network filter on an east-west gateway's 15443 listener): routes each
+//!   connection by its SNI to an endpoint of the gateway's own network, TLS passed through
+//!   ([`gateway`]).
 //!
 //! Decisions live in `vmesh-core` and are tested natively; this crate moves bytes between
 //! Envoy and them. A panic here would kill the worker's VM for every plugin, so host results
@@ -31,6 +34,7 @@ pub mod callout;
 pub mod config;
 pub mod conn;
 pub mod dns;
+pub mod gateway;
 pub mod liveness;
 pub mod metrics;
 pub mod outbound;
@@ -50,6 +54,7 @@ use crate::agent::Agent;
 use crate::config::{Config, Role};
 use crate::conn::{Carrier, DnsConn};
 use crate::dns::{DnsStream, Worker};
+use crate::gateway::{GatewayConn, GatewayWorker};
 use crate::metrics::Metrics;
 use crate::outbound::{OutboundConn, OutboundWorker};
 use crate::table::WorkerTable;
@@ -79,6 +84,8 @@ enum RootRole {
     Conn(Rc<Worker>, Carrier),
     /// The outbound listener (a network filter).
     Outbound(Rc<OutboundWorker>),
+    /// An east-west gateway's 15443 listener (a network filter).
+    Gateway(Rc<GatewayWorker>),
 }
 
 impl Root {
@@ -108,6 +115,16 @@ impl Root {
         let metrics = Metrics::define();
         self.role = match role {
             Role::Agent => RootRole::Agent(Box::new(Agent::new(config, metrics))),
+            Role::Gateway => {
+                let worker = GatewayWorker::new();
+                worker.routes.borrow_mut().refresh();
+                if let Err(e) =
+                    hostcalls::set_tick_period(Duration::from_millis(config.table_check_ms))
+                {
+                    return Err(format!("cannot start the tick: {e:?}"));
+                }
+                RootRole::Gateway(Rc::new(worker))
+            }
             Role::Outbound => {
                 let worker = OutboundWorker::new(metrics);
                 worker.routes.borrow_mut().refresh();
@@ -207,6 +224,10 @@ impl RootContext for Root {
                 worker.routes.borrow_mut().refresh();
                 liveness::record_worker_tick();
             }
+            RootRole::Gateway(worker) => {
+                worker.routes.borrow_mut().refresh();
+                liveness::record_worker_tick();
+            }
             RootRole::Unconfigured => {}
         }
     }
@@ -218,6 +239,7 @@ impl RootContext for Root {
             RootRole::Agent(_)
             | RootRole::Conn(..)
             | RootRole::Outbound(_)
+            | RootRole::Gateway(_)
             | RootRole::Unconfigured => Box::new(PassThrough),
         })
     }
@@ -228,13 +250,16 @@ impl RootContext for Root {
                 Box::new(DnsConn::new(Rc::clone(worker), context_id, *carrier))
             }
             RootRole::Outbound(worker) => Box::new(OutboundConn::new(Rc::clone(worker))),
+            RootRole::Gateway(worker) => Box::new(GatewayConn::new(Rc::clone(worker))),
             RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => Box::new(PassThrough),
         })
     }
 
     fn get_type(&self) -> Option<ContextType> {
         Some(match self.role {
-            RootRole::Conn(..) | RootRole::Outbound(_) => ContextType::StreamContext,
+            RootRole::Conn(..) | RootRole::Outbound(_) | RootRole::Gateway(_) => {
+                ContextType::StreamContext
+            }
             RootRole::Agent(_) | RootRole::Dns(_) | RootRole::Unconfigured => {
                 ContextType::HttpContext
             }
