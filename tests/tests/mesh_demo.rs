@@ -55,6 +55,44 @@ fn the_seed_scenario_runs_across_two_networks_and_leaves_nothing_behind() {
         report.service_vip
     );
 
+    // The client's requests reached both replicas, each named by its WorkloadEntry.
+    for replica in [
+        "python-http-198.18.1.21-network-a",
+        "python-http-198.18.1.22-network-a",
+    ] {
+        assert!(
+            report.answers.iter().any(|a| a == replica),
+            "{replica} never answered: {:?}",
+            report.answers
+        );
+    }
+    // httpbin answered the client in network-b, through the gateway.
+    assert!(
+        report.httpbin.contains("\"url\""),
+        "httpbin's answer: {}",
+        report.httpbin
+    );
+    assert!(report.gateway_routed > 0, "the gateway routed nothing");
+    // The stopped replica left the answers, and its entry went, within the liveness timeout
+    // plus the grace period plus slack for a loaded machine.
+    let bound = vmesh_demo::scenario::LIVENESS_TIMEOUT
+        + vmesh_demo::scenario::GRACE_PERIOD
+        + std::time::Duration::from_secs(10);
+    let left = report.left_answers_after.expect("the replica left");
+    assert!(
+        left <= bound,
+        "left the answers after {left:?} (bound {bound:?})"
+    );
+    let deleted = report.entry_deleted_after.expect("the entry was deleted");
+    assert!(
+        deleted <= bound,
+        "deleted after {deleted:?} (bound {bound:?})"
+    );
+    assert!(
+        deleted >= vmesh_demo::scenario::GRACE_PERIOD,
+        "deleted after {deleted:?}, before the grace period"
+    );
+
     // Teardown: nothing of the run is left.
     let prefix = vmesh_demo::topology::prefix_for(std::process::id());
     assert!(
