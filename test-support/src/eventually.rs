@@ -24,15 +24,25 @@ pub fn eventually<T>(what: &str, check: impl FnMut() -> Result<T, String>) -> T 
 pub fn eventually_within<T>(
     what: &str,
     patience: Duration,
-    mut check: impl FnMut() -> Result<T, String>,
+    check: impl FnMut() -> Result<T, String>,
 ) -> T {
+    try_eventually_within(what, patience, check).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`eventually_within`] that returns the failure instead of panicking, for callers that
+/// must clean up and report (the demo).
+pub fn try_eventually_within<T>(
+    what: &str,
+    patience: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
     let deadline = Instant::now() + patience;
     let mut pause = Duration::from_millis(10);
     loop {
         match check() {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(e) if Instant::now() >= deadline => {
-                panic!("{what}: still failing after {patience:?}: {e}")
+                return Err(format!("{what}: still failing after {patience:?}: {e}"))
             }
             Err(_) => {
                 std::thread::sleep(pause);

@@ -5,13 +5,16 @@
 //! - [`free_port`] and [`TempDir`]: per-test ports on 127.0.0.1 and temp dirs;
 //! - [`process`]: child processes that die with the test thread that started them;
 //! - [`dig`]: BIND's `dig`, run and parsed;
-//! - [`etcd`]: a real etcd member on free ports, removed with the test.
+//! - [`etcd`]: a real etcd member on free ports, removed with the test;
+//! - [`netns`]: network namespaces (198.18.0.0/15 addresses), programs run inside them, and
+//!   the rule for when a namespace test may skip.
 //!
 //! It has no Wasm host and no vmesh crate in it, so a suite that uses it builds none of them.
 
 pub mod dig;
 pub mod etcd;
 pub mod eventually;
+pub mod netns;
 pub mod process;
 
 use std::net::{TcpListener, UdpSocket};
@@ -39,6 +42,14 @@ pub fn artifact(env: &str, relative: &str, build: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// `program` found on `PATH`, as the shell would find it.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// The ports [`free_port`] hands out: below Linux's default ephemeral range (32768-60999), so

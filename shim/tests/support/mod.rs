@@ -1,11 +1,9 @@
 //! Test support: an in-test authoritative DNS server on real sockets, an HTTP client for
-//! HTTP/1.1 and h2c, the shim started in-process; network namespaces for tests that change the
-//! firewall ([`netns`]). Waiting, temp dirs, child processes and dig are
-//! `vmesh-test-support`'s, re-exported here for the tests' `use support::*`.
+//! HTTP/1.1 and h2c, the shim started in-process. Waiting, temp dirs, child processes, dig and
+//! network namespaces for tests that change the firewall (`netns`) are `vmesh-test-support`'s,
+//! re-exported here for the tests' `use support::*`.
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code, unused_imports)]
-
-pub mod netns;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -26,7 +24,7 @@ use vmesh_core::dns::{Query, Rcode, ResponseBuilder};
 use vmesh_shim::config::RunArgs;
 use vmesh_shim::Running;
 pub use vmesh_test_support::eventually::{assert_eventually_async, patience, within_patience};
-pub use vmesh_test_support::{dig, eventually, free_port, process, TempDir};
+pub use vmesh_test_support::{dig, eventually, free_port, netns, process, TempDir};
 
 /// A query as dig sends it: RD set, one question, optional OPT with a UDP payload size.
 pub fn query(id: u16, name: &str, qtype: u16, edns: Option<u16>) -> Vec<u8> {

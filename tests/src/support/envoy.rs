@@ -241,12 +241,7 @@ impl Envoy {
 }
 
 pub fn which(program: &str) -> PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|d| d.join(program))
-                .find(|p| p.is_file())
-        })
+    vmesh_test_support::which(program)
         .unwrap_or_else(|| panic!("{program} is not on PATH: run scripts/setup.sh"))
 }
 

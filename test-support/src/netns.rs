@@ -1,5 +1,7 @@
-//! Network namespaces for tests that need real iptables and real traffic.
+//! Network namespaces for tests (and the demo) that need real iptables and real traffic.
 //!
+//! The building blocks ([`add`], [`delete`], [`exec_args`], [`run`]) are what every user
+//! shares; the multi-network demo (`vmesh-demo`) builds its two networks from them.
 //! [`Namespaces`] is a "VM" namespace joined by a veth pair to a "peer" namespace (the network
 //! outside the VM, where its resolver lives), with addresses from 198.18.0.0/15 and
 //! 2001:db8::/32 only; both are deleted on drop, also when the test failed.
@@ -14,7 +16,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::eventually::patience;
+use crate::eventually::patience;
 
 pub const VM_V4: &str = "198.18.0.1";
 pub const PEER_V4: &str = "198.18.0.2";
@@ -32,22 +34,142 @@ pub const INNER_ENV: &str = "VMESH_TEST_IN_NAMESPACE";
 /// iptables. Anything else missing is a failure, not a skip.
 pub fn unavailable() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let uid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let uid = field("Uid:")
         .and_then(|l| l.split_whitespace().nth(1))
         .unwrap_or("?");
-    if uid != "0" || !vmesh_shim::capture::host::may_admin_network(&status) {
+    let cap_eff = field("CapEff:").and_then(|hex| u64::from_str_radix(hex, 16).ok());
+    // CAP_NET_ADMIN is capability 12.
+    let net_admin = cap_eff.is_some_and(|caps| caps & (1 << 12) != 0);
+    if uid != "0" || !net_admin {
         return Some(format!(
             "needs root with CAP_NET_ADMIN (effective uid {uid})"
         ));
     }
     for program in ["iptables-save", "iptables-restore"] {
-        if vmesh_shim::capture::host::find_program(program).is_none() {
+        if crate::which(program).is_none() {
             return Some(format!("{program} is not installed"));
         }
     }
     None
+}
+
+/// Adds the namespace `name` with its loopback up, first deleting a leftover of that name
+/// (a run killed before its cleanup).
+pub fn add(name: &str) {
+    delete(name);
+    run("ip", &["netns", "add", name]);
+    run("ip", &["-n", name, "link", "set", "lo", "up"]);
+}
+
+/// Deletes the namespace `name` (its interfaces and firewall rules go with it) and what
+/// `ip netns exec` reads for it under /etc/netns; quiet when there is none.
+pub fn delete(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(Path::new(ETC_NETNS).join(name));
+}
+
+/// Where `ip netns exec NAME` finds files it bind-mounts over /etc (resolv.conf, hosts).
+pub const ETC_NETNS: &str = "/etc/netns";
+
+/// Gives namespace `name` its own /etc/resolv.conf (as `ip netns exec` sees it).
+pub fn set_resolv_conf(name: &str, content: &str) {
+    let dir = Path::new(ETC_NETNS).join(name);
+    std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+    std::fs::write(dir.join("resolv.conf"), content).expect("write the namespace's resolv.conf");
+}
+
+/// The namespaces whose names start with `prefix` (`ip netns list`).
+pub fn list(prefix: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Who a program in a namespace runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum As {
+    /// The caller's credentials (root).
+    Caller,
+    /// Root's user with this group: iptables' `--gid-owner` tells it apart from root's other
+    /// programs (traffic capture leaves the proxy's group alone), and it can still read what
+    /// only root may (a program installed under /root).
+    Group(u32),
+}
+
+/// `ip` arguments that run `program args` inside namespace `ns` as `who`, for
+/// [`crate::process::Proc`] with program `ip` (`ip netns exec` and `setpriv` exec, so the
+/// process is the program itself). A change of group clears the parent-death signal, so
+/// programs run as [`As::Group`] must be started with `Proc::spawn_guarded`, whose guard keeps
+/// it and passes the end on.
+pub fn exec_args(ns: &str, who: As, program: &str, args: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["netns".into(), "exec".into(), ns.into()];
+    if let As::Group(gid) = who {
+        v.extend([
+            "setpriv".into(),
+            "--regid".into(),
+            gid.to_string(),
+            "--clear-groups".into(),
+            "--".into(),
+        ]);
+    }
+    v.push(program.to_string());
+    v.extend(args.iter().cloned());
+    v
+}
+
+/// Runs `program args` in namespace `ns` to completion.
+pub fn exec(ns: &str, program: &str, args: &[&str]) -> Output {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) => Output {
+            ok: o.status.success(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        },
+        Err(e) => Output {
+            ok: false,
+            stdout: String::new(),
+            stderr: format!("cannot run ip netns exec {ns} {program}: {e}"),
+        },
+    }
+}
+
+/// What [`exec`] saw.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    /// stdout when the program succeeded, else its stderr (and stdout) as the error.
+    pub fn result(self) -> Result<String, String> {
+        if self.ok {
+            Ok(self.stdout)
+        } else {
+            Err(format!("{}{}", self.stderr.trim(), self.stdout.trim()))
+        }
+    }
 }
 
 /// Runs `program args`, panicking with its error output when it fails; returns stdout.
@@ -143,10 +265,7 @@ impl Namespaces {
 
     fn delete(&self) {
         for name in [&self.vm, &self.peer] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stderr(Stdio::null())
-                .status();
+            delete(name);
         }
     }
 }
