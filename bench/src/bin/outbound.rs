@@ -386,35 +386,46 @@ fn keepalive(port: (&str, u16), conns: usize, secs: f64) -> anyhow::Result<(f64,
     Ok((all.len() as f64 / secs, pct(&all, 0.5), pct(&all, 0.99)))
 }
 
-/// `conns` threads each opening a connection per request: (connections/s, p99 us, count).
-fn churn(port: (&str, u16), conns: usize, secs: f64) -> anyhow::Result<(f64, f64, usize)> {
+/// `conns` threads each opening a connection per request: (connections/s, p99 us, count,
+/// failed). A failed request is counted, not fatal: under churn the loopback's ephemeral ports
+/// fill with TIME_WAIT sockets (client -> Envoy and Envoy -> backend both take one), and one
+/// refused connect must not throw the whole run away; the failures are printed beside it.
+fn churn(port: (&str, u16), conns: usize, secs: f64) -> anyhow::Result<(f64, f64, usize, usize)> {
     let end = Instant::now() + Duration::from_secs_f64(secs);
     let addr = format!("{}:{}", port.0, port.1);
     let handles: Vec<_> = (0..conns)
         .map(|_| {
             let addr = addr.clone();
-            std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+            std::thread::spawn(move || -> (Vec<Duration>, usize) {
                 let mut lat = Vec::new();
+                let mut failed = 0;
                 let mut buf = Vec::new();
-                while Instant::now() < end {
-                    let t = Instant::now();
+                let one = |buf: &mut Vec<u8>| -> anyhow::Result<()> {
                     let mut s = TcpStream::connect(&addr)?;
                     s.set_nodelay(true)?;
                     s.set_read_timeout(Some(Duration::from_secs(5)))?;
                     s.write_all(REQUEST_CLOSE)?;
-                    response(&mut s, &mut buf)?;
-                    lat.push(t.elapsed());
+                    response(&mut s, buf)
+                };
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    match one(&mut buf) {
+                        Ok(()) => lat.push(t.elapsed()),
+                        Err(_) => failed += 1,
+                    }
                 }
-                Ok(lat)
+                (lat, failed)
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut failed) = (Vec::new(), 0);
     for h in handles {
-        all.extend(h.join().map_err(|_| anyhow::anyhow!("client thread"))??);
+        let (lat, f) = h.join().map_err(|_| anyhow::anyhow!("client thread"))?;
+        all.extend(lat);
+        failed += f;
     }
     all.sort();
-    Ok((all.len() as f64 / secs, pct(&all, 0.99), all.len()))
+    Ok((all.len() as f64 / secs, pct(&all, 0.99), all.len(), failed))
 }
 
 /// User + system CPU time of a process, in microseconds.
@@ -530,7 +541,9 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    println!("side        round  req/s  p50_us  p99_us  conn/s  conn_p99_us  cpu_us/conn");
+    println!(
+        "side        round  req/s  p50_us  p99_us  conn/s  conn_p99_us  cpu_us/conn  conn_failed"
+    );
     // Per side: sums of req/s, p50, p99, conn/s, conn p99, cpu per connection.
     let mut sums = [[0.0f64; 6]; 4];
     for r in 0..rounds {
@@ -541,10 +554,10 @@ fn main() -> anyhow::Result<()> {
         for side in order {
             let (rps, p50, p99) = keepalive(addr(side), conns, secs)?;
             let before = cpu_us(pid)?;
-            let (cps, cp99, n) = churn(addr(side), conns, secs)?;
+            let (cps, cp99, n, failed) = churn(addr(side), conns, secs)?;
             let cpu = (cpu_us(pid)? - before) / n.max(1) as f64;
             println!(
-                "{side:<11?} {r}  {rps:.0}  {p50:.0}  {p99:.0}  {cps:.0}  {cp99:.0}  {cpu:.1}"
+                "{side:<11?} {r}  {rps:.0}  {p50:.0}  {p99:.0}  {cps:.0}  {cp99:.0}  {cpu:.1}  {failed}"
             );
             let s = &mut sums[side as usize];
             for (acc, v) in s.iter_mut().zip([rps, p50, p99, cps, cp99, cpu]) {
