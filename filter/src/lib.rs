@@ -38,6 +38,7 @@ pub mod gateway;
 pub mod liveness;
 pub mod metrics;
 pub mod outbound;
+pub mod published;
 pub mod routes;
 pub mod stream;
 pub mod table;

@@ -1,75 +1,47 @@
-//! Moving the compiled routing table from the agent to every worker VM, as [`crate::table`]
-//! does for names: the image under [`IMAGE_KEY`], then its version under [`VERSION_KEY`];
-//! workers poll the version on their tick and rebuild the index only when it changed.
+//! The compiled routing table on its way from the agent to every worker, as the names travel
+//! ([`crate::published`]).
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::thread::LocalKey;
 
-use proxy_wasm::hostcalls;
 use vmesh_core::routes::RouteIndex;
+
+use crate::published::{self, Loaded, Published};
 
 pub const IMAGE_KEY: &str = "vmesh.routes.image";
 pub const VERSION_KEY: &str = "vmesh.routes.version";
 
-/// Publishes a compiled routing table to all workers.
-pub fn publish(index: &RouteIndex) -> Result<(), String> {
-    hostcalls::set_shared_data(IMAGE_KEY, Some(&index.image()), None)
-        .map_err(|s| format!("set_shared_data({IMAGE_KEY}): {s:?}"))?;
-    hostcalls::set_shared_data(VERSION_KEY, Some(index.version().as_bytes()), None)
-        .map_err(|s| format!("set_shared_data({VERSION_KEY}): {s:?}"))
+thread_local! {
+    static LOADED: Loaded<RouteIndex> = const { RefCell::new(None) };
 }
 
-thread_local! {
-    /// The index this VM built last, with its version key, shared by the VM's roots.
-    static LOADED: RefCell<Option<(Vec<u8>, Rc<RouteIndex>)>> = const { RefCell::new(None) };
+impl Published for RouteIndex {
+    const IMAGE_KEY: &'static str = IMAGE_KEY;
+    const VERSION_KEY: &'static str = VERSION_KEY;
+    const WHAT: &'static str = "routing table";
+
+    fn image(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(RouteIndex::image(self))
+    }
+    fn version(&self) -> &str {
+        RouteIndex::version(self)
+    }
+    fn entries(&self) -> usize {
+        RouteIndex::len(self)
+    }
+    fn from_image(image: Vec<u8>) -> Result<Self, String> {
+        RouteIndex::from_image(&image).map_err(|e| e.to_string())
+    }
+    fn loaded() -> &'static LocalKey<Loaded<Self>> {
+        &LOADED
+    }
+}
+
+/// Publishes a compiled routing table to all workers.
+pub fn publish(index: &RouteIndex) -> Result<(), String> {
+    published::publish(index)
 }
 
 /// A root's view of the published routing table.
-#[derive(Default)]
-pub struct WorkerRoutes {
-    current: Option<Rc<RouteIndex>>,
-    seen: Option<Vec<u8>>,
-}
-
-impl WorkerRoutes {
-    pub fn get(&self) -> Option<Rc<RouteIndex>> {
-        self.current.clone()
-    }
-
-    /// Takes a newer published table, if any; keeps the current one when the new image is
-    /// unusable.
-    pub fn refresh(&mut self) {
-        let Ok((Some(version), _)) = hostcalls::get_shared_data(VERSION_KEY) else {
-            return;
-        };
-        if self.seen.as_deref() == Some(version.as_slice()) {
-            return;
-        }
-        let shared = LOADED.with_borrow(|loaded| match loaded {
-            Some((v, index)) if *v == version => Some(Rc::clone(index)),
-            _ => None,
-        });
-        if let Some(index) = shared {
-            self.current = Some(index);
-            self.seen = Some(version);
-            return;
-        }
-        self.seen = Some(version.clone());
-        let Ok((Some(image), _)) = hostcalls::get_shared_data(IMAGE_KEY) else {
-            return;
-        };
-        match RouteIndex::from_image(&image) {
-            Ok(index) => {
-                log::debug!(
-                    "routing table {} loaded ({} service ports)",
-                    index.version(),
-                    index.len()
-                );
-                let index = Rc::new(index);
-                self.current = Some(Rc::clone(&index));
-                LOADED.set(Some((version, index)));
-            }
-            Err(e) => log::error!("published routing table refused, keeping the previous one: {e}"),
-        }
-    }
-}
+pub type WorkerRoutes = published::Worker<RouteIndex>;
