@@ -22,6 +22,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use vmesh_istio::model::{Kind, ObjectKey, Resource};
 
+use crate::activity::Activity;
 use crate::clock::Clock;
 use crate::config::{decode_all_checked, ConfigError, Document};
 use crate::identity::{constant_time_eq, Identity, KeyError, Signer, TokenError, Verifier};
@@ -903,51 +904,6 @@ impl Drop for OpenConnection {
 #[derive(Clone)]
 struct Proven(Arc<std::sync::atomic::AtomicBool>);
 
-/// Requests in flight on one connection and when the last one ended.
-struct Activity {
-    state: std::sync::Mutex<(usize, tokio::time::Instant)>,
-}
-
-impl Activity {
-    fn new() -> Arc<Self> {
-        Arc::new(Activity {
-            state: std::sync::Mutex::new((0, tokio::time::Instant::now())),
-        })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn begin(self: &Arc<Self>) -> Busy {
-        self.lock().0 += 1;
-        Busy(self.clone())
-    }
-
-    /// Resolves once no request has been in flight for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let (busy, since) = *self.lock();
-            let now = tokio::time::Instant::now();
-            if busy == 0 && now.duration_since(since) >= idle {
-                return;
-            }
-            let next = if busy == 0 { since + idle } else { now + idle };
-            tokio::time::sleep_until(next).await;
-        }
-    }
-}
-
-struct Busy(Arc<Activity>);
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        let mut st = self.0.lock();
-        st.0 -= 1;
-        st.1 = tokio::time::Instant::now();
-    }
-}
-
 /// Accepts TLS connections until `stop` turns `true`, then closes the listener and returns the
 /// connections still open. Each of them has been told to finish the request it is serving and
 /// close; the caller decides how long to wait for them.
@@ -1068,7 +1024,9 @@ async fn connection<S: Store>(
             r
         }
     });
-    let io = hyper_util::rt::TokioIo::new(tls);
+    // Bytes going out count as activity: a long-poll's large answer may take longer than
+    // the idle timeout to reach a slow or busy client after its handler returned.
+    let io = hyper_util::rt::TokioIo::new(activity.watch_writes(tls));
     let timer = hyper_util::rt::TokioTimer::new();
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());

@@ -10,6 +10,7 @@
 //! [`ca`] signs workload certificates (Istio's `CreateCertificate`, on the same port) with the
 //! CA of [`tls`].
 
+pub mod activity;
 pub mod api;
 pub mod bundle;
 pub mod ca;

@@ -112,7 +112,13 @@ spec:
   ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
   resolution: STATIC
   workloadSelector: {labels: {app: bench}}
+  # Only the bench namespace sees the registered VMs: the fan-out's watchers in `watch`
+  # get a table of ordinary size (see `fanout`).
+  exportTo: ["."]
 "#;
+
+/// The namespace whose VMs watch a table that does not hold the registered VMs.
+const WATCH_NS: &str = "watch";
 
 struct Server {
     child: Child,
@@ -341,7 +347,15 @@ async fn replicas(
     lat.sort();
     println!("| registrations, {vms} VMs, {concurrency} connections, embedded store | {:.0} registrations/s; latency p50 {}, p99 {} |",
         rate(took), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
-    fanout(std::slice::from_ref(&embedded), watchers, rounds).await?;
+    fanout(std::slice::from_ref(&embedded), WATCH_NS, watchers, rounds).await?;
+    // The registered VMs' own namespace: every change sends all of them to every watcher.
+    fanout(
+        std::slice::from_ref(&embedded),
+        "bench",
+        watchers / 10,
+        rounds.min(3),
+    )
+    .await?;
     drop(embedded);
     for n in [1usize, 3] {
         let e = Etcd::start(&cli.etcd_bin).await?;
@@ -354,6 +368,8 @@ async fn replicas(
                 e.endpoint.clone(),
                 "--replica".into(),
                 format!("bench-{i}"),
+                ONE_SOURCE_FLEET[0].into(),
+                ONE_SOURCE_FLEET[1].into(),
             ];
             servers.push(Server::start_with(&cli.server_bin, &flags).await?);
         }
@@ -385,7 +401,7 @@ async fn replicas(
             .map(|(b, a)| format!("{:.0}", a.saturating_sub(*b) as f64 * 1024.0 / vms as f64))
             .collect();
         println!("| memory per registered VM, each of {n} replica(s) on etcd | {} bytes per VM (RSS growth over {vms} VMs) |", per.join(" / "));
-        fanout(&servers, watchers, rounds).await?;
+        fanout(&servers, WATCH_NS, watchers, rounds).await?;
     }
     Ok(())
 }
@@ -411,9 +427,11 @@ async fn open_polls(admin: &Client) -> anyhow::Result<i64> {
         .context("no long-poll gauge")
 }
 
-/// The namespace's current table version, once the server has settled (a poll with it waits).
-async fn current_version(vm: &Client) -> anyhow::Result<String> {
+/// The namespace's current table version and size, once the server has settled (a poll
+/// with it waits).
+async fn current_version(vm: &Client) -> anyhow::Result<(String, usize)> {
     let mut version = String::new();
+    let mut bytes = 0;
     loop {
         let r = vm
             .call(
@@ -432,8 +450,9 @@ async fn current_version(vm: &Client) -> anyhow::Result<String> {
             .to_str()?
             .to_string();
         if r.status.as_u16() == 304 {
-            return Ok(v);
+            return Ok((v, bytes));
         }
+        bytes = r.body.len();
         version = v;
     }
 }
@@ -449,30 +468,51 @@ async fn open_polls_all(servers: &[Server]) -> anyhow::Result<i64> {
 
 /// `watchers` long-polls spread over `servers` (replicas of one store); each change is
 /// applied on the first, and the time runs until the last watcher on any replica answered.
-async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::Result<()> {
+async fn fanout(
+    servers: &[Server],
+    ns: &str,
+    watchers: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
     let s = servers.first().context("no server")?;
-    let vm = s.vm_client("bench", "bench-sa").await?;
-    // One kept-alive connection per watcher, as each VM's shim has its own.
-    let mut conns = Vec::with_capacity(watchers);
-    for i in 0..watchers {
-        let on = &servers[i % servers.len()].admin;
-        conns.push(on.with_token(&vm_token(&vm)).connect().await?);
-    }
+    let vm = s.vm_client(ns, "watch-sa").await?;
+    // One kept-alive connection per watcher, as each VM's shim has its own. A watcher connects
+    // in its first round and long-polls at once, as a shim does: connections opened up front
+    // would sit idle past the server's idle timeout while thousands of others handshake.
+    let clients: Vec<Client> = (0..watchers)
+        .map(|i| servers[i % servers.len()].admin.with_token(&vm_token(&vm)))
+        .collect();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut conns: Vec<Option<vmesh_control::client::Connection>> =
+        (0..watchers).map(|_| None).collect();
     let mut lasts = Vec::new();
     let mut every = Vec::new();
+    let mut table_bytes = 0;
     for round in 0..rounds {
-        let version = current_version(&vm).await?;
+        let (version, bytes) = current_version(&vm)
+            .await
+            .with_context(|| format!("round {round}: the current version"))?;
+        table_bytes = bytes;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut handles = Vec::new();
-        for mut c in conns.drain(..) {
-            let (tx, path) = (
+        for (kept, client) in conns.drain(..).zip(&clients) {
+            let (tx, path, client, handshakes) = (
                 tx.clone(),
                 format!(
                     "{}?version={version}&wait=60",
                     vmesh_api::paths::control::NAME_TABLE
                 ),
+                client.clone(),
+                handshakes.clone(),
             );
             handles.push(tokio::spawn(async move {
+                let mut c = match kept {
+                    Some(c) => c,
+                    None => {
+                        let _permit = handshakes.acquire_owned().await?;
+                        client.connect().await?
+                    }
+                };
                 let r = c.call(Method::GET, &path, None).await;
                 let _ = tx.send((
                     Instant::now(),
@@ -485,12 +525,17 @@ async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::R
                         )
                     }),
                 ));
-                c
+                anyhow::Ok(c)
             }));
         }
         drop(tx);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while open_polls_all(servers).await? < watchers as i64 {
+        // Generous for the first round's handshakes (thousands, on a two-core machine).
+        let deadline = Instant::now() + Duration::from_secs(30 + watchers as u64 / 100);
+        while open_polls_all(servers)
+            .await
+            .with_context(|| format!("round {round}: counting parked long-polls"))?
+            < watchers as i64
+        {
             if Instant::now() > deadline {
                 bail!(
                     "only {} of {watchers} long-polls parked",
@@ -503,10 +548,13 @@ async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::R
         let yaml = format!("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: change-{round}, namespace: bench}}\nspec:\n  hosts: [change-{round}.example.com]\n  addresses: [192.0.2.{}]\n  ports: [{{number: 80, name: http}}]\n  resolution: STATIC\n", round % 250 + 1);
         let documents = parse_documents("change.yaml", &yaml)?;
         let changed_at = Instant::now();
-        s.admin.apply(documents, "").await?;
+        s.admin
+            .apply(documents, "")
+            .await
+            .with_context(|| format!("round {round}: applying the change"))?;
         let mut last = Duration::ZERO;
         while let Some((at, r)) = rx.recv().await {
-            let (status, _) = r?;
+            let (status, _) = r.with_context(|| format!("round {round}: a watcher's long-poll"))?;
             if status != 200 {
                 bail!("a watcher got {status}");
             }
@@ -515,8 +563,12 @@ async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::R
             last = last.max(d);
         }
         for h in handles {
-            conns.push(h.await?);
+            conns.push(Some(
+                h.await?
+                    .with_context(|| format!("round {round}: a watcher"))?,
+            ));
         }
+        eprintln!("fan-out round {round}: last answer after {}", ms(last));
         lasts.push(last);
     }
     lasts.sort();
@@ -526,7 +578,7 @@ async fn fanout(servers: &[Server], watchers: usize, rounds: usize) -> anyhow::R
     } else {
         String::new()
     };
-    println!("| name-table fan-out, {watchers} long-polls{on}, {rounds} changes | change -> last answer: p50 {}, p99 {}, max {}; change -> each answer: p50 {}, p99 {} |",
+    println!("| name-table fan-out, {watchers} long-polls in namespace {ns} ({table_bytes}-byte table){on}, {rounds} changes | change -> last answer: p50 {}, p99 {}, max {}; change -> each answer: p50 {}, p99 {} |",
         ms(pct(&lasts, 0.5)), ms(pct(&lasts, 0.99)), ms(*lasts.last().unwrap_or(&Duration::ZERO)), ms(pct(&every, 0.5)), ms(pct(&every, 0.99)));
     Ok(())
 }
@@ -821,8 +873,17 @@ async fn metric(admin: &Client, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Every simulated VM connects from 127.0.0.1, where a real fleet has one address per VM: the
+/// per-source cap (1,000 by default) is lifted to the total cap, except for `slow-clients`,
+/// which measures that cap at work.
+const ONE_SOURCE_FLEET: [&str; 2] = ["--max-connections-per-source", "20000"];
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let s = Server::start(&cli.server_bin).await?;
+    let fleet = ONE_SOURCE_FLEET.map(String::from);
+    let s = match cli.cmd {
+        Cmd::SlowClients { .. } => Server::start(&cli.server_bin).await?,
+        _ => Server::start_with(&cli.server_bin, &fleet).await?,
+    };
     match cli.cmd {
         Cmd::Registrations {
             vms,
@@ -841,6 +902,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "etcd".into(),
                     "--etcd-endpoints".into(),
                     e.endpoint.clone(),
+                    ONE_SOURCE_FLEET[0].into(),
+                    ONE_SOURCE_FLEET[1].into(),
                 ];
                 let s = Server::start_with(&cli.server_bin, &flags).await?;
                 let (took, mut lat) = s.register(0, vms, concurrency).await?;
@@ -850,7 +913,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Fanout { watchers, rounds } => {
-            fanout(std::slice::from_ref(&s), watchers, rounds).await?
+            fanout(std::slice::from_ref(&s), WATCH_NS, watchers, rounds).await?
         }
         Cmd::Replicas {
             vms,
