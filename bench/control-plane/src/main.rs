@@ -361,14 +361,6 @@ async fn replicas(
     println!("| registrations, {vms} VMs, {concurrency} connections, embedded store | {:.0} registrations/s; latency p50 {}, p99 {} |",
         rate(took), ms(pct(&lat, 0.5)), ms(pct(&lat, 0.99)));
     fanout(std::slice::from_ref(&embedded), WATCH_NS, watchers, rounds).await?;
-    // The registered VMs' own namespace: every change sends all of them to every watcher.
-    fanout(
-        std::slice::from_ref(&embedded),
-        "bench",
-        watchers / 10,
-        rounds.min(3),
-    )
-    .await?;
     drop(embedded);
     for n in [1usize, 3] {
         let e = Etcd::start(&cli.etcd_bin).await?;

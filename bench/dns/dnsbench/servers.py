@@ -119,6 +119,14 @@ def start_vmesh(procs: Procs, ports: Ports, work: Path, repo: Path, mesh, upstre
 
     config = work / f"{name}-envoy.yaml"
     text = (sidecar or repo / "envoy-configs" / "vm-sidecar.yaml").read_text()
+    # The sidecar reads the VM's certificate through SDS files the shim writes in control-plane
+    # mode; Envoy refuses to start without them, and the DNS path needs none: empty stand-ins
+    # in the work dir, as the end-to-end tests make (tests/src/support/envoy.rs).
+    certs = work / f"{name}-certs"
+    certs.mkdir(exist_ok=True)
+    for f in ("sds-default.yaml", "sds-rootca.yaml"):
+        (certs / f).touch()
+    text = text.replace("/var/lib/vmesh/certs", str(certs))
     config.write_text(N.render_sidecar(text, str(wasm),
                                        {"admin": admin, "dns": dns, "doh": doh,
                                         "shim": shim_port}))
