@@ -100,6 +100,20 @@ pub fn list(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The interfaces of the root namespace (`ip -o link show`): a test compares them before and
+/// after to show it left no veth behind.
+pub fn root_links() -> std::collections::BTreeSet<String> {
+    let out = Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 /// Who a program in a namespace runs as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum As {

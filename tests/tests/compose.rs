@@ -870,18 +870,6 @@ fn start_order(c: &Value) -> Vec<String> {
     order
 }
 
-fn root_links() -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip link");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().to_string())
-        .collect()
-}
-
 /// The running project; dropped in field order: programs, then namespaces, then files.
 struct Project {
     procs: BTreeMap<String, Proc>,
@@ -969,7 +957,7 @@ fn the_compose_services_run_the_seed_scenario_as_processes_in_network_namespaces
             "{p} on PATH (scripts/setup.sh installs it)"
         );
     }
-    let links_before = root_links();
+    let links_before = netns::root_links();
     let dir = TempDir::new();
     let em = Emulation::new(dir.path());
     let c = em.c.clone();
@@ -1244,7 +1232,7 @@ fn the_compose_services_run_the_seed_scenario_as_processes_in_network_namespaces
     let prefix = project.topology.prefix().to_string();
     drop(project);
     assert!(netns::list(&prefix).is_empty(), "namespaces left");
-    let links_after = root_links();
+    let links_after = netns::root_links();
     assert!(
         links_after.is_subset(&links_before),
         "new interfaces: {:?}",

@@ -8,22 +8,9 @@
 //! missing (Envoy, the built artifacts, curl, dig) is a failure.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use vmesh_demo::{Mode, Options};
 use vmesh_test_support::netns;
-
-fn root_links() -> BTreeSet<String> {
-    let out = Command::new("ip")
-        .args(["-o", "link", "show"])
-        .output()
-        .expect("ip link");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().to_string())
-        .collect()
-}
 
 #[test]
 fn the_seed_scenario_runs_across_two_networks_and_leaves_nothing_behind() {
@@ -33,7 +20,7 @@ fn the_seed_scenario_runs_across_two_networks_and_leaves_nothing_behind() {
         );
         return;
     }
-    let links_before = root_links();
+    let links_before = netns::root_links();
     let report = vmesh_demo::run(&Options {
         mode: Mode::Check,
         requests: 8,
@@ -101,7 +88,7 @@ fn the_seed_scenario_runs_across_two_networks_and_leaves_nothing_behind() {
         netns::list(&prefix)
     );
     assert!(!report.namespaces.is_empty());
-    let links_after = root_links();
+    let links_after = netns::root_links();
     assert!(
         links_after.is_subset(&links_before),
         "new interfaces in the root namespace: {:?}",
