@@ -1033,8 +1033,10 @@ async fn connection<S: Store>(
         b.timer(timer)
             .max_concurrent_streams(MAX_H2_STREAMS)
             .max_header_list_size(MAX_HEADER_BYTES as u32)
-            // Pings find peers that vanished without a FIN; idleness is `idle_timeout`'s.
-            .keep_alive_interval(Some(hygiene.idle_timeout))
+            // Pings find peers that vanished without a FIN; idleness is `idle_timeout`'s. A
+            // ping is a write, and writes count as activity (`activity.rs`): at twice the idle
+            // timeout, pings cannot keep an idle connection open (it is closed first).
+            .keep_alive_interval(Some(hygiene.idle_timeout.saturating_mul(2)))
             .keep_alive_timeout(hygiene.header_read_timeout);
         drive(
             b.serve_connection(io, svc),
