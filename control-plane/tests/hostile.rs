@@ -561,3 +561,66 @@ async fn no_input_can_forge_a_log_line_or_emit_control_characters() {
         );
     }
 }
+
+/// An HTTP/2 connection that answers the server's pings but sends no request is still closed
+/// after the idle timeout: the server's pings (writes, which count as activity so that a large
+/// answer still draining is not idle) come only every twice the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_answering_pings_is_closed() {
+    let data = vmesh_test_support::TempDir::new();
+    let logs = vmesh_test_support::TempDir::new();
+    let p = Control::spawn(
+        data.path(),
+        logs.path(),
+        None,
+        &[],
+        &[
+            ("VMESH_CONTROL_IDLE_TIMEOUT", "1s"),
+            ("VMESH_CONTROL_HEADER_READ_TIMEOUT", "5s"),
+        ],
+    );
+    common::wait_for_server(data.path(), &p.url).await;
+    let root = std::fs::read(data.path().join("root-cert.pem")).unwrap();
+    let mut cfg = vmesh_control::tls::client_config(&root).unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(b"h2".as_slice()));
+    // The client preface and an empty SETTINGS frame; then only answers to the server.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let opened = Instant::now();
+    let held = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut head = [0u8; 9];
+        loop {
+            if tls.read_exact(&mut head).await.is_err() {
+                return opened.elapsed();
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let mut payload = vec![0u8; len];
+            if tls.read_exact(&mut payload).await.is_err() {
+                return opened.elapsed();
+            }
+            let reply: Vec<u8> = match (kind, flags & 1) {
+                // SETTINGS without ACK: acknowledge it.
+                (4, 0) => b"\0\0\0\x04\x01\0\0\0\0".to_vec(),
+                // PING without ACK: send it back acknowledged.
+                (6, 0) => [b"\0\0\x08\x06\x01\0\0\0\0".as_slice(), &payload].concat(),
+                _ => continue,
+            };
+            if tls.write_all(&reply).await.is_err() {
+                return opened.elapsed();
+            }
+        }
+    })
+    .await
+    .expect("an idle HTTP/2 connection answering pings stayed open for 30 s");
+    // Idle timeout 1 s, then GOAWAY and at most 2 s for the client to leave; slack for load.
+    assert!(held < Duration::from_secs(10), "held for {held:?}");
+}
